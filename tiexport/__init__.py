@@ -1,0 +1,58 @@
+"""tiexport: take quantized PyTorch models the last mile onto TI devices running TIDL.
+
+The public API is imported lazily so that ``import tiexport`` (and ``tiexport validate``) never imports torch:
+the ONNX side (validate, fix, parity between ONNX models, snippets) works on machines without torch, and the torch
+side (PTCFxModule, QATFxModule, export) loads torch only when first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {
+    "validate": "tiexport.validators.validate",
+    "Report": "tiexport.validators.report",
+    "Finding": "tiexport.validators.report",
+    "DeviceProfile": "tiexport.devices",
+    "get_device": "tiexport.devices",
+    "DEVICES": "tiexport.devices",
+    "TiexportError": "tiexport.errors",
+    "UnusableInputError": "tiexport.errors",
+    "UsageError": "tiexport.errors",
+    "fix": "tiexport.passes.fix",
+    "FixReport": "tiexport.passes.fix",
+    "check_parity": "tiexport.validators.parity",
+    "ParityReport": "tiexport.validators.parity",
+    "runtime_options": "tiexport.snippets",
+    "snippet": "tiexport.snippets",
+    "export": "tiexport.quantization.export",
+    "PTCFxModule": "tiexport.quantization.wrapper",
+    "QATFxModule": "tiexport.quantization.wrapper",
+    "load_weights": "tiexport.quantization.wrapper",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tiexport' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tiexport.devices import DEVICES, DeviceProfile, get_device
+    from tiexport.errors import TiexportError, UnusableInputError, UsageError
+    from tiexport.validators.report import Finding, Report
+    from tiexport.validators.validate import validate

@@ -1,0 +1,154 @@
+"""The ``tiexport`` command: thin subcommands over library calls.
+
+Exit codes (every subcommand): 0 success / nothing at or above ``--fail-on``; 1 the check failed (findings,
+parity); 2 unusable input or usage error, reported as one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from tiexport import __version__
+from tiexport.errors import TiexportError, UsageError
+
+__all__ = ["main"]
+
+log = logging.getLogger("tiexport")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line, exit 2) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_output_options(p: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
+    p.add_argument("--format", choices=formats, default=formats[0], help="report format (default: %(default)s)")
+    p.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout")
+
+
+def _emit(text: str, output: str | None, protect: tuple[str, ...] = ()) -> None:
+    if output:
+        from tiexport.onnx_io import write_text
+
+        write_text(output, text, protect=protect)
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- validate
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from tiexport.validators.registry import rule_titles
+    from tiexport.validators.report import render, use_colour
+    from tiexport.validators.validate import validate
+
+    devices = args.device or ["all"]
+    report = validate(args.model, device=devices)
+    colour = args.output is None and use_colour(sys.stdout)
+    _emit(render(report, args.format, colour=colour, rule_titles=rule_titles()), args.output, (args.model,))
+    return report.exit_code(args.fail_on)
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="check a QDQ ONNX model against TIDL's prequantized-import rules",
+                       description="Check a QDQ ONNX model against TIDL's prequantized-import rules, per device.")
+    p.add_argument("model", help="the .onnx file")
+    p.add_argument("--device", "-d", action="append", metavar="NAME",
+                   help="TDA4VM, AM62A, AM67A, AM68A, AM69A, AM62 or 'all' (repeatable; default all)")
+    _add_output_options(p, ("text", "json", "sarif"))
+    p.add_argument("--fail-on", choices=("error", "warning", "never"), default="error",
+                   help="exit 1 when a finding of this severity or worse exists (default: %(default)s)")
+    p.set_defaults(handler=_cmd_validate)
+
+
+# ------------------------------------------------------------------------------------------------- info
+def _cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from tiexport.onnx_io import as_model
+    from tiexport.validators.context import ModelContext
+
+    ctx = ModelContext(as_model(args.model))
+    ops: dict[str, int] = {}
+    for n in ctx.nodes:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    info = {
+        "model": ctx.name,
+        "ir_version": ctx.model.ir_version,
+        "opset": ctx.opset,
+        "producer": f"{ctx.model.producer_name} {ctx.model.producer_version}".strip(),
+        "inputs": {vi.name: list(ctx.shape(vi.name) or ()) for vi in ctx.graph_inputs},
+        "outputs": {o.name: list(ctx.shape(o.name) or ()) for o in ctx.graph.output},
+        "nodes": len(ctx.nodes),
+        "initializers": len(ctx.initializers),
+        "quantized": ctx.is_quantized,
+        "op_types": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }
+    if args.format == "json":
+        _emit(json.dumps(info, indent=2), None)
+    else:
+        lines = [f"{k}: {v}" for k, v in info.items() if k != "op_types"]
+        lines.append("op_types: " + ", ".join(f"{k} {v}" for k, v in info["op_types"].items()))  # type: ignore[union-attr]
+        _emit("\n".join(lines), None)
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="summarize a model: inputs, outputs, opset, op counts")
+    p.add_argument("model")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(handler=_cmd_info)
+
+
+# ------------------------------------------------------------------------------------------------- main
+# Subcommand registrars, in help order. Each adds its parser and sets ``handler``.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tiexport", description="Export, fix and validate 8-bit QDQ ONNX models for TI TIDL devices.")
+    parser.add_argument("--version", action="version", version=f"tiexport {__version__}")
+    parser.add_argument("--verbose", "-v", action="count", default=0, help="log more (repeat for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for register in SUBCOMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; callable in-process. Returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+        if not getattr(args, "handler", None):
+            raise UsageError("tiexport: a command is required (validate, info, ...); see tiexport --help")
+        return int(args.handler(args))
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 2
+    except TiexportError as exc:
+        print(f"tiexport: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tiexport: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:  # a traceback reaching a user is a bug: one line, details on request
+        if os.environ.get("TIEXPORT_DEBUG"):
+            raise
+        print(f"tiexport: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(set TIEXPORT_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Loading and saving ONNX models with clear errors, external data handling and atomic writes.
+
+Every loader here raises :class:`~tiexport.errors.UnusableInputError` with a one-line message naming the file and the
+problem, never a protobuf or OS traceback. Weights stored as external data are *not* read unless asked for: the
+validators only need scales and zero points, so :func:`tensor_to_array` reads single tensors on demand.
+Writers never clobber their input and never leave a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from tiexport.errors import UnusableInputError, UsageError
+
+__all__ = [
+    "LoadedModel",
+    "as_model",
+    "external_data_info",
+    "load_model",
+    "save_model",
+    "same_file",
+    "tensor_to_array",
+    "write_text",
+]
+
+def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _iter_graph_tensors(graph: onnx.GraphProto) -> Any:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graph_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_graph_tensors(g)
+
+
+def external_data_info(model: onnx.ModelProto) -> list[tuple[str, str, int, int]]:
+    """(tensor name, location, offset, length) of every tensor stored outside the model file."""
+    out = []
+    for t in _iter_graph_tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            e = _external_entries(t)
+            out.append((t.name, e.get("location", ""), int(e.get("offset", 0) or 0), int(e.get("length", -1) or -1)))
+    return out
+
+
+def _check_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
+    sizes: dict[str, int] = {}
+    for name, location, offset, length in external_data_info(model):
+        if not location:
+            raise UnusableInputError(f"{path}: tensor {name!r} is stored externally but names no file")
+        if os.path.isabs(location) or ".." in Path(location).parts:
+            raise UnusableInputError(f"{path}: external data of tensor {name!r} points outside the model folder: {location}")
+        data_path = base_dir / location
+        if location not in sizes:
+            if not data_path.is_file():
+                raise UnusableInputError(f"{path}: missing external-data file {data_path} (tensor {name!r})")
+            sizes[location] = data_path.stat().st_size
+        end = offset + (length if length >= 0 else 0)
+        if end > sizes[location]:
+            raise UnusableInputError(
+                f"{path}: external-data file {data_path} is truncated: tensor {name!r} needs bytes "
+                f"{offset}..{end}, file has {sizes[location]}"
+            )
+
+
+def load_model(path: str | os.PathLike[str], *, load_external_data: bool = False) -> onnx.ModelProto:
+    """Load an ONNX model file; raise UnusableInputError with one clear line for anything unusable.
+
+    External data is checked (files exist and are long enough) but its bytes are only read when
+    ``load_external_data`` is true; :func:`tensor_to_array` reads single tensors later.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UnusableInputError(f"{p}: no such file")
+    if p.is_dir():
+        raise UnusableInputError(f"{p}: is a directory, expected an .onnx file")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise UnusableInputError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    if not data:
+        raise UnusableInputError(f"{p}: empty file")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise UnusableInputError(f"{p}: not a valid ONNX protobuf (truncated or not ONNX): {_first_line(exc)}") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise UnusableInputError(f"{p}: not an ONNX model (no IR version, graph or opset import)")
+    _check_external_data(model, p.parent, p)
+    if load_external_data and external_data_info(model):
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except (OSError, ValueError) as exc:
+            raise UnusableInputError(f"{p}: cannot read external data: {_first_line(exc)}") from None
+    return model
+
+
+def tensor_to_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndarray:
+    """Convert one TensorProto to numpy, reading external data for this tensor only if needed."""
+    try:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if base_dir is None:
+                raise UnusableInputError(f"tensor {tensor.name!r} is stored externally and the model folder is unknown")
+            return numpy_helper.to_array(tensor, base_dir=base_dir)
+        return numpy_helper.to_array(tensor)
+    except UnusableInputError:
+        raise
+    except Exception as exc:  # numpy_helper raises a mix of ValueError/TypeError/OSError on bad tensors
+        raise UnusableInputError(f"tensor {tensor.name!r} cannot be decoded: {_first_line(exc)}") from None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model with the name to show for it and the folder its external data lives in (None: in memory)."""
+
+    model: onnx.ModelProto
+    name: str
+    base_dir: str | None
+
+
+def as_model(model_or_path: Any, *, load_external_data: bool = False) -> LoadedModel:
+    """Accept a ModelProto, a path or serialized bytes."""
+    if isinstance(model_or_path, LoadedModel):
+        return model_or_path
+    if isinstance(model_or_path, onnx.ModelProto):
+        return LoadedModel(model_or_path, model_or_path.graph.name or "<model>", None)
+    if isinstance(model_or_path, (str, os.PathLike)):
+        p = Path(model_or_path)
+        return LoadedModel(load_model(p, load_external_data=load_external_data), str(p), str(p.parent))
+    if isinstance(model_or_path, (bytes, bytearray)):
+        model = onnx.ModelProto()
+        try:
+            model.ParseFromString(bytes(model_or_path))
+        except DecodeError as exc:
+            raise UnusableInputError(f"<bytes>: not a valid ONNX protobuf: {_first_line(exc)}") from None
+        if model.ir_version <= 0 or not model.HasField("graph"):
+            raise UnusableInputError("<bytes>: not an ONNX model (no IR version or graph)")
+        return LoadedModel(model, "<bytes>", None)
+    raise UsageError(f"expected an onnx.ModelProto or a path to an .onnx file, got {type(model_or_path).__name__}")
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """True when two paths name the same file (existing or not)."""
+    pa, pb = Path(a), Path(b)
+    try:
+        if pa.exists() and pb.exists():
+            return os.path.samefile(pa, pb)
+    except OSError:
+        pass
+    return pa.resolve() == pb.resolve()
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    protect: tuple[str | os.PathLike[str], ...] = (),
+    external_data_threshold: int = 2**31 - 2**20,
+) -> None:
+    """Write ``model`` to ``path`` atomically (temp file in the same folder, then rename).
+
+    ``protect`` lists files that must never be overwritten (the input model); writing onto one is a UsageError.
+    Models too large for one protobuf go to a ``<name>.data`` external-data file beside ``path``.
+    """
+    out = Path(path)
+    for p in protect:
+        if same_file(out, p):
+            raise UsageError(f"{out}: refusing to overwrite the input model")
+    if out.is_dir():
+        raise UsageError(f"{out}: is a directory")
+    if not out.parent.exists():
+        raise UsageError(f"{out.parent}: output folder does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        if model.ByteSize() > external_data_threshold:
+            data_name = out.name + ".data"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def write_text(path: str | os.PathLike[str], text: str, *, protect: tuple[str | os.PathLike[str], ...] = ()) -> None:
+    """Write a text file atomically, refusing to overwrite any path in ``protect`` (the input model)."""
+    out = Path(path)
+    for p in protect:
+        if same_file(out, p):
+            raise UsageError(f"{out}: refusing to overwrite the input model")
+    if out.is_dir():
+        raise UsageError(f"{out}: is a directory")
+    if not out.parent.exists():
+        raise UsageError(f"{out.parent}: output folder does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

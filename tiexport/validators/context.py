@@ -1,0 +1,336 @@
+"""ModelContext: one read-only, indexed view of an ONNX model that every rule shares.
+
+It is built once per model (not per device): producer/consumer maps, constants, Q/DQ parameters and inferred shapes.
+Large initializers are never decoded: shape inference runs on a *skeleton* of the model in which every initializer
+above a few elements is replaced by a graph input of the same type and shape, so inference costs the same for a
+100 MB model as for a 1 MB one, and weights stored as external data are never read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from tiexport.onnx_io import LoadedModel, tensor_to_array
+
+__all__ = ["QDQ_OPS", "ModelContext", "QParams", "dtype_name"]
+
+log = logging.getLogger(__name__)
+
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_SMALL_INITIALIZER = 64  # elements; larger initializers become graph inputs in the shape-inference skeleton
+
+_INT_RANGES = {
+    TensorProto.INT8: (-128, 127),
+    TensorProto.UINT8: (0, 255),
+    TensorProto.INT16: (-32768, 32767),
+    TensorProto.UINT16: (0, 65535),
+    TensorProto.INT32: (-(2**31), 2**31 - 1),
+    TensorProto.INT4: (-8, 7),
+    TensorProto.UINT4: (0, 15),
+}
+
+
+def dtype_name(elem_type: int) -> str:
+    """'int8', 'uint8', 'float' ... for an ONNX TensorProto element type."""
+    try:
+        return TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:
+        return f"type{elem_type}"
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Quantization parameters of one QuantizeLinear or DequantizeLinear node."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    qtype: int
+    """Element type of the integer side (the zero point's type, else ``output_dtype``, else uint8)."""
+    axis: int
+    block_size: int = 0
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.ndim > 0 and self.scale.size > 1
+
+    @property
+    def zero_points(self) -> np.ndarray:
+        if self.zero_point is None:
+            return np.zeros(self.scale.shape, dtype=np.int64)
+        return self.zero_point.astype(np.int64)
+
+    @property
+    def symmetric(self) -> bool:
+        """Zero point 0 everywhere (int8 or uint8); uint8 zero point 128 is symmetric in *grid* but not in TIDL's sense."""
+        return bool(np.all(self.zero_points == 0))
+
+    @property
+    def uint8_midpoint(self) -> bool:
+        """uint8 with zero point 128: the same grid as int8 with zero point 0."""
+        return self.qtype == TensorProto.UINT8 and bool(np.all(self.zero_points == 128))
+
+    @property
+    def signed(self) -> bool:
+        return self.qtype in (TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT4)
+
+    @property
+    def qrange(self) -> tuple[int, int] | None:
+        return _INT_RANGES.get(self.qtype)
+
+    def same_as(self, other: QParams) -> bool:
+        return (
+            self.qtype == other.qtype
+            and self.scale.shape == other.scale.shape
+            and np.array_equal(self.scale, other.scale)
+            and np.array_equal(self.zero_points, other.zero_points)
+            and (not self.per_channel or self.axis == other.axis)
+        )
+
+
+class ModelContext:
+    """Indexed, read-only view of a model for rules. Never mutates the model."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model: onnx.ModelProto = loaded.model
+        self.graph: onnx.GraphProto = loaded.model.graph
+        self.name = loaded.name
+        self.nodes: list[onnx.NodeProto] = list(self.graph.node)
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in self.graph.initializer}
+        self.constant_nodes: dict[str, onnx.NodeProto] = {}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            for out in node.output:
+                if out:
+                    self.producer.setdefault(out, i)
+                    if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                        self.constant_nodes[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers.setdefault(inp, []).append(i)
+        self.graph_inputs: list[onnx.ValueInfoProto] = [
+            vi for vi in self.graph.input if vi.name not in self.initializers
+        ]
+        self.graph_output_names: set[str] = {o.name for o in self.graph.output}
+        self._const_cache: dict[str, np.ndarray | None] = {}
+
+    # ------------------------------------------------------------------------------------------------ basics
+    @cached_property
+    def opset(self) -> int:
+        """The ai.onnx opset version (0 when the model imports none)."""
+        for imp in self.model.opset_import:
+            if imp.domain in ("", "ai.onnx"):
+                return int(imp.version)
+        return 0
+
+    @cached_property
+    def is_quantized(self) -> bool:
+        return any(n.op_type in QDQ_OPS for n in self.nodes)
+
+    def node_name(self, node: onnx.NodeProto) -> str:
+        """The node's name, or a stable stand-in for unnamed nodes (its first output)."""
+        if node.name:
+            return node.name
+        first = next((o for o in node.output if o), "")
+        return f"<{node.op_type} -> {first}>"
+
+    def attr(self, node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    def producer_of(self, tensor: str) -> onnx.NodeProto | None:
+        i = self.producer.get(tensor)
+        return None if i is None else self.nodes[i]
+
+    def consumers_of(self, tensor: str) -> list[onnx.NodeProto]:
+        return [self.nodes[i] for i in self.consumers.get(tensor, [])]
+
+    def nodes_of(self, *op_types: str) -> Iterator[onnx.NodeProto]:
+        wanted = set(op_types)
+        return (n for n in self.nodes if n.op_type in wanted)
+
+    # ------------------------------------------------------------------------------------------------ constants
+    def is_const(self, tensor: str) -> bool:
+        """True for initializers (not overridable graph inputs) and Constant-node outputs."""
+        return tensor in self.initializers or tensor in self.constant_nodes
+
+    def const(self, tensor: str) -> np.ndarray | None:
+        """The value of a constant tensor (decoded on first use), or None if it is not constant or not decodable."""
+        if tensor in self._const_cache:
+            return self._const_cache[tensor]
+        value: np.ndarray | None = None
+        try:
+            if tensor in self.initializers:
+                value = tensor_to_array(self.initializers[tensor], self.loaded.base_dir)
+            elif tensor in self.constant_nodes:
+                node = self.constant_nodes[tensor]
+                attr = node.attribute[0] if node.attribute else None
+                if attr is not None:
+                    if attr.type == onnx.AttributeProto.TENSOR:
+                        value = tensor_to_array(attr.t, self.loaded.base_dir)
+                    else:
+                        value = np.asarray(helper.get_attribute_value(attr))
+        except Exception as exc:  # an undecodable tensor is reported by rules, not raised here
+            log.debug("cannot decode constant %s: %s", tensor, exc)
+            value = None
+        self._const_cache[tensor] = value
+        return value
+
+    def const_shape(self, tensor: str) -> tuple[int, ...] | None:
+        """Shape of a constant without decoding it (initializers), else from its value."""
+        if tensor in self.initializers:
+            return tuple(int(d) for d in self.initializers[tensor].dims)
+        v = self.const(tensor)
+        return None if v is None else tuple(v.shape)
+
+    def const_elem_type(self, tensor: str) -> int | None:
+        if tensor in self.initializers:
+            return int(self.initializers[tensor].data_type)
+        node = self.constant_nodes.get(tensor)
+        if node is not None and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
+            return int(node.attribute[0].t.data_type)
+        return None
+
+    # ------------------------------------------------------------------------------------------------ Q/DQ
+    def qparams(self, node: onnx.NodeProto) -> QParams | None:
+        """Q/DQ parameters, or None when scale or zero point is not a decodable constant."""
+        if node.op_type not in QDQ_OPS or len(node.input) < 2:
+            return None
+        scale = self.const(node.input[1])
+        if scale is None:
+            return None
+        zp = None
+        qtype = TensorProto.UINT8
+        if len(node.input) > 2 and node.input[2]:
+            zp = self.const(node.input[2])
+            zp_type = self.const_elem_type(node.input[2])
+            if zp is None or zp_type is None:
+                return None
+            qtype = zp_type
+        else:
+            out_dtype = self.attr(node, "output_dtype", 0)
+            if node.op_type == "QuantizeLinear" and out_dtype:
+                qtype = int(out_dtype)
+            elif node.op_type == "DequantizeLinear":
+                src = self.elem_type(node.input[0])
+                if src is not None:
+                    qtype = src
+        return QParams(
+            scale=np.asarray(scale),
+            zero_point=None if zp is None else np.asarray(zp),
+            qtype=qtype,
+            axis=int(self.attr(node, "axis", 1)),
+            block_size=int(self.attr(node, "block_size", 0)),
+        )
+
+    def dq_of(self, tensor: str) -> onnx.NodeProto | None:
+        """The DequantizeLinear producing ``tensor``, if any."""
+        node = self.producer_of(tensor)
+        return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+    def is_weight_dq(self, node: onnx.NodeProto) -> bool:
+        """A DequantizeLinear whose data input is constant (directly or through a QuantizeLinear of a constant)."""
+        if node.op_type != "DequantizeLinear" or not node.input:
+            return False
+        src = node.input[0]
+        if self.is_const(src):
+            return True
+        q = self.producer_of(src)
+        return q is not None and q.op_type == "QuantizeLinear" and bool(q.input) and self.is_const(q.input[0])
+
+    # ------------------------------------------------------------------------------------------------ shapes
+    @cached_property
+    def _inferred(self) -> tuple[dict[str, onnx.TypeProto], str | None]:
+        types: dict[str, onnx.TypeProto] = {}
+        error: str | None = None
+        skeleton = self._skeleton()
+        try:
+            inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+            g = inferred.graph
+        except Exception as exc:  # inference errors are findings (static_shape), not crashes
+            error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            g = skeleton.graph
+        for vi in (*g.input, *g.value_info, *g.output):
+            if vi.type.HasField("tensor_type"):
+                types.setdefault(vi.name, vi.type)
+        for name, t in self.initializers.items():
+            types[name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
+        return types, error
+
+    def _skeleton(self) -> onnx.ModelProto:
+        g = self.graph
+        skel_graph = onnx.GraphProto(name=g.name)
+        skel_graph.node.extend(g.node)
+        skel_graph.input.extend(g.input)
+        skel_graph.output.extend(g.output)
+        skel_graph.value_info.extend(g.value_info)
+        declared = {vi.name for vi in g.input}
+        for t in g.initializer:
+            n = 1
+            for d in t.dims:
+                n *= int(d)
+            if n <= _SMALL_INITIALIZER and t.data_location != TensorProto.EXTERNAL:
+                skel_graph.initializer.append(t)
+            elif t.name not in declared:
+                skel_graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        skel = onnx.ModelProto(
+            ir_version=self.model.ir_version,
+            producer_name=self.model.producer_name,
+            graph=skel_graph,
+        )
+        skel.opset_import.extend(self.model.opset_import)
+        skel.functions.extend(self.model.functions)
+        return skel
+
+    @property
+    def shape_inference_error(self) -> str | None:
+        return self._inferred[1]
+
+    def type_of(self, tensor: str) -> onnx.TypeProto | None:
+        return self._inferred[0].get(tensor)
+
+    def elem_type(self, tensor: str) -> int | None:
+        t = self.type_of(tensor)
+        if t is None or not t.HasField("tensor_type"):
+            return None
+        return int(t.tensor_type.elem_type) or None
+
+    def shape(self, tensor: str) -> tuple[int | str | None, ...] | None:
+        """Dims of a tensor: int when known, the symbol (str) when symbolic, None when unknown; None if rank unknown."""
+        t = self.type_of(tensor)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            return None
+        dims: list[int | str | None] = []
+        for d in t.tensor_type.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        return tuple(dims)
+
+    def static_shape(self, tensor: str) -> tuple[int, ...] | None:
+        """The shape when every dim is a known positive int (or 0-d), else None."""
+        s = self.shape(tensor)
+        if s is None or any(not isinstance(d, int) or d <= 0 for d in s):
+            return None
+        return tuple(int(d) for d in s)  # type: ignore[arg-type]
+
+    def rank(self, tensor: str) -> int | None:
+        s = self.shape(tensor)
+        if s is not None:
+            return len(s)
+        cs = self.const_shape(tensor) if self.is_const(tensor) else None
+        return None if cs is None else len(cs)

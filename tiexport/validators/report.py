@@ -1,0 +1,267 @@
+"""Findings and reports: data first, rendered as text, JSON (stable schema) or SARIF 2.1.0.
+
+A :class:`Finding` is one broken rule at one node for one device. A :class:`Report` holds, per device, the findings
+and a verdict. Renderers never decide anything; the CLI exit code follows :meth:`Report.exit_code`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any, Literal
+
+__all__ = [
+    "CATEGORIES",
+    "SEVERITIES",
+    "DeviceReport",
+    "Finding",
+    "Report",
+    "render",
+    "use_colour",
+]
+
+Severity = Literal["error", "warning", "info"]
+SEVERITIES: tuple[str, ...] = ("error", "warning", "info")
+_RANK = {"error": 3, "warning": 2, "info": 1, "never": 99}
+
+CATEGORIES: tuple[str, ...] = (
+    "structure",
+    "opset",
+    "static_shape",
+    "not_prequantized",
+    "invalid_qparams",
+    "bit_width",
+    "qdq_axis",
+    "qdq_coverage",
+    "power_of_two",
+    "symmetric",
+    "per_channel",
+    "input_quantization",
+    "matmul_sign",
+    "unsupported_op",
+    "op_constraint",
+    "unfolded_weight",
+    "redundant_qdq",
+    "scale_mismatch",
+    "bias",
+    "subgraph_limit",
+)
+
+
+@dataclass(frozen=True, order=True)
+class Finding:
+    """One rule broken at one node. ``node`` is the node name ("" for model-level findings)."""
+
+    rule_id: str
+    category: str
+    severity: str
+    node: str
+    op_type: str
+    message: str
+    hint: str
+    fixable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"bad severity {self.severity!r}")
+        if self.category not in CATEGORIES:
+            raise ValueError(f"bad category {self.category!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sort_key(f: Finding) -> tuple[int, str, str, str]:
+    return (-_RANK[f.severity], f.rule_id, f.node, f.message)
+
+
+@dataclass
+class DeviceReport:
+    """Findings of one device, sorted by severity then rule then node."""
+
+    device: str
+    findings: list[Finding] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.findings = sorted(dict.fromkeys(self.findings), key=_sort_key)
+
+    def count(self, severity: str) -> int:
+        return sum(1 for f in self.findings if f.severity == severity)
+
+    @property
+    def verdict(self) -> str:
+        if self.count("error"):
+            return "incompatible"
+        if self.count("warning"):
+            return "compatible_with_warnings"
+        return "compatible"
+
+    def worst(self) -> str | None:
+        return max((f.severity for f in self.findings), key=_RANK.__getitem__, default=None)
+
+
+@dataclass
+class Report:
+    """The result of validating one model for one or more devices."""
+
+    model: str
+    devices: dict[str, DeviceReport]
+    tiexport_version: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.tiexport_version:
+            from tiexport import __version__
+
+            self.tiexport_version = __version__
+
+    @property
+    def findings(self) -> list[Finding]:
+        """All findings of all devices (a finding shared by devices appears once per device)."""
+        return [f for d in self.devices.values() for f in d.findings]
+
+    def exit_code(self, fail_on: str = "error") -> int:
+        """0 when no finding at or above ``fail_on`` for any device, else 1."""
+        if fail_on not in _RANK:
+            raise ValueError(f"fail_on must be error, warning or never, not {fail_on!r}")
+        threshold = _RANK[fail_on]
+        return int(any(_RANK[f.severity] >= threshold for f in self.findings))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "tiexport_version": self.tiexport_version,
+            "devices": {
+                name: {"verdict": d.verdict, "findings": [f.to_dict() for f in d.findings]}
+                for name, d in self.devices.items()
+            },
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def to_sarif(self, rule_titles: dict[str, str] | None = None) -> str:
+        return json.dumps(_sarif(self, rule_titles or {}), indent=2) + "\n"
+
+    def to_text(self, colour: bool = False) -> str:
+        return _text(self, colour)
+
+
+# ---------------------------------------------------------------------------------------------------------- text
+_COLOURS = {"error": "\033[31m", "warning": "\033[33m", "info": "\033[36m", "ok": "\033[32m", "bold": "\033[1m"}
+_RESET = "\033[0m"
+
+
+def use_colour(stream: IO[str]) -> bool:
+    """Colours only on a TTY, and never when NO_COLOR is set (https://no-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _paint(text: str, key: str, colour: bool) -> str:
+    return f"{_COLOURS[key]}{text}{_RESET}" if colour else text
+
+
+def _text(report: Report, colour: bool) -> str:
+    lines: list[str] = []
+    for name, dev in report.devices.items():
+        lines.append(_paint(f"{report.model} on {name}", "bold", colour))
+        for severity in SEVERITIES:
+            group = [f for f in dev.findings if f.severity == severity]
+            if not group:
+                continue
+            lines.append(f"  {_paint(severity + 's', severity, colour)} ({len(group)}):")
+            for f in group:
+                where = f"{f.node} ({f.op_type})" if f.node else (f.op_type or "model")
+                fix = " [fixable: tiexport fix]" if f.fixable else ""
+                lines.append(f"    {f.rule_id} {f.category:<18} {where}: {f.message}{fix}")
+                if f.hint:
+                    lines.append(f"      hint: {f.hint}")
+        counts = ", ".join(f"{dev.count(s)} {s}{'s' if dev.count(s) != 1 else ''}" for s in SEVERITIES)
+        key = {"incompatible": "error", "compatible_with_warnings": "warning", "compatible": "ok"}[dev.verdict]
+        lines.append(f"  {name}: {_paint(dev.verdict, key, colour)} ({counts})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------- SARIF
+_SARIF_LEVEL = {"error": "error", "warning": "warning", "info": "note"}
+
+
+def _sarif(report: Report, titles: dict[str, str]) -> dict[str, Any]:
+    rule_ids = sorted({f.rule_id for f in report.findings})
+    rules = [
+        {
+            "id": rid,
+            "name": rid,
+            "shortDescription": {"text": titles.get(rid, rid)},
+            "properties": {
+                "category": next(f.category for f in report.findings if f.rule_id == rid),
+            },
+        }
+        for rid in rule_ids
+    ]
+    results = []
+    for dev_name, dev in report.devices.items():
+        for f in dev.findings:
+            results.append(
+                {
+                    "ruleId": f.rule_id,
+                    "ruleIndex": rule_ids.index(f.rule_id),
+                    "level": _SARIF_LEVEL[f.severity],
+                    "message": {"text": f"[{dev_name}] {f.message}" + (f" Hint: {f.hint}" if f.hint else "")},
+                    "locations": [
+                        {
+                            "physicalLocation": {"artifactLocation": {"uri": report.model}},
+                            "logicalLocations": [
+                                {"name": f.node or "<model>", "kind": "object",
+                                 "fullyQualifiedName": f"{f.op_type}:{f.node}" if f.node else "<model>"}
+                            ],
+                        }
+                    ],
+                    "properties": {
+                        "device": dev_name,
+                        "category": f.category,
+                        "op_type": f.op_type,
+                        "hint": f.hint,
+                        "fixable": f.fixable,
+                    },
+                }
+            )
+    return {
+        "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
+        "version": "2.1.0",
+        "runs": [
+            {
+                "tool": {
+                    "driver": {
+                        "name": "tiexport",
+                        "version": report.tiexport_version,
+                        "rules": rules,
+                    }
+                },
+                "results": results,
+            }
+        ],
+    }
+
+
+def render(report: Report, fmt: str, colour: bool = False, rule_titles: dict[str, str] | None = None) -> str:
+    """Render a report as ``text``, ``json`` or ``sarif``."""
+    if fmt == "text":
+        return report.to_text(colour)
+    if fmt == "json":
+        return report.to_json()
+    if fmt == "sarif":
+        return report.to_sarif(rule_titles)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def merge(findings: Iterable[Finding]) -> list[Finding]:
+    """Sorted, de-duplicated findings."""
+    return sorted(dict.fromkeys(findings), key=_sort_key)

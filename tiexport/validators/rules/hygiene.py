@@ -1,0 +1,202 @@
+"""Graph hygiene rules: what exporters leave behind that TIDL tolerates badly — float weights behind a
+QuantizeLinear, redundant or duplicate Q/DQ, Concat/Add inputs on different scales, bias in the wrong form
+(tidl.md §2 "Bias", "Add/Concat inputs with different scales"; §6 items 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from tiexport.devices import DeviceProfile
+from tiexport.validators.context import QDQ_OPS, ModelContext, QParams
+from tiexport.validators.report import Finding
+from tiexport.validators.rules.base import Rule
+
+__all__ = ["BiasRule", "RedundantQdqRule", "ScaleMismatchRule", "UnfoldedWeightRule"]
+
+
+class UnfoldedWeightRule(Rule):
+    """TIDL030: a float weight still sits behind a QuantizeLinear (float initializer -> Q -> DQ).
+
+    Why: TIDL's partitioner expects weights as integer initializers feeding a DequantizeLinear; Q/DQ left on float
+    weights confuse partitioning (tidl.md §6 item 5) and the weights are quantized at every inference in ONNX
+    Runtime. Fix: ``tiexport fix`` folds the QuantizeLinear into an int8 initializer, bit-exact.
+    """
+
+    id = "TIDL030"
+    title = "float weight behind a QuantizeLinear (not folded)"
+    category = "unfolded_weight"
+    severity = "warning"
+
+    def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
+        for node in ctx.nodes_of("QuantizeLinear"):
+            if node.input and ctx.is_const(node.input[0]) and ctx.const_elem_type(node.input[0]) in (
+                    TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE):
+                yield self.finding(ctx, node, f"float constant {node.input[0]!r} is quantized at run time",
+                                   "tiexport fix folds it into an int8 initializer (bit-exact)", fixable=True)
+
+
+class RedundantQdqRule(Rule):
+    """TIDL031: redundant Q/DQ — a DequantizeLinear straight into a QuantizeLinear with the same parameters, or
+    several identical Q/DQ nodes reading the same tensor, or a Q/DQ whose result nobody uses.
+
+    Why: each extra Q/DQ pair is an extra requantization layer for TIDL and duplicate/shared DQ nodes confuse its
+    partitioning (tidl.md §6 item 5). Rewrites are exact: ``Q(DQ(x)) -> x`` for equal parameters, duplicates merged.
+    Fix: ``tiexport fix``.
+    """
+
+    id = "TIDL031"
+    title = "redundant, duplicate or dead Q/DQ"
+    category = "redundant_qdq"
+    severity = "warning"
+
+    def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
+        hint = "tiexport fix removes it (exact)"
+        for node in ctx.nodes_of("QuantizeLinear"):
+            dq = ctx.dq_of(node.input[0]) if node.input else None
+            if dq is None:
+                continue
+            a, b = ctx.qparams(dq), ctx.qparams(node)
+            if a is not None and b is not None and a.same_as(b):
+                yield self.finding(ctx, node, f"re-quantizes the output of {ctx.node_name(dq)!r} with the same "
+                                   "scale and zero point", hint, fixable=True)
+        seen: dict[tuple[str, str, str], onnx.NodeProto] = {}
+        for node in ctx.nodes:
+            if node.op_type not in QDQ_OPS or not node.input:
+                continue
+            qp = ctx.qparams(node)
+            if qp is None:
+                continue
+            key = (node.op_type, node.input[0], _qkey(qp))
+            first = seen.get(key)
+            if first is None:
+                seen[key] = node
+            else:
+                yield self.finding(ctx, node, f"duplicate of {ctx.node_name(first)!r} (same input, scale and "
+                                   "zero point)", "tiexport fix merges them (exact)", fixable=True)
+        for node in ctx.nodes:
+            if node.op_type in QDQ_OPS and node.output and not ctx.consumers.get(node.output[0]) \
+                    and node.output[0] not in ctx.graph_output_names:
+                yield self.finding(ctx, node, "result is never used", "tiexport fix removes dead nodes",
+                                   fixable=True)
+
+
+def _qkey(qp: QParams) -> str:
+    return f"{qp.qtype}|{qp.axis if qp.per_channel else ''}|{qp.scale.tobytes().hex()}|{qp.zero_points.tobytes().hex()}"
+
+
+class ScaleMismatchRule(Rule):
+    """TIDL032: Concat (or Add) inputs are quantized with different scales or zero points.
+
+    Why: not documented as an error; TIDL requantizes the inputs to a common scale, which costs a layer and some
+    accuracy (inference in tidl.md §2; AMD's tools align Concat inputs for the same reason). For Add this is normal
+    on MMAv2 (info), but TDA4VM's power-of-2 eltwise prefers aligned scales (warning).
+    Fix: ``tiexport fix`` aligns Concat inputs (and Add inputs where the device profile asks) to the largest scale.
+    """
+
+    id = "TIDL032"
+    title = "Concat/Add inputs on different scales"
+    category = "scale_mismatch"
+    severity = "warning"
+
+    def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
+        for node in ctx.nodes_of("Concat", "Add"):
+            params = []
+            for inp in node.input:
+                dq = ctx.dq_of(inp) if inp else None
+                if dq is None or ctx.is_weight_dq(dq):
+                    params = []
+                    break
+                qp = ctx.qparams(dq)
+                if qp is None or qp.per_channel:
+                    params = []
+                    break
+                params.append(qp)
+            if len(params) < 2:
+                continue
+            scales = {float(np.asarray(p.scale).ravel()[0]) for p in params}
+            zps = {int(p.zero_points.ravel()[0]) for p in params}
+            if len(scales) == 1 and len(zps) == 1:
+                continue
+            shown = ", ".join(f"{s:.4g}" for s in sorted(scales))
+            if node.op_type == "Concat":
+                yield self.finding(ctx, node, f"inputs on different scales ({shown}); TIDL requantizes them",
+                                   "tiexport fix aligns them to the largest scale", fixable=True)
+            else:
+                yield self.finding(
+                    ctx, node, f"inputs on different scales ({shown})",
+                    "tiexport fix aligns them" if device.align_add_scales else "normal for a residual Add on MMAv2",
+                    severity="warning" if device.align_add_scales else "info", fixable=device.align_add_scales,
+                )
+
+
+class BiasRule(Rule):
+    """TIDL033: a Conv/Gemm bias is not in the form TIDL's tooling writes, or will be clipped.
+
+    Why: TI's tooling writes bias as int32 ``round(b / (s_in * s_w))`` into a DequantizeLinear with scale
+    ``s_in * s_w`` and zero point 0 (tidl.md §2 "Bias"); a bias DQ with another scale or a non-zero zero point is
+    read inconsistently with the accumulator. On TDA4VM the bias is clipped to 16 bits by default, so int32 values
+    beyond int16 lose accuracy. A float bias is quantized by TIDL itself (info, or a fixable warning on devices whose
+    profile quantizes bias). Fix: ``tiexport fix --device NAME``.
+    """
+
+    id = "TIDL033"
+    title = "bias not int32 at scale s_in * s_w, or clipped"
+    category = "bias"
+
+    def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
+        for node in ctx.nodes_of("Conv", "Gemm", "ConvTranspose"):
+            if len(node.input) < 3 or not node.input[2]:
+                continue
+            bias = node.input[2]
+            dq = ctx.dq_of(bias)
+            if dq is None:
+                if ctx.is_const(bias):
+                    yield self.finding(
+                        ctx, node, f"float bias {bias!r}: TIDL quantizes it itself",
+                        f"tiexport fix --device {device.name} writes it as int32 + DequantizeLinear"
+                        if device.quantize_bias else "fine; tiexport fix --quantize-bias writes it as TI's tooling does",
+                        severity="warning" if device.quantize_bias else "info", fixable=device.quantize_bias,
+                    )
+                continue
+            qp = ctx.qparams(dq)
+            if qp is None:
+                continue
+            if qp.qtype != TensorProto.INT32:
+                yield self.finding(ctx, node, "bias DequantizeLinear is not int32", "quantize bias to int32",
+                                   fixable=True)
+                continue
+            if not qp.symmetric:
+                yield self.finding(ctx, node, "bias zero point is not 0", "quantize bias with zero point 0",
+                                   fixable=True)
+            expected = _expected_bias_scale(ctx, node)
+            if expected is not None:
+                got = np.asarray(qp.scale, dtype=np.float64).ravel()
+                if got.size not in (1, expected.size) and expected.size != 1 or not np.allclose(
+                        *np.broadcast_arrays(got, expected), rtol=1e-5, atol=0):
+                    yield self.finding(ctx, node, "bias scale differs from input scale x weight scale",
+                                       "requantize the bias with scale s_in * s_w", fixable=True)
+            values = ctx.const(dq.input[0]) if ctx.is_const(dq.input[0]) else None
+            if values is not None and device.bias_bits < 32:
+                lim = 2 ** (device.bias_bits - 1)
+                n = int(np.sum((values < -lim) | (values > lim - 1)))
+                if n:
+                    yield self.finding(
+                        ctx, node, f"{n} bias value(s) exceed {device.bias_bits} bits and are clipped on {device.name}",
+                        "raise the input or weight scale of this layer, or reduce the bias magnitude in training",
+                        severity="warning",
+                    )
+
+
+def _expected_bias_scale(ctx: ModelContext, node: onnx.NodeProto) -> np.ndarray | None:
+    in_dq = ctx.dq_of(node.input[0])
+    w_dq = ctx.dq_of(node.input[1])
+    if in_dq is None or w_dq is None:
+        return None
+    a, w = ctx.qparams(in_dq), ctx.qparams(w_dq)
+    if a is None or w is None or a.per_channel:
+        return None
+    return np.asarray(a.scale, dtype=np.float64).ravel()[0] * np.asarray(w.scale, dtype=np.float64).ravel()

@@ -1,0 +1,360 @@
+"""Quantization-format rules: is the model prequantized QDQ at all, and are its Q/DQ nodes well-formed, 8-bit,
+on the right axis and present where TIDL needs them (tidl.md §2)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from tiexport.devices import DeviceProfile
+from tiexport.validators.context import QDQ_OPS, ModelContext, dtype_name
+from tiexport.validators.report import Finding
+from tiexport.validators.rules.base import Rule
+
+__all__ = [
+    "BitWidthRule",
+    "InvalidQParamsRule",
+    "NotPrequantizedRule",
+    "QdqAxisRule",
+    "QdqCoverageRule",
+    "weight_channel_axis",
+]
+
+_QOPERATOR_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSigmoid",
+    "QLinearLeakyRelu", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSoftmax", "QGemm",
+    "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "QAttention",
+})
+_FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
+
+
+def weight_channel_axis(ctx: ModelContext, consumer: onnx.NodeProto, input_index: int) -> int | None:
+    """The output-channel axis of a weight input, for the ops TIDL takes per-channel weights on; else None."""
+    if consumer.op_type == "Conv" and input_index == 1:
+        return 0
+    if consumer.op_type == "ConvTranspose" and input_index == 1:
+        return 1
+    if consumer.op_type == "Gemm" and input_index == 1:
+        return 0 if ctx.attr(consumer, "transB", 0) else 1
+    if consumer.op_type == "MatMul" and input_index == 1:
+        rank = ctx.rank(consumer.input[1])
+        return None if rank is None else rank - 1
+    return None
+
+
+class NotPrequantizedRule(Rule):
+    """TIDL010: the model has no QuantizeLinear/DequantizeLinear: it is a float (or QOperator) model.
+
+    Why: with ``advanced_options:prequantized_model: 1`` TIDL reads scales and zero points from Q/DQ nodes and skips
+    calibration (tidl.md §2). A float model has none: TIDL would calibrate it itself (``accuracy_level`` 1,
+    ``runtime_options_onnx_np2``/``_p2``, tidl.md §5), and the PyTorch QAT/PTC ranges are not used. QOperator models
+    (QLinearConv...) are a different format that the QDQ import does not read.
+    Fix: export the fake-quant model (``tiexport.export``) or quantize with ``quant_format=QuantFormat.QDQ``.
+    """
+
+    id = "TIDL010"
+    title = "model is not prequantized (no Q/DQ nodes)"
+    category = "not_prequantized"
+    needs_qdq = False
+
+    def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
+        if ctx.is_quantized:
+            return
+        qop = sorted({n.op_type for n in ctx.nodes if n.op_type in _QOPERATOR_OPS})
+        if qop:
+            yield self.finding(
+                ctx, None,
+                f"QOperator-format model ({', '.join(qop)}): TIDL's prequantized import reads QDQ models only",
+                "re-quantize with quant_format=QuantFormat.QDQ, or export the fake-quant PyTorch model",
+            )
+            return
+        yield self.finding(
+            ctx, None,
+            "float model: no QuantizeLinear/DequantizeLinear nodes, so prequantized_model: 1 has nothing to read; "
+            "TIDL would calibrate it itself and your PyTorch quantization would not be used",
+            "export the PTC/QAT fake-quant model with tiexport.export, or compile as a float model "
+            "(runtime_options_onnx_np2, accuracy_level 1) without prequantized_model",
+        )
+
+
+class InvalidQParamsRule(Rule):
+    """TIDL011: a Q/DQ node has unusable quantization parameters.
+
+    Flags: scale not a constant; scale not float32; scale <= 0, NaN or Inf; zero point not constant or not the
+    quantized type; zero point shape differing from scale; per-axis scale whose length differs from the axis dim;
+    axis out of range; blocked quantization; QuantizeLinear of a non-float tensor; DequantizeLinear of a float tensor.
+    Why: TIDL reads scales and zero points as constants from each Q/DQ (tidl.md §2); ONNX's QuantizeLinear spec
+    requires these shapes and types. Fix: re-export; a correct exporter never writes these.
+    """
+
+    id = "TIDL011"
+    title = "invalid scale or zero point on a Q/DQ node"
+    category = "invalid_qparams"
+    needs_accelerator = False
+
+    def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
+        hint = "re-export the model; scales must be positive finite float32 constants"
+        for node in ctx.nodes:
+            if node.op_type not in QDQ_OPS:
+                continue
+            if len(node.input) < 2 or not node.input[1]:
+                yield self.finding(ctx, node, "missing scale input", hint)
+                continue
+            scale_name = node.input[1]
+            if not ctx.is_const(scale_name):
+                yield self.finding(ctx, node, f"scale {scale_name!r} is computed at run time, not a constant",
+                                   "TIDL reads constant scales; export with frozen observers")
+                continue
+            scale = ctx.const(scale_name)
+            if scale is None:
+                yield self.finding(ctx, node, f"scale {scale_name!r} cannot be decoded", hint)
+                continue
+            stype = ctx.const_elem_type(scale_name)
+            if stype != TensorProto.FLOAT:
+                yield self.finding(ctx, node, f"scale has type {dtype_name(stype or 0)}, TIDL expects float",
+                                   "store scales as float32")
+            if scale.size == 0:
+                yield self.finding(ctx, node, "scale is empty", hint)
+                continue
+            if scale.dtype.kind == "f" and (not np.all(np.isfinite(scale)) or np.any(scale <= 0)):
+                bad = scale[~np.isfinite(scale) | (scale <= 0)].ravel()[:3]
+                yield self.finding(ctx, node, f"scale must be positive and finite, found {bad.tolist()}", hint)
+            zp_name = node.input[2] if len(node.input) > 2 else ""
+            if zp_name:
+                if not ctx.is_const(zp_name):
+                    yield self.finding(ctx, node, f"zero point {zp_name!r} is not a constant",
+                                       "TIDL reads constant zero points")
+                    continue
+                zp = ctx.const(zp_name)
+                if zp is None:
+                    yield self.finding(ctx, node, f"zero point {zp_name!r} cannot be decoded", hint)
+                    continue
+                if zp.shape != scale.shape:
+                    yield self.finding(ctx, node, f"zero point shape {list(zp.shape)} differs from scale shape "
+                                       f"{list(scale.shape)}", hint)
+                out_dtype = int(ctx.attr(node, "output_dtype", 0) or 0)
+                zp_type = ctx.const_elem_type(zp_name)
+                if node.op_type == "QuantizeLinear" and out_dtype and zp_type != out_dtype:
+                    yield self.finding(ctx, node, f"zero point type {dtype_name(zp_type or 0)} differs from "
+                                       f"output_dtype {dtype_name(out_dtype)}", hint)
+                if node.op_type == "DequantizeLinear":
+                    src = ctx.elem_type(node.input[0])
+                    if src is not None and zp_type is not None and src != zp_type:
+                        yield self.finding(ctx, node, f"zero point type {dtype_name(zp_type)} differs from the "
+                                           f"input's type {dtype_name(src)}", hint)
+            if ctx.attr(node, "block_size", 0):
+                yield self.finding(ctx, node, "blocked quantization (block_size) is not supported by TIDL",
+                                   "use per-tensor or per-channel quantization")
+            if scale.ndim > 1:
+                yield self.finding(ctx, node, f"scale has rank {scale.ndim}; only scalars and 1-D per-axis scales "
+                                   "are supported", hint)
+            elif scale.ndim == 1:
+                rank = ctx.rank(node.input[0])
+                axis = int(ctx.attr(node, "axis", 1))
+                if rank is not None:
+                    if not -rank <= axis < rank:
+                        yield self.finding(ctx, node, f"axis {axis} is out of range for a rank-{rank} input", hint)
+                    else:
+                        dims = ctx.const_shape(node.input[0]) if ctx.is_const(node.input[0]) else ctx.shape(
+                            node.input[0])
+                        dim = dims[axis] if dims is not None else None
+                        if isinstance(dim, int) and scale.size not in (1, dim):
+                            yield self.finding(ctx, node, f"{scale.size} scales for axis {axis} of size {dim}", hint)
+            data_type = ctx.const_elem_type(node.input[0]) if ctx.is_const(node.input[0]) else ctx.elem_type(
+                node.input[0])
+            if data_type is not None:
+                if node.op_type == "QuantizeLinear" and data_type not in _FLOAT_TYPES:
+                    yield self.finding(ctx, node, f"QuantizeLinear of a {dtype_name(data_type)} tensor",
+                                       "QuantizeLinear takes float input; remove the extra quantization")
+                if node.op_type == "DequantizeLinear" and data_type in _FLOAT_TYPES:
+                    yield self.finding(ctx, node, f"DequantizeLinear of a {dtype_name(data_type)} tensor",
+                                       "DequantizeLinear takes integer input; a QuantizeLinear is missing before it")
+
+
+class BitWidthRule(Rule):
+    """TIDL012: a Q/DQ node quantizes to something other than int8/uint8.
+
+    Why: TIDL's prequantized import is 8-bit only; 16-bit or mixed precision must go through
+    ``advanced_options:quant_params_proto_path`` (tidl.md §2 "8-bit only"). int32 is allowed only for a Conv/Gemm
+    bias DequantizeLinear (tidl.md §2 "Bias"). Fix: quantize to 8 bits (``WC8_AT8``...), or use TIDL's mixed
+    precision options instead of 16-bit Q/DQ.
+    """
+
+    id = "TIDL012"
+    title = "Q/DQ with a bit width other than 8"
+    category = "bit_width"
+    needs_accelerator = False
+
+    def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
+        for node in ctx.nodes:
+            if node.op_type not in QDQ_OPS:
+                continue
+            qp = ctx.qparams(node)
+            if qp is None or qp.qtype in (TensorProto.INT8, TensorProto.UINT8):
+                continue
+            if qp.qtype == TensorProto.INT32 and node.op_type == "DequantizeLinear" and _is_bias_dq(ctx, node):
+                continue
+            sev = "error" if device.accelerator else "info"
+            yield self.finding(
+                ctx, node, f"quantized type is {dtype_name(qp.qtype)}; TIDL's prequantized import takes 8-bit only",
+                "quantize to int8/uint8; for 16-bit layers use TIDL's output_feature_16bit_names_list instead",
+                severity=sev,
+            )
+
+
+def _is_bias_dq(ctx: ModelContext, node: onnx.NodeProto) -> bool:
+    out = node.output[0] if node.output else ""
+    cons = ctx.consumers.get(out, [])
+    return bool(cons) and all(
+        ctx.nodes[i].op_type in ("Conv", "Gemm", "ConvTranspose")
+        and len(ctx.nodes[i].input) > 2 and ctx.nodes[i].input[2] == out
+        for i in cons
+    )
+
+
+class QdqAxisRule(Rule):
+    """TIDL013: a Q/DQ node quantizes per channel on an axis TIDL does not support.
+
+    Why: only the default ``axis = 1`` is documented for QuantizeLinear/DequantizeLinear, and activations are
+    per-tensor for every TIDL layer (tidl.md §2, both tables); per-channel is for weights, along the output-channel
+    axis (Conv weight axis 0; Gemm axis 0 with transB=1; MatMul B its last axis — TI's own exports, tidl.md §2
+    inference note). Fix: re-export activations per-tensor; quantize weights along the output channels.
+    """
+
+    id = "TIDL013"
+    title = "per-channel Q/DQ on an unsupported axis"
+    category = "qdq_axis"
+
+    def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
+        for node in ctx.nodes:
+            if node.op_type not in QDQ_OPS:
+                continue
+            qp = ctx.qparams(node)
+            if qp is None or not qp.per_channel:
+                continue
+            rank = ctx.rank(node.input[0])
+            axis = qp.axis + rank if rank is not None and qp.axis < 0 else qp.axis
+            is_weight = ctx.is_const(node.input[0]) or (node.op_type == "DequantizeLinear" and ctx.is_weight_dq(node))
+            if node.op_type == "QuantizeLinear" and ctx.is_const(node.input[0]):
+                is_weight = True
+            if not is_weight:
+                yield self.finding(ctx, node, f"activation quantized per channel (axis {qp.axis}); TIDL takes "
+                                   "per-tensor activations only", "quantize activations per-tensor")
+                continue
+            if node.op_type != "DequantizeLinear":
+                continue
+            for cons in ctx.consumers_of(node.output[0]):
+                idx = list(cons.input).index(node.output[0])
+                want = weight_channel_axis(ctx, cons, idx)
+                if want is not None and axis != want:
+                    yield self.finding(
+                        ctx, node,
+                        f"weight of {cons.op_type} {ctx.node_name(cons)!r} quantized along axis {qp.axis}, "
+                        f"its output channels are axis {want}",
+                        f"quantize the weight per channel along axis {want}",
+                    )
+
+
+# Ops whose variable inputs must come from DequantizeLinear (tidl.md §2 per-layer table, "needs Q/DQ around it").
+NEEDS_QDQ = frozenset({
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "DeformConv", "BatchNormalization", "PRelu",
+    "Add", "Mul", "Sub", "Div", "Max", "Min", "Sum", "Concat", "Softmax", "LayerNormalization",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu", "Resize", "Upsample", "Sigmoid", "Tanh",
+    "Gather", "ArgMax", "DepthToSpace", "SpaceToDepth", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu",
+})
+# Ops that need no Q/DQ of their own: quantization passes through them (tidl.md §2 table, last two rows).
+PASS_THROUGH = frozenset({
+    "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Pad", "Identity", "Dropout",
+})
+# Ops that may feed a quantized consumer without their own output Q (tidl.md §2 "Exceptions documented").
+_FUSED_INTO_NEXT = {
+    "Conv": {"Relu", "BatchNormalization", "Clip", "LeakyRelu"},
+    "ConvTranspose": {"Relu", "BatchNormalization", "Clip"},
+    "Gemm": {"Relu", "Clip"},
+    "MatMul": {"Add", "Relu"},
+    "Add": {"Relu", "Clip"},
+    "Mul": {"Relu", "Clip"},
+    "Sub": {"Relu", "Clip"},
+    "Div": {"Relu", "Clip", "Erf"},
+    "BatchNormalization": {"Relu", "Clip"},
+}
+
+
+class QdqCoverageRule(Rule):
+    """TIDL014: a layer that needs Q/DQ reads a float tensor, or its output is never requantized.
+
+    Why: in a prequantized model TIDL takes each layer's input and output ranges from the surrounding Q/DQ; layers
+    in the "needs Q/DQ around it" column of tidl.md §2 without them get no quantization parameters. Documented
+    exceptions (tidl.md §2): Conv/ConvTranspose/eltwise/BatchNormalization followed by a Relu (or a Conv followed by
+    a BatchNormalization) that has Q/DQ after it; LayerNorm/GELU patterns need Q/DQ only at their end; Reshape,
+    Transpose, Flatten, Split, Slice, Pad, Squeeze pass quantization through.
+    Fix: quantize the layer (in PyTorch: make sure an observer/fake-quant sits at its inputs and output).
+    """
+
+    id = "TIDL014"
+    title = "layer without the Q/DQ TIDL needs around it"
+    category = "qdq_coverage"
+
+    def _quantized_source(self, ctx: ModelContext, tensor: str, depth: int = 0) -> bool:
+        if ctx.is_const(tensor):
+            return True
+        node = ctx.producer_of(tensor)
+        if node is None:
+            return False
+        if node.op_type == "DequantizeLinear":
+            return True
+        if node.op_type in PASS_THROUGH and depth < 16 and node.input:
+            return self._quantized_source(ctx, node.input[0], depth + 1)
+        return False
+
+    def _requantized(self, ctx: ModelContext, tensor: str, depth: int = 0) -> bool:
+        cons = ctx.consumers_of(tensor)
+        if not cons:
+            return False
+        for c in cons:
+            if c.op_type == "QuantizeLinear":
+                continue
+            if c.op_type in PASS_THROUGH and depth < 16 and c.output:
+                if not self._requantized(ctx, c.output[0], depth + 1):
+                    return False
+                continue
+            return False
+        return True
+
+    def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
+        for node in ctx.nodes:
+            if node.op_type not in NEEDS_QDQ:
+                continue
+            data_inputs = list(node.input)
+            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "DeformConv"):
+                data_inputs = data_inputs[:1]
+            elif node.op_type in ("BatchNormalization", "LayerNormalization", "PRelu", "Resize", "Upsample"):
+                data_inputs = data_inputs[:1]
+            elif node.op_type == "Gather":
+                data_inputs = data_inputs[:1]
+            for inp in data_inputs:
+                if inp and not ctx.is_const(inp) and not self._quantized_source(ctx, inp):
+                    producer = ctx.producer_of(inp)
+                    fused = producer is not None and node.op_type in _FUSED_INTO_NEXT.get(producer.op_type, set())
+                    if fused:
+                        continue
+                    yield self.finding(ctx, node, f"input {inp!r} is float: no DequantizeLinear before this layer",
+                                       "quantize this layer's input (add an activation fake-quant in PyTorch)")
+            for idx in (1,) if node.op_type in ("Conv", "ConvTranspose", "Gemm") else ():
+                if len(node.input) > idx and ctx.is_const(node.input[idx]):
+                    yield self.finding(ctx, node, f"weight {node.input[idx]!r} is float, not quantized",
+                                       "quantize the weights (DequantizeLinear of an int8 initializer)")
+            out = node.output[0] if node.output else ""
+            if not out or self._requantized(ctx, out):
+                continue
+            cons = ctx.consumers_of(out)
+            if cons and all(c.op_type in _FUSED_INTO_NEXT.get(node.op_type, set()) for c in cons):
+                continue
+            if out in ctx.graph_output_names and not cons:
+                continue  # a float network output: TIDL's output data-convert handles it
+            yield self.finding(ctx, node, f"output {out!r} is not requantized (no QuantizeLinear after it)",
+                               "quantize this layer's output, or fuse it with the next quantized layer",
+                               severity="warning")

@@ -1,0 +1,58 @@
+"""``validate()``: run every rule that applies to each requested device and collect a Report."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tiexport.devices import DeviceProfile, resolve_devices
+from tiexport.onnx_io import as_model
+from tiexport.validators.context import ModelContext
+from tiexport.validators.registry import RULES
+from tiexport.validators.report import DeviceReport, Finding, Report
+from tiexport.validators.rules.base import Rule
+
+__all__ = ["validate"]
+
+log = logging.getLogger(__name__)
+
+
+def validate(
+    model_or_path: Any,
+    device: str | DeviceProfile | list[str | DeviceProfile] | tuple[str | DeviceProfile, ...] | None = "all",
+    *,
+    rules: tuple[Rule, ...] | None = None,
+) -> Report:
+    """Check a QDQ ONNX model against TIDL's prequantized-import rules for one or more devices.
+
+    ``model_or_path``: an ``onnx.ModelProto``, a path, or serialized bytes. ``device``: a name (``"TDA4VM"``), an
+    alias (``"J721S2"``), ``"all"`` or a list. Raises UnusableInputError/UsageError for unusable input; rule
+    violations are findings in the returned Report, never exceptions.
+    """
+    loaded = as_model(model_or_path)
+    profiles = resolve_devices(device)
+    ctx = ModelContext(loaded)
+    active = rules if rules is not None else RULES
+    reports: dict[str, DeviceReport] = {}
+    for profile in profiles:
+        findings: list[Finding] = []
+        for rule in active:
+            if not rule.applies_to(profile) or (rule.needs_qdq and not ctx.is_quantized):
+                continue
+            try:
+                findings.extend(rule.check(ctx, profile))
+            except Exception as exc:  # a rule bug must not hide the other findings or crash the user's CI
+                log.debug("rule %s failed", rule.id, exc_info=True)
+                findings.append(Finding(
+                    rule_id="TIDL000", category="structure", severity="error", node="", op_type="",
+                    message=f"rule {rule.id} could not check this model ({type(exc).__name__}: {exc})",
+                    hint="the model is probably malformed; please report it if onnx.checker accepts it",
+                ))
+        if not profile.accelerator:
+            findings.append(Finding(
+                rule_id="TIDL040", category="unsupported_op", severity="info", node="", op_type="",
+                message=f"{profile.name} has no TIDL accelerator: the whole model runs in ONNX Runtime on the Arm cores",
+                hint="choose an AM6xA/TDA4 device for acceleration",
+            ))
+        reports[profile.name] = DeviceReport(profile.name, findings)
+    return Report(model=loaded.name, devices=reports)
