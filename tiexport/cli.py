@@ -108,9 +108,68 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_info)
 
 
+# ------------------------------------------------------------------------------------------------- snippet
+def _parse_metrics(items: list[str] | None) -> dict[str, float | str] | None:
+    """``KEY=VALUE`` pairs; numeric values become floats (``accuracy_top1%=72.4``)."""
+    if not items:
+        return None
+    out: dict[str, float | str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UsageError(f"--metric expects KEY=VALUE (e.g. accuracy_top1%=72.4), got {item!r}")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _cmd_snippet(args: argparse.Namespace) -> int:
+    from tiexport.snippets import IncompatibleModelError, snippet
+
+    try:
+        text = snippet(args.model, args.device, args.format, task=args.task, model_path=args.model_path,
+                       metrics=_parse_metrics(args.metric), tidl_tools_path=args.tidl_tools_path,
+                       artifacts_folder=args.artifacts_folder)
+    except IncompatibleModelError as exc:
+        # the findings go to stderr: stdout is where the snippet would have gone (often a file or a pipe)
+        sys.stderr.write(exc.report.to_text(colour=False))
+        print(f"tiexport: {exc}", file=sys.stderr)
+        return 1
+    _emit(text, args.output, (args.model,))
+    return 0
+
+
+def _add_snippet(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "snippet", help="generate edgeai-benchmark / TIDL delegate / model-zoo config from the model",
+        description="Generate deployment config for a validated QDQ model: an edgeai-benchmark config entry "
+                    "(benchmark), TIDL ONNX Runtime delegate options as Python (tidl) or JSON (tidl-json), or an "
+                    "edgeai-modelzoo style YAML (yaml). Scale type and options are derived from the model. Exit 1 "
+                    "when the model is not compatible with the device (findings on stderr).")
+    p.add_argument("model", help="the .onnx file")
+    p.add_argument("--device", "-d", required=True, metavar="NAME",
+                   help="TDA4VM, AM62A, AM67A, AM68A, AM69A or AM62 (aliases accepted)")
+    p.add_argument("--format", "-f", choices=("benchmark", "tidl", "tidl-json", "yaml"), default="benchmark",
+                   help="snippet kind (default: %(default)s)")
+    p.add_argument("--task", choices=("classification", "detection", "segmentation"), default="classification",
+                   help="pre/post-processing and metric key (default: %(default)s)")
+    p.add_argument("--model-path", metavar="P", help="model path written into the snippet (default: MODEL)")
+    p.add_argument("--metric", action="append", metavar="KEY=VALUE",
+                   help="model_info.metric_reference entry, e.g. accuracy_top1%%=72.4 (repeatable)")
+    p.add_argument("--artifacts-folder", metavar="DIR",
+                   help="TIDL artifacts folder (default: artifacts/<model>_<device>)")
+    p.add_argument("--tidl-tools-path", metavar="DIR",
+                   help="tidl_tools path for tidl/tidl-json (default: $TIDL_TOOLS_PATH)")
+    p.add_argument("--output", "-o", metavar="FILE", help="write the snippet to FILE instead of stdout")
+    p.set_defaults(handler=_cmd_snippet)
+
+
 # ------------------------------------------------------------------------------------------------- main
 # Subcommand registrars, in help order. Each adds its parser and sets ``handler``.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_info]
+SUBCOMMANDS.append(_add_snippet)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
+                            format="%(levelname)s %(name)s: %(message)s")
         if not getattr(args, "handler", None):
             raise UsageError("tiexport: a command is required (validate, info, ...); see tiexport --help")
         return int(args.handler(args))
