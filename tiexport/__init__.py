@@ -52,7 +52,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tiexport.devices import DEVICES, DeviceProfile, get_device
-    from tiexport.errors import TiexportError, UnusableInputError, UsageError
-    from tiexport.validators.report import Finding, Report
-    from tiexport.validators.validate import validate
+    from tiexport.devices import DEVICES, DeviceProfile, get_device  # noqa: F401
+    from tiexport.errors import TiexportError, UnusableInputError, UsageError  # noqa: F401
+    from tiexport.validators.report import Finding, Report  # noqa: F401
+    from tiexport.validators.validate import validate  # noqa: F401

@@ -26,8 +26,8 @@ __all__ = [
     "as_model",
     "external_data_info",
     "load_model",
-    "save_model",
     "same_file",
+    "save_model",
     "tensor_to_array",
     "write_text",
 ]
@@ -65,7 +65,8 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> 
         if not location:
             raise UnusableInputError(f"{path}: tensor {name!r} is stored externally but names no file")
         if os.path.isabs(location) or ".." in Path(location).parts:
-            raise UnusableInputError(f"{path}: external data of tensor {name!r} points outside the model folder: {location}")
+            raise UnusableInputError(
+                f"{path}: external data of tensor {name!r} points outside the model folder: {location}")
         data_path = base_dir / location
         if location not in sizes:
             if not data_path.is_file():
@@ -100,7 +101,8 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = False
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise UnusableInputError(f"{p}: not a valid ONNX protobuf (truncated or not ONNX): {_first_line(exc)}") from None
+        raise UnusableInputError(
+            f"{p}: not a valid ONNX protobuf (truncated or not ONNX): {_first_line(exc)}") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise UnusableInputError(f"{p}: not an ONNX model (no IR version, graph or opset import)")
     _check_external_data(model, p.parent, p)

@@ -69,7 +69,7 @@ class QParams:
 
     @property
     def symmetric(self) -> bool:
-        """Zero point 0 everywhere (int8 or uint8); uint8 zero point 128 is symmetric in *grid* but not in TIDL's sense."""
+        """Zero point 0 everywhere (int8 or uint8). uint8 zero point 128 is a symmetric grid, not TIDL's sense."""
         return bool(np.all(self.zero_points == 0))
 
     @property

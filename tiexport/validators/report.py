@@ -144,8 +144,8 @@ class Report:
     def to_sarif(self, rule_titles: dict[str, str] | None = None) -> str:
         return json.dumps(_sarif(self, rule_titles or {}), indent=2) + "\n"
 
-    def to_text(self, colour: bool = False) -> str:
-        return _text(self, colour)
+    def to_text(self, colour: bool = False, rule_titles: dict[str, str] | None = None) -> str:
+        return _text(self, colour, rule_titles)
 
 
 # ---------------------------------------------------------------------------------------------------------- text
@@ -167,24 +167,34 @@ def _paint(text: str, key: str, colour: bool) -> str:
     return f"{_COLOURS[key]}{text}{_RESET}" if colour else text
 
 
-def _text(report: Report, colour: bool) -> str:
+def _text(report: Report, colour: bool, titles: dict[str, str] | None = None) -> str:
+    """Per device: a summary line, then findings grouped by severity and rule, each rule's hint printed once."""
+    titles = titles or {}
     lines: list[str] = []
     for name, dev in report.devices.items():
-        lines.append(_paint(f"{report.model} on {name}", "bold", colour))
-        for severity in SEVERITIES:
-            group = [f for f in dev.findings if f.severity == severity]
-            if not group:
-                continue
-            lines.append(f"  {_paint(severity + 's', severity, colour)} ({len(group)}):")
-            for f in group:
-                where = f"{f.node} ({f.op_type})" if f.node else (f.op_type or "model")
-                fix = " [fixable: tiexport fix]" if f.fixable else ""
-                lines.append(f"    {f.rule_id} {f.category:<18} {where}: {f.message}{fix}")
-                if f.hint:
-                    lines.append(f"      hint: {f.hint}")
         counts = ", ".join(f"{dev.count(s)} {s}{'s' if dev.count(s) != 1 else ''}" for s in SEVERITIES)
         key = {"incompatible": "error", "compatible_with_warnings": "warning", "compatible": "ok"}[dev.verdict]
-        lines.append(f"  {name}: {_paint(dev.verdict, key, colour)} ({counts})")
+        lines.append(f"{_paint(name, 'bold', colour)}: {_paint(dev.verdict, key, colour)} ({counts})  [{report.model}]")
+        for severity in SEVERITIES:
+            by_rule: dict[str, list[Finding]] = {}
+            for f in dev.findings:
+                if f.severity == severity:
+                    by_rule.setdefault(f.rule_id, []).append(f)
+            for rule_id, group in by_rule.items():
+                first = group[0]
+                fixable = " [fixable: tiexport fix]" if all(f.fixable for f in group) else ""
+                title = titles.get(rule_id, first.category)
+                n = f" ({len(group)} nodes)" if len(group) > 1 else ""
+                lines.append(f"  {_paint(severity, severity, colour)} {rule_id} {first.category}: {title}{n}{fixable}")
+                hints = {f.hint for f in group}
+                shared_hint = first.hint if len(hints) == 1 else ""
+                if shared_hint:
+                    lines.append(f"    fix: {shared_hint}")
+                for f in group:
+                    where = f"{f.node} ({f.op_type})" if f.node else (f.op_type or "model")
+                    lines.append(f"    - {where}: {f.message}")
+                    if f.hint and not shared_hint:
+                        lines.append(f"      fix: {f.hint}")
         lines.append("")
     return "\n".join(lines)
 
@@ -254,7 +264,7 @@ def _sarif(report: Report, titles: dict[str, str]) -> dict[str, Any]:
 def render(report: Report, fmt: str, colour: bool = False, rule_titles: dict[str, str] | None = None) -> str:
     """Render a report as ``text``, ``json`` or ``sarif``."""
     if fmt == "text":
-        return report.to_text(colour)
+        return report.to_text(colour, rule_titles)
     if fmt == "json":
         return report.to_json()
     if fmt == "sarif":

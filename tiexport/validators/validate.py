@@ -51,7 +51,7 @@ def validate(
         if not profile.accelerator:
             findings.append(Finding(
                 rule_id="TIDL040", category="unsupported_op", severity="info", node="", op_type="",
-                message=f"{profile.name} has no TIDL accelerator: the whole model runs in ONNX Runtime on the Arm cores",
+                message=f"{profile.name} has no TIDL accelerator: the whole model runs in ONNX Runtime on Arm",
                 hint="choose an AM6xA/TDA4 device for acceleration",
             ))
         reports[profile.name] = DeviceReport(profile.name, findings)

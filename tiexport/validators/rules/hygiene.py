@@ -158,7 +158,8 @@ class BiasRule(Rule):
                     yield self.finding(
                         ctx, node, f"float bias {bias!r}: TIDL quantizes it itself",
                         f"tiexport fix --device {device.name} writes it as int32 + DequantizeLinear"
-                        if device.quantize_bias else "fine; tiexport fix --quantize-bias writes it as TI's tooling does",
+                        if device.quantize_bias
+                        else "fine; tiexport fix --quantize-bias writes it as TI's tooling does",
                         severity="warning" if device.quantize_bias else "info", fixable=device.quantize_bias,
                     )
                 continue
@@ -175,10 +176,11 @@ class BiasRule(Rule):
             expected = _expected_bias_scale(ctx, node)
             if expected is not None:
                 got = np.asarray(qp.scale, dtype=np.float64).ravel()
-                if got.size not in (1, expected.size) and expected.size != 1 or not np.allclose(
+                if (got.size not in (1, expected.size) and expected.size != 1) or not np.allclose(
                         *np.broadcast_arrays(got, expected), rtol=1e-5, atol=0):
-                    yield self.finding(ctx, node, "bias scale differs from input scale x weight scale",
-                                       "requantize the bias with scale s_in * s_w", fixable=True)
+                    yield self.finding(ctx, node, "bias scale differs from input scale x weight scale: TIDL "
+                                       "requantizes it to its accumulator scale", "requantize the bias with scale "
+                                       "s_in * s_w", severity="warning", fixable=True)
             values = ctx.const(dq.input[0]) if ctx.is_const(dq.input[0]) else None
             if values is not None and device.bias_bits < 32:
                 lim = 2 ** (device.bias_bits - 1)

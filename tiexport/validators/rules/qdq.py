@@ -269,6 +269,11 @@ NEEDS_QDQ = frozenset({
 PASS_THROUGH = frozenset({
     "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Pad", "Identity", "Dropout",
 })
+# Ops whose inputs after the first are weights or parameters, not activations.
+_FIRST_INPUT_ONLY = frozenset({
+    "Conv", "ConvTranspose", "Gemm", "DeformConv", "BatchNormalization", "LayerNormalization", "PRelu", "Resize",
+    "Upsample", "Gather",
+})
 # Ops that may feed a quantized consumer without their own output Q (tidl.md §2 "Exceptions documented").
 _FUSED_INTO_NEXT = {
     "Conv": {"Relu", "BatchNormalization", "Clip", "LeakyRelu"},
@@ -329,11 +334,7 @@ class QdqCoverageRule(Rule):
             if node.op_type not in NEEDS_QDQ:
                 continue
             data_inputs = list(node.input)
-            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "DeformConv"):
-                data_inputs = data_inputs[:1]
-            elif node.op_type in ("BatchNormalization", "LayerNormalization", "PRelu", "Resize", "Upsample"):
-                data_inputs = data_inputs[:1]
-            elif node.op_type == "Gather":
+            if node.op_type in _FIRST_INPUT_ONLY:
                 data_inputs = data_inputs[:1]
             for inp in data_inputs:
                 if inp and not ctx.is_const(inp) and not self._quantized_source(ctx, inp):

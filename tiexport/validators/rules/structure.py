@@ -190,9 +190,15 @@ class ShapeInferenceRule(Rule):
         inputs_static = all(ctx.static_shape(vi.name) is not None for vi in ctx.graph_inputs)
         if not inputs_static:
             return  # TIDL004 says why; every downstream tensor would repeat it
+        unknown: set[str] = set()
         for node in ctx.nodes:
+            # Report where static shapes stop, not every tensor downstream of it.
+            inherited = any(i in unknown for i in node.input if i)
             for out in node.output:
-                if out and ctx.static_shape(out) is None and ctx.shape(out) != ():
+                if out and ctx.static_shape(out) is None:
+                    unknown.add(out)
+                    if inherited:
+                        continue
                     yield self.finding(ctx, node, f"output {out!r} has no static shape after shape inference "
                                        f"(got {ctx.shape(out)})",
                                        "make the shape computation constant (e.g. a constant Reshape shape)")

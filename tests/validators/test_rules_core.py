@@ -1,0 +1,196 @@
+"""Each quantization/structure rule: its fixture violates exactly that rule on its target device (whole findings
+compared), and the clean base model has no finding on any device."""
+
+from __future__ import annotations
+
+import pytest
+
+import tiexport
+from fixtures.models import tiny_conv
+from fixtures.rule_fixtures import RULE_FIXTURES
+from tiexport.devices import DEVICES
+from tiexport.validators.report import Finding as F
+
+EXPECTED: dict[str, list[F]] = {
+    "TIDL001_checker": [
+        F('TIDL001', 'structure', 'error', '', '',
+          'onnx.checker: input_q_scale in initializer but not in graph input',
+          're-export the model or repair the node the checker names', False),
+    ],
+    "TIDL002_shadowed_initializer": [
+        F('TIDL002', 'structure', 'warning', 'conv_weight_quantized', 'initializer',
+          "initializer 'conv_weight_quantized' is also a graph input, so a runtime may override it with fed data",
+          're-export without keep_initializers_as_inputs (TIDL treats it as a variable input)', False),
+    ],
+    "TIDL003_opset21": [
+        F('TIDL003', 'opset', 'error', '', '',
+          'opset 21 is newer than TIDL supports (up to 19)',
+          "re-export with opset_version=17 (what TI's v2 exports use)", False),
+    ],
+    "TIDL004_dynamic_batch": [
+        F('TIDL004', 'static_shape', 'error', 'input', 'input',
+          "input 'input' has shape [Nx3x8x8]: dimension(s) 0 not fixed and > 0",
+          'tiexport fix pins a dynamic batch to 1', True),
+    ],
+    "TIDL005_runtime_reshape": [
+        F('TIDL005', 'static_shape', 'error', 'reshape', 'Reshape',
+          "output 'reshape_out' has no static shape after shape inference (got ('unk__0', 'unk__1'))",
+          'make the shape computation constant (e.g. a constant Reshape shape)', False),
+    ],
+    "TIDL010_float_model": [
+        F('TIDL010', 'not_prequantized', 'error', '', '',
+          'float model: no QuantizeLinear/DequantizeLinear nodes, so prequantized_model: 1 has nothing to read; TIDL would calibrate it itself and your PyTorch quantization would not be used',
+          'export the PTC/QAT fake-quant model with tiexport.export, or compile as a float model (runtime_options_onnx_np2, accuracy_level 1) without prequantized_model', False),
+    ],
+    "TIDL011_negative_scale": [
+        F('TIDL011', 'invalid_qparams', 'error', 'relu_dq_DequantizeLinear', 'DequantizeLinear',
+          'scale must be positive and finite, found [-0.0625]',
+          're-export the model; scales must be positive finite float32 constants', False),
+        F('TIDL011', 'invalid_qparams', 'error', 'relu_q_QuantizeLinear', 'QuantizeLinear',
+          'scale must be positive and finite, found [-0.0625]',
+          're-export the model; scales must be positive finite float32 constants', False),
+    ],
+    "TIDL012_int16": [
+        F('TIDL012', 'bit_width', 'error', 'relu_dq_DequantizeLinear', 'DequantizeLinear',
+          "quantized type is int16; TIDL's prequantized import takes 8-bit only",
+          "quantize to int8/uint8; for 16-bit layers use TIDL's output_feature_16bit_names_list instead", False),
+        F('TIDL012', 'bit_width', 'error', 'relu_q_QuantizeLinear', 'QuantizeLinear',
+          "quantized type is int16; TIDL's prequantized import takes 8-bit only",
+          "quantize to int8/uint8; for 16-bit layers use TIDL's output_feature_16bit_names_list instead", False),
+    ],
+    "TIDL013_weight_axis": [
+        F('TIDL013', 'qdq_axis', 'error', 'conv_weight_DequantizeLinear', 'DequantizeLinear',
+          "weight of Conv 'conv' quantized along axis 1, its output channels are axis 0",
+          'quantize the weight per channel along axis 0', False),
+    ],
+    "TIDL014_float_input": [
+        F('TIDL014', 'qdq_coverage', 'error', 'conv', 'Conv',
+          "input 'input' is float: no DequantizeLinear before this layer",
+          "quantize this layer's input (add an activation fake-quant in PyTorch)", False),
+    ],
+    "TIDL020_not_power_of_two": [
+        F('TIDL020', 'power_of_two', 'error', 'relu_dq_DequantizeLinear', 'DequantizeLinear',
+          '1 of 1 scale(s) not a power of two (0.03); TDA4VM needs power-of-2 scales',
+          'tiexport fix --device TDA4VM (rounds up to 2**ceil(log2(s))), or train with WT8SYMP2_AT8SYMP2', True),
+        F('TIDL020', 'power_of_two', 'error', 'relu_q_QuantizeLinear', 'QuantizeLinear',
+          '1 of 1 scale(s) not a power of two (0.03); TDA4VM needs power-of-2 scales',
+          'tiexport fix --device TDA4VM (rounds up to 2**ceil(log2(s))), or train with WT8SYMP2_AT8SYMP2', True),
+    ],
+    "TIDL021_asymmetric_activation": [
+        F('TIDL021', 'symmetric', 'error', 'relu_dq_DequantizeLinear', 'DequantizeLinear',
+          'activation zero point 3: TDA4VM takes symmetric activations only',
+          'tiexport fix --device TDA4VM; in PyTorch use WT8SYMP2_AT8SYMP2', True),
+        F('TIDL021', 'symmetric', 'error', 'relu_q_QuantizeLinear', 'QuantizeLinear',
+          'activation zero point 3: TDA4VM takes symmetric activations only',
+          'tiexport fix --device TDA4VM; in PyTorch use WT8SYMP2_AT8SYMP2', True),
+    ],
+    "TIDL021_asymmetric_weight": [
+        F('TIDL021', 'symmetric', 'error', 'conv_weight_DequantizeLinear', 'DequantizeLinear',
+          'weight zero point 2: TIDL weights are symmetric (zero point 0)',
+          'tiexport fix requantizes the weight symmetric; in PyTorch use a symmetric weight observer', True),
+    ],
+    "TIDL022_per_channel": [
+        F('TIDL022', 'per_channel', 'error', 'conv_weight_DequantizeLinear', 'DequantizeLinear',
+          'per-channel weight (4 scales); TDA4VM takes per-tensor weights only',
+          'tiexport fix --device TDA4VM, or train with WT8SYMP2_AT8SYMP2', True),
+    ],
+    "TIDL023_input_zero_point": [
+        F('TIDL023', 'input_quantization', 'warning', 'input_q_QuantizeLinear', 'QuantizeLinear',
+          "input 'input' quantized with zero point 10; TIDL's input data-convert layer is symmetric only",
+          'tiexport fix --device AM68A', True),
+    ],
+    "TIDL024_matmul_sign": [
+        F('TIDL024', 'matmul_sign', 'error', 'matmul', 'MatMul',
+          'signed inputs with an unsigned (uint8) output',
+          'quantize the MatMul output as int8', False),
+    ],
+    "TIDL030_unfolded_weight": [
+        F('TIDL030', 'unfolded_weight', 'warning', 'conv_weight_q_QuantizeLinear', 'QuantizeLinear',
+          "float constant 'conv_weight' is quantized at run time",
+          'tiexport fix folds it into an int8 initializer (bit-exact)', True),
+    ],
+    "TIDL031_dq_q_same_params": [
+        F('TIDL031', 'redundant_qdq', 'warning', 'again_q_QuantizeLinear', 'QuantizeLinear',
+          "re-quantizes the output of 'relu_dq_DequantizeLinear' with the same scale and zero point",
+          'tiexport fix removes it (exact)', True),
+    ],
+    "TIDL032_concat_scales": [
+        F('TIDL032', 'scale_mismatch', 'warning', 'concat', 'Concat',
+          'inputs on different scales (0.0625, 0.125); TIDL requantizes them',
+          'tiexport fix aligns them to the largest scale', True),
+    ],
+    "TIDL033_bias_scale": [
+        F('TIDL033', 'bias', 'warning', 'conv', 'Conv',
+          'bias scale differs from input scale x weight scale: TIDL requantizes it to its accumulator scale',
+          'requantize the bias with scale s_in * s_w', True),
+    ],
+}
+
+
+def test_every_rule_fixture_has_expected_findings() -> None:
+    assert set(EXPECTED) == set(RULE_FIXTURES)
+
+
+@pytest.mark.parametrize("stem", sorted(RULE_FIXTURES))
+def test_rule_fixture_violates_exactly_its_rule(stem: str) -> None:
+    build, device = RULE_FIXTURES[stem]
+    findings = tiexport.validate(build(), device).devices[device].findings
+    if stem == "TIDL005_runtime_reshape":  # a runtime Reshape shape also trips the Reshape op rule
+        findings = [f for f in findings if f.rule_id == "TIDL005"]
+    assert findings == EXPECTED[stem]
+
+
+@pytest.mark.parametrize("device", list(DEVICES))
+def test_clean_base_has_no_findings(device: str) -> None:
+    report = tiexport.validate(tiny_conv(), device)
+    findings = [f for f in report.devices[device].findings if f.severity != "info"]
+    assert findings == []
+    assert report.devices[device].verdict == "compatible"
+
+
+@pytest.mark.parametrize(
+    ("stem", "clean_device"),
+    [
+        ("TIDL020_not_power_of_two", "AM68A"),  # power-of-2 is TDA4VM only
+        ("TIDL021_asymmetric_activation", "AM69A"),  # asymmetric activations are fine on MMAv2
+        ("TIDL022_per_channel", "AM62A"),  # per-channel weights are fine on MMAv2
+    ],
+)
+def test_device_specific_rules_pass_on_other_devices(stem: str, clean_device: str) -> None:
+    build, _ = RULE_FIXTURES[stem]
+    assert tiexport.validate(build(), clean_device).devices[clean_device].findings == []
+
+
+def test_uint8_zero_point_128_is_called_out_as_exact_int8() -> None:
+    report = tiexport.validate(tiny_conv(act_zp=128), "TDA4VM")
+    messages = [f.message for f in report.findings if f.rule_id == "TIDL021"]
+    assert messages and all("uint8 with zero point 128 is exactly int8 with zero point 0" in m for m in messages)
+
+
+def test_asymmetric_tensor_into_symmetric_only_layer_warns_on_mmav2() -> None:
+    from fixtures.builders import QdqBuilder
+
+    b = QdqBuilder(seed=3)
+    x = b.qdq(b.input("input", [1, 4, 8, 8]), 2.0**-6, 0, "int8", name="input")
+    y = b.qdq(b.node("Sigmoid", [x], name="sig"), 2.0**-8, 7, "uint8", name="sig")
+    y = b.qdq(b.node("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2], name="pool"), 2.0**-8, 7, "uint8",
+              name="pool")
+    b.output(y)
+    findings = [f for f in tiexport.validate(b.build(), "AM68A").findings if f.rule_id == "TIDL021"]
+    assert [(f.node, f.severity) for f in findings] == [("sig_dq_DequantizeLinear", "warning")]
+    assert "MaxPool" in findings[0].message
+
+
+def test_float_model_gets_exactly_one_finding() -> None:
+    build, _ = RULE_FIXTURES["TIDL010_float_model"]
+    for device in ("TDA4VM", "AM68A"):
+        findings = tiexport.validate(build(), device).devices[device].findings
+        assert [f.category for f in findings if f.severity != "info"] == ["not_prequantized"]
+
+
+def test_bias_beyond_16_bits_warns_on_tda4vm_only() -> None:
+    model = tiny_conv(in_scale=2.0**-14)  # tiny input scale -> large int32 bias values
+    tda = [f for f in tiexport.validate(model, "TDA4VM").findings if f.rule_id == "TIDL033"]
+    am68a = [f for f in tiexport.validate(model, "AM68A").findings if f.rule_id == "TIDL033"]
+    assert [f.severity for f in tda] == ["warning"] and "16 bits" in tda[0].message
+    assert am68a == []
