@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 _SMALL_INITIALIZER = 64  # elements; larger initializers become graph inputs in the shape-inference skeleton
 
-_INT_RANGES = {
+_INT_RANGES: dict[int, tuple[int, int]] = {
     TensorProto.INT8: (-128, 127),
     TensorProto.UINT8: (0, 255),
     TensorProto.INT16: (-32768, 32767),
@@ -211,7 +211,7 @@ class ModelContext:
         if scale is None:
             return None
         zp = None
-        qtype = TensorProto.UINT8
+        qtype: int = TensorProto.UINT8
         if len(node.input) > 2 and node.input[2]:
             zp = self.const(node.input[2])
             zp_type = self.const_elem_type(node.input[2])

@@ -104,7 +104,7 @@ class ScaleMismatchRule(Rule):
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
         for node in ctx.nodes_of("Concat", "Add"):
-            params = []
+            params: list[QParams] = []
             for inp in node.input:
                 dq = ctx.dq_of(inp) if inp else None
                 if dq is None or ctx.is_weight_dq(dq):
@@ -176,8 +176,8 @@ class BiasRule(Rule):
             expected = _expected_bias_scale(ctx, node)
             if expected is not None:
                 got = np.asarray(qp.scale, dtype=np.float64).ravel()
-                if (got.size not in (1, expected.size) and expected.size != 1) or not np.allclose(
-                        *np.broadcast_arrays(got, expected), rtol=1e-5, atol=0):
+                same_shape = got.size in (1, expected.size) or expected.size == 1
+                if not same_shape or not np.allclose(got, expected, rtol=1e-5, atol=0.0):
                     yield self.finding(ctx, node, "bias scale differs from input scale x weight scale: TIDL "
                                        "requantizes it to its accumulator scale", "requantize the bias with scale "
                                        "s_in * s_w", severity="warning", fixable=True)
