@@ -254,7 +254,7 @@ class ModelContext:
     def _inferred(self) -> tuple[dict[str, onnx.TypeProto], str | None]:
         types: dict[str, onnx.TypeProto] = {}
         error: str | None = None
-        skeleton = self._skeleton()
+        skeleton = self.skeleton
         try:
             inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
             g = inferred.graph
@@ -268,7 +268,18 @@ class ModelContext:
             types[name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
         return types, error
 
-    def _skeleton(self) -> onnx.ModelProto:
+    @cached_property
+    def checker_error(self) -> str | None:
+        """The ONNX checker's complaint about the model (skeleton: weights not re-serialized), or None."""
+        try:
+            onnx.checker.check_model(self.skeleton, full_check=False)
+        except Exception as exc:
+            return " ".join(str(exc).split()) or type(exc).__name__
+        return None
+
+    @cached_property
+    def skeleton(self) -> onnx.ModelProto:
+        """The model with large initializers replaced by typed graph inputs (cheap to serialize and infer)."""
         g = self.graph
         skel_graph = onnx.GraphProto(name=g.name)
         skel_graph.node.extend(g.node)
