@@ -149,6 +149,13 @@ class ModelContext:
                 return helper.get_attribute_value(a)
         return default
 
+    def int_attr(self, node: onnx.NodeProto, name: str, default: int) -> int:
+        """An INT attribute, or ``default`` when absent or of another type (the checker reports the latter)."""
+        for a in node.attribute:
+            if a.name == name:
+                return int(a.i) if a.type == onnx.AttributeProto.INT else default
+        return default
+
     def producer_of(self, tensor: str) -> onnx.NodeProto | None:
         i = self.producer.get(tensor)
         return None if i is None else self.nodes[i]
@@ -219,7 +226,7 @@ class ModelContext:
                 return None
             qtype = zp_type
         else:
-            out_dtype = self.attr(node, "output_dtype", 0)
+            out_dtype = self.int_attr(node, "output_dtype", 0)
             if node.op_type == "QuantizeLinear" and out_dtype:
                 qtype = int(out_dtype)
             elif node.op_type == "DequantizeLinear":
@@ -230,8 +237,8 @@ class ModelContext:
             scale=np.asarray(scale),
             zero_point=None if zp is None else np.asarray(zp),
             qtype=qtype,
-            axis=int(self.attr(node, "axis", 1)),
-            block_size=int(self.attr(node, "block_size", 0)),
+            axis=self.int_attr(node, "axis", 1),
+            block_size=self.int_attr(node, "block_size", 0),
         )
 
     def dq_of(self, tensor: str) -> onnx.NodeProto | None:
@@ -254,25 +261,31 @@ class ModelContext:
     def _inferred(self) -> tuple[dict[str, onnx.TypeProto], str | None]:
         types: dict[str, onnx.TypeProto] = {}
         error: str | None = None
-        skeleton = self.skeleton
+        try:
+            skeleton = self.skeleton
+        except (UnicodeDecodeError, ValueError, TypeError) as exc:  # invalid UTF-8 names (TIDL002 reports them)
+            return {}, f"the model cannot be re-serialized for shape inference ({type(exc).__name__})"
         try:
             inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
             g = inferred.graph
         except Exception as exc:  # inference errors are findings (static_shape), not crashes
             error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             g = skeleton.graph
-        for vi in (*g.input, *g.value_info, *g.output):
-            if vi.type.HasField("tensor_type"):
-                types.setdefault(vi.name, vi.type)
-        for name, t in self.initializers.items():
-            types[name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
+        try:
+            for vi in (*g.input, *g.value_info, *g.output):
+                if vi.type.HasField("tensor_type"):
+                    types.setdefault(vi.name, vi.type)
+            for name, t in self.initializers.items():
+                types[name] = helper.make_tensor_type_proto(t.data_type, list(t.dims))
+        except (UnicodeDecodeError, ValueError) as exc:  # names that are not valid UTF-8 survive parsing only
+            types, error = {}, f"tensor names are not valid UTF-8 ({exc.__class__.__name__})"
         return types, error
 
     @cached_property
     def checker_error(self) -> str | None:
         """The ONNX checker's complaint about the model (skeleton: weights not re-serialized), or None."""
         try:
-            onnx.checker.check_model(self.skeleton, full_check=False)
+            onnx.checker.check_model(self.skeleton, full_check=False)  # the skeleton may fail to build: same message
         except Exception as exc:
             return " ".join(str(exc).split()) or type(exc).__name__
         return None
@@ -281,7 +294,7 @@ class ModelContext:
     def skeleton(self) -> onnx.ModelProto:
         """The model with large initializers replaced by typed graph inputs (cheap to serialize and infer)."""
         g = self.graph
-        skel_graph = onnx.GraphProto(name=g.name)
+        skel_graph = onnx.GraphProto(name="skeleton")
         skel_graph.node.extend(g.node)
         skel_graph.input.extend(g.input)
         skel_graph.output.extend(g.output)
@@ -295,11 +308,7 @@ class ModelContext:
                 skel_graph.initializer.append(t)
             elif t.name not in declared:
                 skel_graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        skel = onnx.ModelProto(
-            ir_version=self.model.ir_version,
-            producer_name=self.model.producer_name,
-            graph=skel_graph,
-        )
+        skel = onnx.ModelProto(ir_version=self.model.ir_version, graph=skel_graph)
         skel.opset_import.extend(self.model.opset_import)
         skel.functions.extend(self.model.functions)
         return skel

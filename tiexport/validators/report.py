@@ -64,6 +64,11 @@ class Finding:
     fixable: bool = False
 
     def __post_init__(self) -> None:
+        # protobuf hands back bytes for names that are not valid UTF-8; findings are always text
+        for name in ("node", "op_type", "message", "hint"):
+            value = getattr(self, name)
+            if isinstance(value, bytes):
+                object.__setattr__(self, name, value.decode("utf-8", "backslashreplace"))
         if self.severity not in SEVERITIES:
             raise ValueError(f"bad severity {self.severity!r}")
         if self.category not in CATEGORIES:

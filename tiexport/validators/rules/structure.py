@@ -58,6 +58,11 @@ class GraphIntegrityRule(Rule):
                     yield self.finding(ctx, node, f"tensor {out!r} is also produced by {first}",
                                        "every tensor must have exactly one producer; rename one of them")
                 produced_by.setdefault(out, ctx.node_name(node))
+        for node in ctx.nodes:
+            names = [node.name, *node.input, *node.output]
+            if any(isinstance(n, bytes) for n in names):
+                yield self.finding(ctx, node, "node or tensor name is not valid UTF-8",
+                                   "ONNX names must be UTF-8 strings; re-export the model")
         all_outputs = set(produced_by)
         defined = set(available)
         for node in ctx.nodes:
