@@ -11,6 +11,7 @@ from tiexport.validators.rules.device_quant import (
     SymmetricRule,
 )
 from tiexport.validators.rules.hygiene import BiasRule, RedundantQdqRule, ScaleMismatchRule, UnfoldedWeightRule
+from tiexport.validators.rules.ops import OP_CONSTRAINT_RULES, SubgraphLimitRule, UnsupportedOpRule
 from tiexport.validators.rules.qdq import (
     BitWidthRule,
     InvalidQParamsRule,
@@ -48,6 +49,9 @@ RULES: tuple[Rule, ...] = (
     RedundantQdqRule(),
     ScaleMismatchRule(),
     BiasRule(),
+    UnsupportedOpRule(),
+    *OP_CONSTRAINT_RULES,  # TIDL050-TIDL075: the same instances node_support() and partition() use
+    SubgraphLimitRule(),
 )
 
 

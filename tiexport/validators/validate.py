@@ -48,11 +48,5 @@ def validate(
                     message=f"rule {rule.id} could not check this model ({type(exc).__name__}: {exc})",
                     hint="the model is probably malformed; please report it if onnx.checker accepts it",
                 ))
-        if not profile.accelerator:
-            findings.append(Finding(
-                rule_id="TIDL040", category="unsupported_op", severity="info", node="", op_type="",
-                message=f"{profile.name} has no TIDL accelerator: the whole model runs in ONNX Runtime on Arm",
-                hint="choose an AM6xA/TDA4 device for acceleration",
-            ))
         reports[profile.name] = DeviceReport(profile.name, findings)
     return Report(model=loaded.name, devices=reports)
