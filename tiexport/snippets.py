@@ -360,9 +360,10 @@ def runtime_options(
     ``artifacts_folder`` to ``artifacts/<model>_<device>``.
     Raises IncompatibleModelError when validate finds errors, UsageError for AM62 (no accelerator).
     """
-    checked = _check(model, device)
-    if not checked.device.accelerator:
-        raise _no_accelerator(checked.device)
+    dev = get_device(device)
+    if not dev.accelerator:  # independent of the model: say so before validating it
+        raise _no_accelerator(dev)
+    checked = _check(model, dev)
     folder = artifacts_folder or f"artifacts/{_stem(checked.loaded, None)}_{checked.device.name}"
     return _options(checked, tidl_tools_path, folder)
 
@@ -390,10 +391,10 @@ def snippet(
         raise UsageError(f"unknown snippet format {format!r}; choose one of {', '.join(FORMATS)}")
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    checked = _check(model, device)
-    dev = checked.device
+    dev = get_device(device)
     if format in ("tidl", "tidl-json") and not dev.accelerator:
         raise _no_accelerator(dev)
+    checked = _check(model, dev)
     path = _model_path(checked.loaded, model_path)
     stem = _stem(checked.loaded, model_path)
     metric_reference = dict(metrics) if metrics else {_TASKS[task].metric_key: None}
