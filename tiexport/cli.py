@@ -166,10 +166,64 @@ def _add_snippet(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_snippet)
 
 
+# ------------------------------------------------------------------------------------------------- parity
+_TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pt2", ".safetensors")
+
+
+def _cmd_parity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tiexport.progress import ProgressBar
+    from tiexport.validators.parity import run_parity
+    from tiexport.validators.report import use_colour
+
+    if Path(args.reference).suffix.lower() in _TORCH_SUFFIXES:
+        raise UsageError(f"{args.reference}: the command line takes an .onnx reference; compare against a torch "
+                         "module from Python: tiexport.check_parity(module, 'candidate.onnx')")
+    with ProgressBar("parity", stream=sys.stderr) as bar:
+        report = run_parity(args.reference, args.candidate, inputs=args.inputs, num_samples=args.num_samples,
+                            seed=args.seed, atol=args.atol, rtol=args.rtol, max_lsb=args.max_lsb,
+                            per_layer=args.per_layer, ort_optimizations=args.ort_optimizations, progress=bar)
+    if args.format == "json":
+        text = report.to_json()
+    else:
+        text = report.to_text(colour=args.output is None and use_colour(sys.stdout))
+    _emit(text, args.output, (args.candidate, args.reference, *((args.inputs,) if args.inputs else ())))
+    return 0 if report.passed else 1
+
+
+def _add_parity(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "parity", help="compare a QDQ ONNX model against a reference ONNX model in ONNX Runtime",
+        description="Run the same inputs through CANDIDATE and REF in ONNX Runtime (graph optimizations off) and "
+                    "compare every output, and with --per-layer every tensor both share, naming the first that "
+                    "diverges. By default a quantized tensor passes within --max-lsb steps of its own quantization "
+                    "on >= 99.9%% of elements, a float tensor within atol 1e-5 + rtol 1e-4; --atol/--rtol apply to "
+                    "every tensor instead. Exit 0 pass, 1 fail, 2 unusable input.")
+    p.add_argument("candidate", metavar="CANDIDATE", help="the .onnx model to check")
+    p.add_argument("--reference", "-r", required=True, metavar="REF", help="the reference .onnx model")
+    p.add_argument("--inputs", metavar="FILE.npz",
+                   help="input data, keys = input names (a leading axis of N samples allowed); default: seeded "
+                        "random data from the input shapes")
+    p.add_argument("--num-samples", "-n", type=int, default=8, metavar="N",
+                   help="random samples when no --inputs (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random-data seed (default: %(default)s)")
+    p.add_argument("--atol", type=float, metavar="A", help="absolute tolerance for every tensor (rtol 0 unless given)")
+    p.add_argument("--rtol", type=float, metavar="R", help="relative tolerance for every tensor (atol 0 unless given)")
+    p.add_argument("--max-lsb", type=float, default=1.0, metavar="L",
+                   help="quantization steps allowed on quantized tensors (default: %(default)s)")
+    p.add_argument("--per-layer", action="store_true", help="also compare intermediate tensors shared by name")
+    p.add_argument("--ort-optimizations", action="store_true",
+                   help="enable ONNX Runtime graph optimizations (off by default, as TI recommends for QDQ models)")
+    _add_output_options(p, ("text", "json"))
+    p.set_defaults(handler=_cmd_parity)
+
+
 # ------------------------------------------------------------------------------------------------- main
 # Subcommand registrars, in help order. Each adds its parser and sets ``handler``.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_info]
 SUBCOMMANDS.append(_add_snippet)
+SUBCOMMANDS.append(_add_parity)
 
 
 def build_parser() -> argparse.ArgumentParser:
