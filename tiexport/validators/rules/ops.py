@@ -374,10 +374,7 @@ class UnsupportedOpRule(Rule):
                 "choose an AM6xA/TDA4 device for acceleration", severity="info",
             )
             return
-        for node in ctx.nodes:
-            v = self.violation(ctx, node)
-            if v is not None:
-                yield self.finding(ctx, node, v.message, v.hint, fixable=v.fixable)
+        yield from _findings_of(self, ctx, device, "")
 
 
 # ---------------------------------------------------------------------------------------------------- TIDL05x-07x
@@ -396,10 +393,7 @@ class OpConstraintRule(Rule):
         raise NotImplementedError
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
-        for node in ctx.nodes:
-            if node.op_type in self.ops and node.domain in ("", "ai.onnx"):
-                for v in self.violations(ctx, node, device):
-                    yield self.finding(ctx, node, v.message + _ARM, v.hint, fixable=v.fixable)
+        yield from _findings_of(self, ctx, device, _ARM)
 
 
 def _one_variable_input(ctx: ModelContext, node: onnx.NodeProto) -> Iterator[Violation]:
@@ -1291,11 +1285,21 @@ def _violations_of(ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfil
     out: list[tuple[str, Violation]] = []
     v = _UNSUPPORTED.violation(ctx, node)
     if v is not None:
-        return [(_UNSUPPORTED.id, v)]
-    for rule in OP_CONSTRAINT_RULES:
-        if node.op_type in rule.ops:
-            out.extend((rule.id, c) for c in rule.violations(ctx, node, device))
+        out.append((_UNSUPPORTED.id, v))
+    if node.domain in ("", "ai.onnx"):
+        for rule in OP_CONSTRAINT_RULES:
+            if node.op_type in rule.ops:
+                out.extend((rule.id, c) for c in rule.violations(ctx, node, device))
     return out
+
+
+def _findings_of(rule: Rule, ctx: ModelContext, device: DeviceProfile, suffix: str) -> Iterator[Finding]:
+    """The findings of one op rule, read from the per-device cache that node_support and partition share, so the
+    three can never disagree and each constraint is evaluated once per node and device."""
+    for node, found in zip(ctx.nodes, _all_violations(ctx, device), strict=True):
+        for rule_id, v in found:
+            if rule_id == rule.id:
+                yield rule.finding(ctx, node, v.message + suffix, v.hint, fixable=v.fixable)
 
 
 def _all_violations(ctx: ModelContext, device: DeviceProfile) -> list[list[tuple[str, Violation]]]:
