@@ -219,11 +219,84 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_parity)
 
 
+# ------------------------------------------------------------------------------------------------- fix
+def _cmd_fix(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tiexport.onnx_io import same_file, save_model
+    from tiexport.passes.fix import fix
+    from tiexport.passes.static_shapes import parse_input_shape
+
+    out = args.output or (args.model if args.in_place else None)
+    if out is None:
+        raise UsageError("fix: -o OUT is required (or --in-place to rewrite MODEL itself)")
+    overwrite_input = same_file(out, args.model)
+    if overwrite_input and not args.in_place:
+        raise UsageError(f"{out}: is the input model; refusing to overwrite it (write elsewhere, or pass --in-place)")
+    if Path(out).is_dir():
+        raise UsageError(f"{out}: is a directory")
+    if not Path(out).parent.exists():
+        raise UsageError(f"{Path(out).parent}: output folder does not exist")
+    if args.inputs and same_file(out, args.inputs):
+        raise UsageError(f"{out}: is the --inputs file; refusing to overwrite it")
+    shapes: dict[str, list[int]] = {}
+    for text in args.input_shape or []:
+        name, dims = parse_input_shape(text)
+        if name in shapes:
+            raise UsageError(f"--input-shape {name}: given twice")
+        shapes[name] = dims
+    fixed, report = fix(args.model, device=args.device, input_shapes=shapes, power_of_two=args.power_of_two,
+                        quantize_bias=args.quantize_bias, inputs=args.inputs, parity=args.parity,
+                        num_samples=args.num_samples, seed=args.seed, max_lsb=args.max_lsb)
+    protect = () if overwrite_input else (args.model,)
+    save_model(fixed, out, protect=(*protect, *((args.inputs,) if args.inputs else ())))
+    report.output = str(out)
+    _emit(json.dumps(report.to_dict(), indent=2) if args.format == "json" else report.to_text(), None)
+    return report.exit_code
+
+
+def _add_fix(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fix", help="rewrite a QDQ ONNX model so that it fits a TIDL device, and check the result",
+        description="Run the device's pass pipeline (fold weight Q/DQ, remove redundant Q/DQ, static shapes; per "
+                    "device: per-tensor weights, symmetric zero points, power-of-two scales, int32 bias, aligned "
+                    "Concat/Add scales) to a fixed point, write OUT atomically, and print what each pass changed, "
+                    "the parity of OUT against MODEL in ONNX Runtime, and the findings that remain. MODEL is never "
+                    "modified. Exit 0 OUT has no errors for the device; 1 OUT written but errors remain that no pass "
+                    "can fix; 2 unusable input or usage error (nothing written).")
+    p.add_argument("model", metavar="MODEL", help="the QDQ .onnx model")
+    p.add_argument("--output", "-o", metavar="OUT", help="where to write the fixed model (never MODEL itself)")
+    p.add_argument("--device", "-d", required=True, metavar="NAME",
+                   help="one of TDA4VM, AM62A, AM67A, AM68A, AM69A, AM62 (or an alias)")
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
+                   help="pin an input's shape, e.g. input:1x3x224x224 (repeatable; a dynamic batch alone is "
+                        "pinned to 1 anyway)")
+    p.add_argument("--inputs", metavar="FILE.npz",
+                   help="parity input data, keys = input names; default: seeded random data")
+    p.add_argument("--power-of-two", choices=("ceil", "nearest"), default="ceil",
+                   help="rounding of scales to powers of two on devices that need them: ceil (TI's, ranges only "
+                        "grow) or nearest (default: %(default)s)")
+    p.add_argument("--quantize-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="write float Conv/Gemm biases as int32 + DequantizeLinear (default: as the device profile "
+                        "says)")
+    p.add_argument("--in-place", action="store_true", help="allow OUT to be MODEL (or omit -o to rewrite MODEL)")
+    p.add_argument("--no-parity", dest="parity", action="store_false", help="skip the parity check")
+    p.add_argument("--num-samples", "-n", type=int, default=8, metavar="N",
+                   help="random parity samples when no --inputs (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random-data seed (default: %(default)s)")
+    p.add_argument("--max-lsb", type=float, default=1.0, metavar="L",
+                   help="parity tolerance in quantization steps of each output (default: %(default)s)")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="summary format (default: %(default)s)")
+    p.set_defaults(handler=_cmd_fix)
+
+
 # ------------------------------------------------------------------------------------------------- main
 # Subcommand registrars, in help order. Each adds its parser and sets ``handler``.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_info]
 SUBCOMMANDS.append(_add_snippet)
 SUBCOMMANDS.append(_add_parity)
+SUBCOMMANDS.append(_add_fix)
 
 
 def build_parser() -> argparse.ArgumentParser:

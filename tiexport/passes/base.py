@@ -1,0 +1,151 @@
+"""Pass, PassResult and PassManager: the graph-rewriting framework (design: "Core abstractions").
+
+A :class:`Pass` rewrites an onnx-graphsurgeon graph in place and says what it did in a :class:`PassResult`
+(``modified``, how many rewrites, whether outputs can change numerically). Passes are idempotent: a second run on
+their own output reports ``modified=False``. :class:`PassManager` runs a list of passes to a fixed point (bounded)
+and, when one raises, names it and the passes that ran before it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import onnx_graphsurgeon as gs
+
+from tiexport.errors import TiexportError
+
+__all__ = ["Pass", "PassError", "PassManager", "PassResult", "PassSummary", "PipelineResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    """What one run of one pass did."""
+
+    graph: gs.Graph
+    modified: bool
+    changes: int = 0
+    """Number of rewrites (nodes folded, merged, removed; Q/DQ parameters changed)."""
+    numerics_changed: bool = False
+    """True when outputs may differ from before (rounded scales, requantized weights); False means bit-identical."""
+    notes: list[str] = field(default_factory=list)
+    """Rewrites the pass wanted to do but skipped, with the reason (house style: a failed condition says why)."""
+
+
+class Pass:
+    """One graph rewrite. Subclasses implement :meth:`run` and list their rewrites in the class docstring."""
+
+    name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("name"):
+            cls.name = cls.__name__
+
+    def __call__(self, graph: gs.Graph) -> PassResult:
+        return self.call(graph)
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        """Run the pass on ``graph`` in place."""
+        result = self.run(graph)
+        if result.changes and not result.modified:  # a pass that counted a rewrite did modify the graph
+            result.modified = True
+        return result
+
+    def run(self, graph: gs.Graph) -> PassResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class PassError(TiexportError):
+    """A pass raised: names the pass and the passes that ran before it (the original error is ``__cause__``)."""
+
+    def __init__(self, failed: str, before: Sequence[str], cause: BaseException) -> None:
+        self.failed = failed
+        self.before = list(before)
+        ran = ", ".join(self.before) if self.before else "none"
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        super().__init__(f"pass {failed} failed ({type(cause).__name__}: {text}); passes run before it: {ran}")
+
+
+@dataclass
+class PassSummary:
+    """Totals of one pass over a whole pipeline run."""
+
+    name: str
+    changes: int = 0
+    numerics_changed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "changes": self.changes, "numerics_changed": self.numerics_changed}
+
+
+@dataclass
+class PipelineResult:
+    """What a PassManager run did: per-pass totals, iterations, and whether a fixed point was reached."""
+
+    graph: gs.Graph
+    passes: list[PassSummary]
+    iterations: int
+    converged: bool
+
+    @property
+    def modified(self) -> bool:
+        return any(p.changes for p in self.passes)
+
+    @property
+    def numerics_changed(self) -> bool:
+        return any(p.numerics_changed for p in self.passes)
+
+
+class PassManager:
+    """Runs passes in order, repeatedly, until an iteration modifies nothing (at most ``max_iterations``)."""
+
+    def __init__(self, passes: Sequence[Pass], max_iterations: int = 8) -> None:
+        if max_iterations < 1:
+            raise ValueError("max_iterations must be >= 1")
+        self.passes = list(passes)
+        self.max_iterations = max_iterations
+
+    def run(self, graph: gs.Graph) -> PipelineResult:
+        summaries = [PassSummary(p.name) for p in self.passes]
+        ran: list[str] = []
+        iterations = 0
+        converged = False
+        while iterations < self.max_iterations:
+            iterations += 1
+            modified = False
+            for p, summary in zip(self.passes, summaries, strict=True):
+                try:
+                    result = p.call(graph)
+                except TiexportError:
+                    raise
+                except Exception as exc:
+                    raise PassError(p.name, _unique(ran), exc) from exc
+                ran.append(p.name)
+                if result.modified:
+                    modified = True
+                    summary.changes += result.changes
+                    summary.numerics_changed |= result.numerics_changed
+                    log.debug("%s: %d change(s)%s", p.name, result.changes,
+                              " (numerics changed)" if result.numerics_changed else "")
+                for note in result.notes:
+                    if note not in summary.notes:
+                        summary.notes.append(note)
+            if not modified:
+                converged = True
+                break
+        if not converged:
+            log.warning("passes did not reach a fixed point in %d iterations", self.max_iterations)
+        return PipelineResult(graph, summaries, iterations, converged)
+
+
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))

@@ -1,0 +1,394 @@
+"""``fix()``: run a device's pass pipeline over a QDQ model, prove the result loads, compare it, and re-validate it.
+
+The pipeline is built from :class:`~tiexport.devices.DeviceProfile` fields, never from device names: a profile
+with ``per_channel_weights=False`` gets per-tensor weights, ``asymmetric_activations=False`` symmetric activations,
+``power_of_two_scales=True`` power-of-two scales, ``quantize_bias=True`` int32 biases, ``align_add_scales=True``
+aligned Add inputs; devices without an accelerator (everything runs in ONNX Runtime on Arm) get only the exact
+clean-up passes. The result must pass ``onnx.checker`` and load in ONNX Runtime, or :class:`FixError` is raised and
+nothing is returned; its parity against the input is measured on seeded random (or given) inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from tiexport.devices import DeviceProfile, get_device
+from tiexport.errors import TiexportError, UnusableInputError, UsageError
+from tiexport.onnx_io import as_model
+from tiexport.passes.align_scales import AlignConcatScalesPass
+from tiexport.passes.base import Pass, PassManager, PassSummary
+from tiexport.passes.bias_scale import AlignBiasScalePass
+from tiexport.passes.dead_nodes import RemoveDeadNodesPass
+from tiexport.passes.fold_weights import FoldWeightQuantizationPass
+from tiexport.passes.identity import RemoveIdentityPass
+from tiexport.passes.ir_version import DowngradeIrVersionPass
+from tiexport.passes.merge_duplicates import MergeDuplicateQdqPass
+from tiexport.passes.per_tensor import PER_TENSOR_WEIGHT_OPS, ConvertPerChannelToPerTensorPass
+from tiexport.passes.power_of_two import EnforcePowerOfTwoScalesPass
+from tiexport.passes.quantize_bias import QuantizeBiasPass
+from tiexport.passes.redundant_qdq import RemoveRedundantQdqPass
+from tiexport.passes.static_shapes import InferShapesPass, PinInputShapesPass
+from tiexport.passes.symmetric import EnforceSymmetricPass
+from tiexport.validators.report import Finding
+
+__all__ = ["FixError", "FixReport", "build_pipeline", "fix"]
+
+log = logging.getLogger(__name__)
+
+_MAX_PROTO = 2**31 - 2**20  # onnx.checker and ONNX Runtime take in-memory models below 2 GB only
+
+
+class FixError(TiexportError):
+    """The fixed model would not be usable (checker or ONNX Runtime rejects it): nothing is written."""
+
+
+@dataclass
+class FixReport:
+    """What ``fix`` did for one device: per-pass change counts, parity against the input, remaining findings."""
+
+    model: str
+    device: str
+    passes: list[PassSummary]
+    iterations: int
+    converged: bool
+    remaining: list[Finding]
+    findings_before: int = 0
+    fixable_before: int = 0
+    parity: dict[str, Any] | None = None
+    """The parity report as a dict (``ParityReport.to_dict()``), or ``{"skipped": reason}``; None when not run."""
+    parity_passed: bool | None = None
+    bit_identical: bool | None = None
+    """Every output equal, element for element, on every sample (None when parity did not run)."""
+    output: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def numerics_changed(self) -> bool:
+        return any(p.numerics_changed for p in self.passes)
+
+    @property
+    def changes(self) -> int:
+        return sum(p.changes for p in self.passes)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.remaining if f.severity == "error"]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when no error remains for the device, 1 otherwise (the CLI's contract)."""
+        return 1 if self.errors else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "output": self.output,
+            "device": self.device,
+            "passes": [p.to_dict() for p in self.passes],
+            "iterations": self.iterations,
+            "converged": self.converged,
+            "numerics_changed": self.numerics_changed,
+            "parity": self.parity,
+            "parity_passed": self.parity_passed,
+            "bit_identical": self.bit_identical,
+            "findings_before": self.findings_before,
+            "fixable_before": self.fixable_before,
+            "remaining_findings": [f.to_dict() for f in self.remaining],
+            "notes": list(self.notes),
+        }
+
+    def to_text(self) -> str:
+        out = self.output or "(not written)"
+        lines = [f"tiexport fix: {self.model} -> {out} for {self.device} "
+                 f"({self.iterations} iteration{'s' if self.iterations != 1 else ''}"
+                 f"{'' if self.converged else ', no fixed point reached'})"]
+        width = max((len(p.name) for p in self.passes), default=10)
+        lines.append("  passes (changes):")
+        for p in self.passes:
+            tag = "  numerics changed" if p.numerics_changed else ""
+            lines.append(f"    {p.name:<{width}} {p.changes:>5}{tag}")
+            for note in p.notes[:3]:
+                lines.append(f"      note: {note}")
+            if len(p.notes) > 3:
+                lines.append(f"      note: ... {len(p.notes) - 3} more")
+        lines.extend(self._parity_lines())
+        n_err = len(self.errors)
+        n_warn = sum(1 for f in self.remaining if f.severity == "warning")
+        lines.append(f"  findings: {self.findings_before} before ({self.fixable_before} fixable), "
+                     f"{len(self.remaining)} after: {n_err} error(s), {n_warn} warning(s)")
+        for f in self.remaining:
+            if f.severity in ("error", "warning"):
+                where = f" {f.node}" if f.node else ""
+                lines.append(f"    {f.severity} {f.rule_id}{where}: {f.message}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        verdict = (f"no errors remain for {self.device}" if not n_err
+                   else f"{n_err} error(s) remain that no pass can fix")
+        lines.append(f"  result: {verdict}")
+        return "\n".join(lines) + "\n"
+
+    def _parity_lines(self) -> list[str]:
+        if self.parity is None:
+            return ["  parity: not checked"]
+        if "skipped" in self.parity:
+            return [f"  parity: skipped ({self.parity['skipped']})"]
+        verdict = "PASSED" if self.parity_passed else "FAILED"
+        exact = ", bit-identical" if self.bit_identical else ""
+        lines = [f"  parity ({self.parity.get('samples', '?')} sample(s)): {verdict}{exact}"]
+        for name, m in (self.parity.get("outputs") or {}).items():
+            parts = [f"max_abs {_num(m.get('max_abs'))}"]
+            if m.get("max_lsb") is not None:
+                parts.append(f"max {_num(m.get('max_lsb'))} LSB")
+            if m.get("sqnr_db") is not None:
+                parts.append(f"SQNR {_num(m.get('sqnr_db'))} dB")
+            lines.append(f"    {'ok  ' if m.get('passed') else 'OVER'} {name}: {', '.join(parts)}")
+        if not self.parity_passed and self.numerics_changed:
+            lines.append("    (passes that change numerics ran; see their counts above)")
+        return lines
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
+
+
+# ----------------------------------------------------------------------------------------------------- pipeline
+def build_pipeline(
+    device: str | DeviceProfile,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    power_of_two: str = "ceil",
+    quantize_bias: bool | None = None,
+    align_concat: bool = True,
+) -> list[Pass]:
+    """The ordered passes for one device, chosen from its profile's fields (see the module docstring)."""
+    from tiexport.validators.rules.structure import OpsetRule
+
+    profile = get_device(device)
+    passes: list[Pass] = [
+        DowngradeIrVersionPass(max_ir=OpsetRule.MAX_IR),
+        PinInputShapesPass(input_shapes),
+        RemoveIdentityPass(),
+        FoldWeightQuantizationPass(),
+        RemoveRedundantQdqPass(),
+        MergeDuplicateQdqPass(),
+        RemoveDeadNodesPass(),
+    ]
+    if profile.quantize_bias if quantize_bias is None else quantize_bias:
+        passes.append(QuantizeBiasPass())
+    if profile.accelerator:
+        # the quantization rules below are TIDL's; on a device without an accelerator ONNX Runtime takes any grid
+        passes.append(ConvertPerChannelToPerTensorPass(None if not profile.per_channel_weights
+                                                       else PER_TENSOR_WEIGHT_OPS))
+        passes.append(EnforceSymmetricPass(activations=not profile.asymmetric_activations))
+        if align_concat:
+            passes.append(AlignConcatScalesPass(add=profile.align_add_scales))
+        if profile.power_of_two_scales:
+            passes.append(EnforcePowerOfTwoScalesPass(power_of_two))  # type: ignore[arg-type]
+        passes.append(AlignBiasScalePass())
+    passes.append(InferShapesPass())
+    return passes
+
+
+# ----------------------------------------------------------------------------------------------------- fix
+def fix(
+    model: Any,
+    device: str | DeviceProfile | None = None,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    power_of_two: str = "ceil",
+    quantize_bias: bool | None = None,
+    align_concat: bool = True,
+    inputs: Any = None,
+    parity: bool = True,
+    num_samples: int = 8,
+    seed: int = 0,
+    max_lsb: float = 1.0,
+    max_iterations: int = 8,
+) -> tuple[onnx.ModelProto, FixReport]:
+    """Make a QDQ model deployable on ``device``; returns the fixed model and a :class:`FixReport`.
+
+    ``model``: a path, ``onnx.ModelProto`` (not modified) or serialized bytes. ``input_shapes``: ``{name: dims}`` to
+    pin (a dynamic batch alone is pinned to 1 anyway). ``power_of_two``: ``"ceil"`` (TI's rounding, default) or
+    ``"nearest"``. ``quantize_bias``: None follows the device profile. ``inputs``: parity inputs (a ``.npz`` path,
+    a dict name -> array or a list of such); None: ``num_samples`` seeded random samples. ``max_lsb``: parity
+    tolerance in quantization steps of each output (see :func:`tiexport.validators.parity.check_parity`).
+    Raises UsageError / UnusableInputError for bad arguments or input, and :class:`FixError` when the result would
+    fail ``onnx.checker`` or ONNX Runtime session creation.
+    """
+    if device is None:
+        raise UsageError("fix needs a device (e.g. device='TDA4VM')")
+    if isinstance(device, (list, tuple)) or (isinstance(device, str) and device.strip().lower() == "all"):
+        raise UsageError("fix works for one device at a time; run it once per device")
+    if power_of_two not in ("ceil", "nearest"):
+        raise UsageError(f"power_of_two must be 'ceil' or 'nearest', not {power_of_two!r}")
+    profile = get_device(device)
+    loaded = as_model(model, load_external_data=True)
+    original = loaded.model
+    passes = build_pipeline(profile, input_shapes=input_shapes, power_of_two=power_of_two,
+                            quantize_bias=quantize_bias, align_concat=align_concat)
+
+    working = onnx.ModelProto()
+    working.CopyFrom(original)  # gs reads lazily from the proto; the caller's model must stay as it was
+    try:
+        graph = gs.import_onnx(working)
+    except Exception as exc:
+        raise FixError(f"{loaded.name}: cannot import the graph for rewriting: {_first_line(exc)}") from None
+    result = PassManager(passes, max_iterations=max_iterations).run(graph)
+    fixed = _export(graph, original, loaded.name)
+    _check_usable(fixed, original, loaded.name)
+
+    from tiexport.validators.validate import validate
+
+    before = validate(loaded, profile).devices[profile.name].findings
+    after = validate(fixed, profile).devices[profile.name].findings
+    report = FixReport(
+        model=loaded.name, device=profile.name, passes=result.passes, iterations=result.iterations,
+        converged=result.converged, remaining=list(after), findings_before=len(before),
+        fixable_before=sum(1 for f in before if f.fixable),
+    )
+    if not result.converged:
+        report.notes.append(f"no fixed point after {max_iterations} iterations; the output is the last state")
+    if parity:
+        report.parity, report.parity_passed, report.bit_identical = _parity(
+            loaded, fixed, inputs=inputs, num_samples=num_samples, seed=seed, max_lsb=max_lsb)
+    return fixed, report
+
+
+def _export(graph: gs.Graph, original: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    if not _is_sorted(graph):
+        graph.toposort()
+    try:
+        fixed = gs.export_onnx(graph, do_type_check=False)
+    except Exception as exc:
+        raise FixError(f"{name}: cannot export the rewritten graph: {_first_line(exc)}") from None
+    # what gs does not carry over: model-level metadata
+    fixed.doc_string = original.doc_string
+    fixed.domain = original.domain
+    fixed.model_version = original.model_version
+    del fixed.metadata_props[:]
+    fixed.metadata_props.extend(original.metadata_props)
+    if not fixed.producer_name:
+        fixed.producer_name = original.producer_name
+        fixed.producer_version = original.producer_version
+    return fixed
+
+
+def _is_sorted(graph: gs.Graph) -> bool:
+    available = {id(t) for t in graph.inputs}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) or t.is_empty() or id(t) in available:
+                continue
+            if t.inputs:  # produced by a node that has not run yet
+                return False
+        available.update(id(t) for t in node.outputs)
+    return True
+
+
+def _unusable_because(model: onnx.ModelProto) -> str:
+    """Why onnx.checker or ONNX Runtime session creation rejects ``model`` ("" when both accept it)."""
+    if model.ByteSize() > _MAX_PROTO:
+        log.warning("model over 2 GB: onnx.checker and the ONNX Runtime load check are skipped")
+        return ""
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        return f"onnx.checker: {_first_line(exc)}"
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        return f"ONNX Runtime session creation: {_first_line(exc)}"
+    return ""
+
+
+def _check_usable(fixed: onnx.ModelProto, original: onnx.ModelProto, name: str) -> None:
+    """The promise of ``fix``: what it returns passes onnx.checker and loads in ONNX Runtime."""
+    why = _unusable_because(fixed)
+    if not why:
+        return
+    if _unusable_because(original):
+        raise UnusableInputError(f"{name}: the input model already fails {why}; fix cannot repair that, "
+                                 "nothing written")
+    raise FixError(f"{name}: the fixed model fails {why}; nothing written")
+
+
+# ----------------------------------------------------------------------------------------------------- parity
+def _parity(reference: Any, candidate: onnx.ModelProto, *, inputs: Any, num_samples: int, seed: int,
+            max_lsb: float = 1.0) -> tuple[dict[str, Any], bool | None, bool | None]:
+    """Compare the fixed model with the input: (report dict, passed, bit-identical). Uses
+    :func:`tiexport.validators.parity.check_parity` on seeded random samples drawn for the fixed model's (static)
+    input shapes over the input quantizer's range, or on the given ``inputs``."""
+    from tiexport.validators.parity import check_parity
+
+    if inputs is None:
+        samples = _random_inputs(reference.model, candidate, num_samples, seed)
+        if isinstance(samples, str):
+            return {"skipped": samples}, None, None
+        inputs = samples
+    try:
+        rep = check_parity(reference, candidate, inputs=inputs, num_samples=num_samples, seed=seed, max_lsb=max_lsb)
+    except UsageError:
+        raise
+    except TiexportError as exc:  # the input model itself does not run: fixing it is still useful
+        return {"skipped": str(exc)}, None, None
+    d = rep.to_dict()
+    exact = all(m.get("max_abs") == 0 for m in d.get("outputs", {}).values())
+    return d, bool(rep.passed), exact
+
+
+def _random_inputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, num_samples: int, seed: int
+                   ) -> list[dict[str, np.ndarray]] | str:
+    """Seeded samples for the candidate's inputs (static after pinning): float inputs uniform over the range of the
+    reference's input QuantizeLinear (else [0, 1)), integer inputs in [0, 4). A str says why none can be drawn."""
+    from tiexport.validators.context import ModelContext
+
+    if num_samples < 1:
+        raise UsageError(f"num_samples must be >= 1, got {num_samples}")
+    ref_ctx = ModelContext(as_model(reference))
+    cand_ctx = ModelContext(as_model(candidate))
+    rng = np.random.default_rng(seed)
+    specs = []
+    for vi in cand_ctx.graph_inputs:
+        shape = cand_ctx.static_shape(vi.name)
+        if shape is None and cand_ctx.shape(vi.name) != ():
+            return f"input {vi.name!r} has a dynamic shape; pin it with --input-shape or pass --inputs"
+        elem = cand_ctx.elem_type(vi.name) or onnx.TensorProto.FLOAT
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+        lo, hi = 0.0, 1.0
+        q = next((c for c in ref_ctx.consumers_of(vi.name) if c.op_type == "QuantizeLinear"), None)
+        qp = ref_ctx.qparams(q) if q is not None else None
+        if qp is not None and not qp.per_channel and qp.qrange is not None:
+            s = float(np.asarray(qp.scale, np.float64).reshape(()))
+            z = int(qp.zero_points.reshape(()))
+            if np.isfinite(s) and s > 0:
+                lo, hi = (qp.qrange[0] - z) * s, (qp.qrange[1] - z) * s
+        specs.append((vi.name, tuple(shape or ()), dtype, lo, hi))
+    samples = []
+    for _ in range(num_samples):
+        sample = {}
+        for name, shape, dtype, lo, hi in specs:
+            if dtype.kind == "f":
+                sample[name] = rng.uniform(lo, hi, size=shape).astype(dtype)
+            elif dtype.kind == "b":
+                sample[name] = rng.random(size=shape) < 0.5
+            else:
+                sample[name] = rng.integers(0, 4, size=shape).astype(dtype)
+        samples.append(sample)
+    return samples
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
