@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     Config,
     Section,
     at_least,
@@ -22,6 +22,7 @@ from bench.common import (  # noqa: E402
     peer_command,
     render_timings,
     script_main,
+    show_commands,
     tiexport_command,
     time_commands,
 )
@@ -42,7 +43,8 @@ def _commands(path: Path, peers: bool) -> tuple[dict[str, list[str]], list[str]]
     if lint:
         cmds["polygraphy check lint"] = [*lint, "check", "lint", str(path)]
     else:
-        notes.append("polygraphy not run: " + ("--no-peers" if not peers else "not installed (pip install -e '.[bench]')"))
+        why = "--no-peers" if not peers else "not installed (pip install -e '.[bench]')"
+        notes.append(f"polygraphy not run: {why}")
     return cmds, notes
 
 
@@ -63,8 +65,8 @@ def run(cfg: Config) -> list[Section]:
         s.body.append("")
         s.body.extend(render_timings(timings, baseline="onnx.load", rss=True))
         s.body.append("")
-        s.body.append("Commands: " + "; ".join(f"{n}: `{' '.join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}`"
-                                               for n, cmd in cmds.items()))
+        s.body.append("Commands:")
+        s.body.extend(show_commands(cmds, {"P": path}))
         v, load = timings["tiexport validate"], timings["onnx.load"]
         if v.walls and load.walls:
             s.checks.append(at_most("validate / onnx.load wall time", v.median / load.median, 2.0))

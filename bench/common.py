@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import os
 import platform
+import shlex
 import shutil
 import signal
 import statistics
@@ -50,9 +51,10 @@ __all__ = [
     "render_timings",
     "run_once",
     "script_main",
+    "show_commands",
+    "tiexport_command",
     "time_callables",
     "time_commands",
-    "tiexport_command",
     "update_results",
 ]
 
@@ -334,7 +336,7 @@ def render_timings(timings: dict[str, Timing], baseline: str | None = None, *, r
             lines.append(f"| {t.name} | failed: {t.failures[0] if t.failures else 'no runs'} | | 0 |"
                          + (" |" if rss else "") + (" |" if baseline else ""))
             continue
-        row = f"| {t.name} | {t.median:.3f} | {t.lo:.3f}-{t.hi:.3f} | {len(t.walls)} |"
+        row = f"| {t.name} | {t.median:.4g} | {t.lo:.4g}-{t.hi:.4g} | {len(t.walls)} |"
         if rss:
             row += f" {t.peak_rss / 2**20:.0f} |"
         if baseline:
@@ -442,6 +444,19 @@ def machine_description() -> str:
     pkgs = ", ".join(f"{d} {_version(d)}" for d in ("onnx", "onnxruntime", "torch", "polygraphy", "onnxslim"))
     return (f"{_cpu_model()}, {os.cpu_count()} cores, {_mem_gib()} RAM, {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}; {pkgs}; tiexport at git {_git_rev()}")
+
+
+def show_commands(commands: dict[str, list[str]], paths: dict[str, Path]) -> list[str]:
+    """Markdown bullet list of the commands, with the interpreter/script shortened and long paths named."""
+    lines = []
+    for label, cmd in commands.items():
+        shown = [Path(cmd[0]).name, *cmd[1:]]
+        text = shlex.join(shown)
+        for alias, p in paths.items():
+            text = text.replace(str(p), alias)
+        lines.append(f"- {label}: `{text}`")
+    lines.extend(f"- {alias} = `{p.name}`" for alias, p in paths.items())
+    return lines
 
 
 def emit(sections: list[Section], cfg: Config) -> int:

@@ -1,0 +1,194 @@
+"""QAT step time and PTC calibration throughput: tiexport's wrapper vs the float model vs torch.ao's defaults.
+
+Targets (issue 8):
+- QAT: training step time of ``QATFxModule`` / float step (batch 64) <= 1.6 on the digits CNN and on a ResNet-style
+  32x32 model; and no slower than torch.ao's default ``prepare_qat_fx`` on the same model.
+- PTC: calibration throughput >= 0.3x of float inference throughput with the default qconfig (``PTCFxModule``
+  defaults: WC8_AT8, bias calibration 0.01).
+
+In-process; every contender starts from the same seeded weights; a "step" is zero_grad, forward, cross-entropy,
+backward, SGD step. Timed in blocks of steps, blocks interleaved across contenders. torch runs on one thread: the
+machine is shared, and one thread keeps the ratios from depending on what else runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import Config, Section, at_least, at_most, have_module, render_timings, script_main, time_callables
+
+__all__ = ["run"]
+
+THREADS = 1
+
+
+def _batches(name: str, batch: int, n: int) -> list[tuple[Any, Any]]:
+    import torch
+
+    from bench.models import digits_batches
+
+    if name == "digits CNN":
+        return digits_batches(batch, n)
+    g = torch.Generator().manual_seed(0)
+    return [(torch.rand((batch, 3, 32, 32), generator=g), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(n)]
+
+
+def _factory(name: str) -> Callable[[], Any]:
+    from bench.models import digits_cnn, resnet_cifar
+
+    return digits_cnn if name == "digits CNN" else resnet_cifar
+
+
+def _fresh(factory: Callable[[], Any]) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return factory()
+
+
+def _train_steps(model: Any, batches: list[tuple[Any, Any]], k: int) -> Callable[[], None]:
+    import torch
+    from torch.nn import functional as F
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    it = itertools.cycle(batches)
+
+    def steps() -> None:
+        for _ in range(k):
+            x, y = next(it)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    return steps
+
+
+def _infer_steps(model: Any, batches: list[tuple[Any, Any]], k: int) -> Callable[[], None]:
+    import torch
+
+    it = itertools.cycle(batches)
+
+    def steps() -> None:
+        with torch.no_grad():
+            for _ in range(k):
+                model(next(it)[0])
+
+    return steps
+
+
+def _torch_ao_qat(model: Any, example: Any) -> Any:
+    import warnings
+
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping(), (example,))
+
+
+def _torch_ao_ptq(model: Any, example: Any) -> Any:
+    import warnings
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_fx(model.eval(), get_default_qconfig_mapping(), (example,))
+
+
+def run(cfg: Config) -> list[Section]:
+    import torch
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(cfg: Config) -> list[Section]:
+    command = "python bench/bench_qat.py" + (" --quick" if cfg.quick else "")
+    qat = Section(key="qat", title="QAT: training step time, QATFxModule vs float vs torch.ao prepare_qat_fx",
+                  command=command)
+    ptc = Section(key="ptc", title="PTC: calibration throughput, PTCFxModule vs float inference", command=command)
+    if not have_module("tiexport.quantization.wrapper"):
+        for s in (qat, ptc):
+            s.status = "skipped"
+            s.notes.append("not run: tiexport.quantization.wrapper does not exist yet")
+        return [qat.finish(), ptc.finish()]
+    from tiexport.quantization.wrapper import PTCFxModule, QATFxModule
+
+    peers = cfg.peers and have_module("torch.ao.quantization.quantize_fx")
+    k = 2 if cfg.quick else 10  # steps per timed block
+    models = ("digits CNN", "ResNet-20 32x32")
+    for name in models:
+        batch = 8 if cfg.quick and name != "digits CNN" else 64
+        batches = _batches(name, batch, 4)
+        example = batches[0][0]
+        factory = _factory(name)
+
+        # ---- QAT step
+        float_model = _fresh(factory).train()
+        wrapped = QATFxModule(_fresh(factory), total_epochs=10, example_inputs=(example,))
+        wrapped.train()
+        funcs: dict[str, Callable[[], None]] = {
+            "float step": _train_steps(float_model, batches, k),
+            "QATFxModule step": _train_steps(wrapped, batches, k),
+        }
+        if peers:
+            funcs["torch.ao prepare_qat_fx step"] = _train_steps(_torch_ao_qat(_fresh(factory), example), batches, k)
+        t = time_callables(funcs, cfg, warmup=1)
+        for tm in t.values():  # per step
+            tm.walls = [w / k for w in tm.walls]
+        qat.body += [f"**{name}**, batch {batch}, {k} steps per timed block (times per step):", ""]
+        qat.body += render_timings(t, baseline="float step")
+        qat.body.append("")
+        qat.checks.append(at_most(f"{name}: QATFxModule / float step", t["QATFxModule step"].median /
+                                  t["float step"].median, 1.6))
+        if peers:
+            qat.checks.append(at_most(f"{name}: QATFxModule / torch.ao QAT step", t["QATFxModule step"].median /
+                                      t["torch.ao prepare_qat_fx step"].median, 1.0))
+
+        # ---- PTC calibration throughput
+        float_eval = _fresh(factory).eval()
+        calib = PTCFxModule(_fresh(factory), example_inputs=(example,))
+        calib.train()  # calibration epoch: training-mode forwards, no backward
+        pfuncs: dict[str, Callable[[], None]] = {
+            "float inference": _infer_steps(float_eval, batches, k),
+            "PTCFxModule calibration": _infer_steps(calib, batches, k),
+        }
+        if peers:
+            pfuncs["torch.ao prepare_fx calibration"] = _infer_steps(_torch_ao_ptq(_fresh(factory), example),
+                                                                     batches, k)
+        p = time_callables(pfuncs, cfg, warmup=1)
+        for tm in p.values():  # per batch
+            tm.walls = [w / k for w in tm.walls]
+        ptc.body += [f"**{name}**, batch {batch}, {k} batches per timed block (times per batch; throughput = "
+                     f"{batch} / time, so the throughput ratio is the inverse of the time ratio):", ""]
+        ptc.body += render_timings(p, baseline="float inference")
+        ptc.body.append("")
+        ratio = p["float inference"].median / p["PTCFxModule calibration"].median  # throughput ratio
+        ptc.checks.append(at_least(f"{name}: PTC calibration / float inference throughput", ratio, 0.3))
+    qat.notes.append(f"torch threads: {THREADS}; QATFxModule(total_epochs=10) in its first epoch (observers and BN "
+                     "updating, the costly phase); torch.ao: get_default_qat_qconfig_mapping() (x86 default)")
+    ptc.notes.append(f"torch threads: {THREADS}; PTCFxModule defaults (WC8_AT8, bias_calibration_factor=0.01, "
+                     "total_epochs=2) in its first epoch; torch.ao: prepare_fx with get_default_qconfig_mapping()")
+    if not peers:
+        for s in (qat, ptc):
+            s.notes.append("torch.ao not run: --no-peers or torch.ao.quantization.quantize_fx missing")
+    return [qat.finish(), ptc.finish()]
+
+
+if __name__ == "__main__":
+    sys.exit(script_main(run, __doc__))
