@@ -3,6 +3,7 @@ compared), and the clean base model has no finding on any device."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import tiexport
@@ -194,3 +195,46 @@ def test_bias_beyond_16_bits_warns_on_tda4vm_only() -> None:
     am68a = [f for f in tiexport.validate(model, "AM68A").findings if f.rule_id == "TIDL033"]
     assert [f.severity for f in tda] == ["warning"] and "16 bits" in tda[0].message
     assert am68a == []
+
+
+def _gelu_model(internal_qdq: bool) -> object:
+    from fixtures.builders import QdqBuilder
+
+    b = QdqBuilder(seed=4)
+    x = b.qdq(b.input("input", [1, 8, 16]), 2.0**-5, 0, "int8", name="input")
+    h = b.node("Div", [x, b.const(np.float32(1.4142135), "sqrt2")], name="gelu_div")
+    h = b.node("Erf", [h], name="gelu_erf")
+    h = b.node("Add", [h, b.const(np.float32(1.0), "one")], name="gelu_add")
+    h = b.node("Mul", [x, h], name="gelu_mul")
+    if internal_qdq:
+        h = b.qdq(h, 2.0**-5, 0, "int8", name="gelu_mid")
+    h = b.node("Mul", [h, b.const(np.float32(0.5), "half")], name="gelu_mul_half")
+    b.output(b.qdq(h, 2.0**-5, 0, "int8", name="gelu_out"))
+    return b.build()
+
+
+def test_decomposed_gelu_needs_qdq_only_at_its_end() -> None:
+    report = tiexport.validate(_gelu_model(internal_qdq=False), "AM68A")
+    assert [f for f in report.findings if f.rule_id == "TIDL014"] == []
+
+
+def test_layer_inside_pattern_reading_float_from_outside_is_still_flagged() -> None:
+    from fixtures.builders import QdqBuilder
+
+    b = QdqBuilder(seed=4)
+    x = b.input("input", [1, 8, 16])  # not quantized at all
+    h = b.node("Erf", [b.node("Div", [x, b.const(np.float32(1.4142135), "sqrt2")], name="gelu_div")],
+               name="gelu_erf")
+    b.output(b.qdq(h, 2.0**-5, 0, "int8", name="out"))
+    flagged = [(f.node, f.severity) for f in tiexport.validate(b.build(), "AM68A").findings if f.rule_id == "TIDL014"]
+    assert ("gelu_div", "error") in flagged
+
+
+def test_matmul_with_constant_weight_is_not_a_sign_mix_on_tda4vm() -> None:
+    from fixtures.builders import QdqBuilder
+
+    b = QdqBuilder(seed=5)
+    x = b.qdq(b.input("input", [1, 4, 16]), 2.0**-4, 0, "uint8", name="input")
+    w = b.weight(shape=(16, 8), per_channel=False, p2=True, name="fc_weight")
+    b.output(b.qdq(b.node("MatMul", [x, w], name="fc"), 2.0**-3, 0, "int8", name="fc"))
+    assert [f for f in tiexport.validate(b.build(), "TDA4VM").findings if f.rule_id == "TIDL024"] == []

@@ -122,6 +122,8 @@ class ModelContext:
         ]
         self.graph_output_names: set[str] = {o.name for o in self.graph.output}
         self._const_cache: dict[str, np.ndarray | None] = {}
+        self.cache: dict[str, Any] = {}
+        """Per-model results that rule modules compute once for all devices (keyed by module); never global."""
 
     # ------------------------------------------------------------------------------------------------ basics
     @cached_property

@@ -245,6 +245,10 @@ class MatMulSignRule(Rule):
             if all(signs) and out_q is not None and not out_q.signed:
                 yield self.finding(ctx, node, "signed inputs with an unsigned (uint8) output",
                                    "quantize the MatMul output as int8")
+            # Mixed signs matter for two variable operands; a constant B is an InnerProduct weight (always int8).
+            b_dq = ctx.dq_of(node.input[1])
+            if b_dq is not None and ctx.is_weight_dq(b_dq):
+                continue
             if not device.asymmetric_activations and len(set(signs)) > 1:
                 yield self.finding(ctx, node, f"one signed and one unsigned input; {device.name} needs both the same",
                                    "quantize both MatMul inputs int8 (symmetric)")

@@ -16,7 +16,6 @@ needs is unknown (not inferable, or computed at run time), the rule says nothing
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -124,14 +123,12 @@ class _Facts:
     support: dict[DeviceProfile, list[list[tuple[str, Violation]]]] = field(default_factory=dict)
 
 
-_FACTS: weakref.WeakKeyDictionary[ModelContext, _Facts] = weakref.WeakKeyDictionary()
-
-
 def _facts(ctx: ModelContext) -> _Facts:
-    facts = _FACTS.get(ctx)
+    # Cached on the context itself, not in a module-level table: validate is called from several threads at once.
+    facts: _Facts | None = ctx.cache.get(__name__)
     if facts is None:
         facts = _Facts(index={id(n): i for i, n in enumerate(ctx.nodes)}, const=_const_tensors(ctx), fused=frozenset())
-        _FACTS[ctx] = facts
+        ctx.cache[__name__] = facts
         facts.fused = frozenset(_gelu_erfs(ctx) | _layernorm_nodes(ctx))
     return facts
 

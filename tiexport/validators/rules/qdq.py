@@ -38,7 +38,7 @@ def weight_channel_axis(ctx: ModelContext, consumer: onnx.NodeProto, input_index
     if consumer.op_type == "ConvTranspose" and input_index == 1:
         return 1
     if consumer.op_type == "Gemm" and input_index == 1:
-        return 0 if ctx.attr(consumer, "transB", 0) else 1
+        return 0 if ctx.int_attr(consumer, "transB", 0) else 1
     if consumer.op_type == "MatMul" and input_index == 1:
         rank = ctx.rank(consumer.input[1])
         return None if rank is None else rank - 1
@@ -135,7 +135,7 @@ class InvalidQParamsRule(Rule):
                 if zp.shape != scale.shape:
                     yield self.finding(ctx, node, f"zero point shape {list(zp.shape)} differs from scale shape "
                                        f"{list(scale.shape)}", hint)
-                out_dtype = int(ctx.attr(node, "output_dtype", 0) or 0)
+                out_dtype = ctx.int_attr(node, "output_dtype", 0)
                 zp_type = ctx.const_elem_type(zp_name)
                 if node.op_type == "QuantizeLinear" and out_dtype and zp_type != out_dtype:
                     yield self.finding(ctx, node, f"zero point type {dtype_name(zp_type or 0)} differs from "
@@ -145,7 +145,7 @@ class InvalidQParamsRule(Rule):
                     if src is not None and zp_type is not None and src != zp_type:
                         yield self.finding(ctx, node, f"zero point type {dtype_name(zp_type)} differs from the "
                                            f"input's type {dtype_name(src)}", hint)
-            if ctx.attr(node, "block_size", 0):
+            if ctx.int_attr(node, "block_size", 0):
                 yield self.finding(ctx, node, "blocked quantization (block_size) is not supported by TIDL",
                                    "use per-tensor or per-channel quantization")
             if scale.ndim > 1:
@@ -153,7 +153,7 @@ class InvalidQParamsRule(Rule):
                                    "are supported", hint)
             elif scale.ndim == 1:
                 rank = ctx.rank(node.input[0])
-                axis = int(ctx.attr(node, "axis", 1))
+                axis = ctx.int_attr(node, "axis", 1)
                 if rank is not None:
                     if not -rank <= axis < rank:
                         yield self.finding(ctx, node, f"axis {axis} is out of range for a rank-{rank} input", hint)
@@ -262,7 +262,7 @@ class QdqAxisRule(Rule):
 NEEDS_QDQ = frozenset({
     "Conv", "ConvTranspose", "Gemm", "MatMul", "DeformConv", "BatchNormalization", "PRelu",
     "Add", "Mul", "Sub", "Div", "Max", "Min", "Sum", "Concat", "Softmax", "LayerNormalization",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu", "Resize", "Upsample", "Sigmoid", "Tanh",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "Relu", "Resize", "Upsample", "Sigmoid", "Tanh",
     "Gather", "ArgMax", "DepthToSpace", "SpaceToDepth", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu",
 })
 # Ops that need no Q/DQ of their own: quantization passes through them (tidl.md §2 table, last two rows).
@@ -286,6 +286,53 @@ _FUSED_INTO_NEXT = {
     "Div": {"Relu", "Clip", "Erf"},
     "BatchNormalization": {"Relu", "Clip"},
 }
+
+
+_PATTERN_OPS = frozenset({"Div", "Mul", "Add", "Sub", "Pow", "Sqrt", "Reciprocal", "Erf", "ReduceMean", "Sigmoid"})
+
+
+def pattern_members(ctx: ModelContext) -> frozenset[int]:
+    """Positions of nodes inside decomposed GELU, LayerNorm and SiLU patterns.
+
+    TIDL fuses these into one layer and needs Q/DQ only at the pattern's end (tidl.md §2 "LayerNorm/GELU/SiLU
+    patterns need Q/DQ only at their end"): the GELU ``x * 0.5 * (1 + erf(x / sqrt(2)))`` around an Erf, the
+    LayerNorm ``(x - mean(x)) / sqrt(mean((x - mean)^2) + eps) * g + b`` around its ReduceMeans, and the SiLU
+    ``x * sigmoid(x)``. Members are found by walking from the marker (Erf, ReduceMean, Sigmoid) through the pattern's
+    float ops; Q/DQ nodes end the walk.
+    """
+    cached: frozenset[int] | None = ctx.cache.get("qdq.pattern_members")
+    if cached is not None:
+        return cached
+    members: set[int] = set()
+
+    def walk(start: int, limit: int) -> set[int]:
+        seen = {start}
+        frontier = [start]
+        while frontier and len(seen) < limit:
+            i = frontier.pop()
+            node = ctx.nodes[i]
+            neighbours = [ctx.producer.get(t) for t in node.input if t]
+            neighbours += [j for t in node.output if t for j in ctx.consumers.get(t, [])]
+            for j in neighbours:
+                if j is not None and j not in seen and ctx.nodes[j].op_type in _PATTERN_OPS:
+                    seen.add(j)
+                    frontier.append(j)
+        return seen
+
+    for i, node in enumerate(ctx.nodes):
+        if node.op_type == "Erf":
+            members |= walk(i, 6)
+        elif node.op_type == "ReduceMean":
+            members |= walk(i, 10)
+        elif node.op_type == "Sigmoid" and node.input and node.output:
+            x = node.input[0]
+            for j in ctx.consumers.get(node.output[0], []):
+                mul = ctx.nodes[j]
+                if mul.op_type == "Mul" and x in mul.input:
+                    members |= {i, j}
+    result = frozenset(members)
+    ctx.cache["qdq.pattern_members"] = result
+    return result
 
 
 class QdqCoverageRule(Rule):
@@ -330,14 +377,18 @@ class QdqCoverageRule(Rule):
         return True
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
-        for node in ctx.nodes:
+        members = pattern_members(ctx)
+        for pos, node in enumerate(ctx.nodes):
             if node.op_type not in NEEDS_QDQ:
                 continue
+            inside = pos in members
             data_inputs = list(node.input)
             if node.op_type in _FIRST_INPUT_ONLY:
                 data_inputs = data_inputs[:1]
             for inp in data_inputs:
                 if inp and not ctx.is_const(inp) and not self._quantized_source(ctx, inp):
+                    if inside and ctx.producer.get(inp) in members:
+                        continue  # an edge inside a fused GELU/LayerNorm/SiLU pattern
                     producer = ctx.producer_of(inp)
                     fused = producer is not None and node.op_type in _FUSED_INTO_NEXT.get(producer.op_type, set())
                     if fused:
@@ -353,6 +404,8 @@ class QdqCoverageRule(Rule):
                 continue
             cons = ctx.consumers_of(out)
             if cons and all(c.op_type in _FUSED_INTO_NEXT.get(node.op_type, set()) for c in cons):
+                continue
+            if inside and all(j in members for j in ctx.consumers.get(out, [])):
                 continue
             if out in ctx.graph_output_names and not cons:
                 continue  # a float network output: TIDL's output data-convert handles it
