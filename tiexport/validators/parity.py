@@ -482,7 +482,7 @@ def _input_specs(ctx: ModelContext) -> list[InputSpec]:
 def _random_sample(specs: Sequence[InputSpec], ctx: ModelContext, rng: np.random.Generator) -> dict[str, np.ndarray]:
     sample = {}
     for spec in specs:
-        shape = tuple(int(d) for d in spec.shape or ())  # checked static by the caller
+        shape = tuple(d if isinstance(d, int) else 0 for d in spec.shape or ())  # checked static by the caller
         if spec.dtype.kind == "f":
             lo, hi = 0.0, 1.0  # image-like: normalized pixels
             q = next((c for c in ctx.consumers_of(spec.name) if c.op_type == "QuantizeLinear"), None)
