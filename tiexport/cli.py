@@ -198,7 +198,7 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
         description="Run the same inputs through CANDIDATE and REF in ONNX Runtime (graph optimizations off) and "
                     "compare every output, and with --per-layer every tensor both share, naming the first that "
                     "diverges. By default a quantized tensor passes within --max-lsb steps of its own quantization "
-                    "on >= 99.9%% of elements, a float tensor within atol 1e-5 + rtol 1e-4; --atol/--rtol apply to "
+                    "on >= 99.9% of elements, a float tensor within atol 1e-5 + rtol 1e-4; --atol/--rtol apply to "
                     "every tensor instead. Exit 0 pass, 1 fail, 2 unusable input.")
     p.add_argument("candidate", metavar="CANDIDATE", help="the .onnx model to check")
     p.add_argument("--reference", "-r", required=True, metavar="REF", help="the reference .onnx model")
