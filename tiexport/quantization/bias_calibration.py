@@ -1,0 +1,185 @@
+"""Bias calibration: pull each quantized layer's per-channel output mean back to the float model's.
+
+Quantization shifts layer outputs: rounding of weights (systematic per output channel), clipping and rounding of
+activations, and the errors of every layer before. TI's v2 wrapper corrects only the activation part: a hook on each
+output fake-quant nudges the bias by the difference between the mean before and after that fake-quant (shared
+wrapper reference, "Bias calibration"). That misses weight quantization, the larger and more systematic error.
+
+This module does what TI's older v1 did: two passes over the same batch, both in the one prepared module (no copy of
+the float model is kept):
+
+1. the float pass: every fake-quant disabled (weights and activations), observers off, so the module computes the
+   float model (batch norm must be frozen, which PTC does from the start);
+2. the quantized pass: the normal forward.
+
+For every layer with a bias whose output goes straight into a fake-quant, the per-channel mean of the float output
+(input of that fake-quant in pass 1) and of the quantized output (output of that fake-quant in pass 2) are compared,
+and ``bias += factor * (mean_float - mean_quantized)``. The difference includes weight and activation quantization
+and the error arriving from earlier layers, so the output mean converges to the float one.
+
+Fused Conv+BN modules get the correction on the batch-norm shift (``bn.bias``): with frozen statistics it adds to the
+output one to one. Layers without a bias parameter are left alone (adding a parameter would break optimizers and
+DDP). Under ``torch.distributed`` the corrections are averaged across ranks, so biases stay identical on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+from torch.fx import GraphModule
+
+__all__ = ["BiasCalibrator"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_CONV_TYPES = (torch.nn.modules.conv._ConvNd,)
+_LINEAR_TYPES = (torch.nn.Linear,)
+
+
+@dataclass
+class _Target:
+    name: str
+    bias: torch.nn.Parameter
+    fake_quant: FakeQuantizeBase
+    channel_dim: int  # 1 for conv outputs (N, C, ...), -1 for linear outputs (..., C)
+
+
+def _bias_of(module: torch.nn.Module) -> torch.nn.Parameter | None:
+    bn = getattr(module, "bn", None)
+    if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and isinstance(bn.bias, torch.nn.Parameter):
+        return bn.bias
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.nn.Parameter) else None
+
+
+def _channel_dim(module: torch.nn.Module) -> int | None:
+    if isinstance(module, _CONV_TYPES):
+        return 1
+    if isinstance(module, _LINEAR_TYPES):
+        return -1
+    return None
+
+
+def _channel_mean(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    x = x.detach().float()
+    dim = channel_dim % x.dim()
+    return x.transpose(0, dim).reshape(x.shape[dim], -1).mean(dim=1)
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_world_size())
+    return 1
+
+
+class BiasCalibrator:
+    """Runs the two-pass bias correction on a prepared (fake-quant) GraphModule; see the module docstring."""
+
+    def __init__(self, graph_module: GraphModule, factor: float) -> None:
+        if factor < 0:
+            raise ValueError(f"bias calibration factor must be >= 0, got {factor}")
+        self.graph_module = graph_module
+        self.factor = float(factor)
+        self.targets = self._find_targets(graph_module)
+        self._pending: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        log.debug("bias calibration on %d layer(s): %s", len(self.targets), ", ".join(t.name for t in self.targets))
+
+    @staticmethod
+    def _find_targets(graph_module: GraphModule) -> list[_Target]:
+        modules = dict(graph_module.named_modules())
+        targets: list[_Target] = []
+        for node in graph_module.graph.nodes:
+            if node.op != "call_module":
+                continue
+            module = modules.get(str(node.target))
+            if module is None or isinstance(module, FakeQuantizeBase):
+                continue
+            bias, dim = _bias_of(module), _channel_dim(module)
+            if bias is None or dim is None or len(node.users) != 1:
+                continue
+            user = next(iter(node.users))
+            fake_quant = modules.get(str(user.target)) if user.op == "call_module" else None
+            if isinstance(fake_quant, FakeQuantizeBase):
+                targets.append(_Target(str(node.target), bias, fake_quant, dim))
+        return targets
+
+    def apply_pending(self) -> None:
+        """Apply corrections computed while autograd needed the old bias values (QAT)."""
+        with torch.no_grad():
+            for bias, delta in self._pending:
+                bias.add_(delta)
+        self._pending.clear()
+
+    def _record(self, which: str) -> tuple[dict[int, torch.Tensor], list[torch.utils.hooks.RemovableHandle]]:
+        means: dict[int, torch.Tensor] = {}
+        handles = []
+        for index, target in enumerate(self.targets):
+            def hook(
+                module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
+                index: int = index, target: _Target = target,
+            ) -> None:
+                # a shared fake-quant runs again after reshapes; its first call is the layer's output
+                if index in means:
+                    return
+                value = inputs[0] if which == "input" else output
+                if value.dim() == 0 or value.shape[target.channel_dim] != target.bias.numel():
+                    return
+                means[index] = _channel_mean(value, target.channel_dim)
+            handles.append(target.fake_quant.register_forward_hook(hook))
+        return means, handles
+
+    def step(self, run: Callable[[], T]) -> T:
+        """One calibrated forward: float pass, quantized pass, bias update. Returns the quantized pass's result."""
+        self.apply_pending()
+        if not self.targets or self.factor == 0.0:
+            return run()
+        fake_quants = [m for m in self.graph_module.modules() if isinstance(m, FakeQuantizeBase)]
+        saved = [(m.fake_quant_enabled.clone(), m.observer_enabled.clone()) for m in fake_quants]
+        float_means, handles = self._record("input")
+        try:
+            for m in fake_quants:
+                m.disable_fake_quant()
+                m.disable_observer()
+            with torch.no_grad():
+                run()
+        finally:
+            for h in handles:
+                h.remove()
+            for m, (fq_on, obs_on) in zip(fake_quants, saved, strict=True):
+                m.fake_quant_enabled.copy_(fq_on)
+                m.observer_enabled.copy_(obs_on)
+        quant_means, handles = self._record("output")
+        try:
+            result = run()
+        finally:
+            for h in handles:
+                h.remove()
+        self._update(float_means, quant_means)
+        return result
+
+    def _update(self, float_means: dict[int, torch.Tensor], quant_means: dict[int, torch.Tensor]) -> None:
+        indices = [i for i in range(len(self.targets)) if i in float_means and i in quant_means]
+        if not indices:
+            return
+        deltas = [self.factor * (float_means[i] - quant_means[i]) for i in indices]
+        world = _world_size()
+        if world > 1:
+            flat = torch.cat(deltas)
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+            deltas = list(torch.split(flat / world, [d.numel() for d in deltas]))
+        updates = [
+            (self.targets[i].bias, d.to(self.targets[i].bias.dtype)) for i, d in zip(indices, deltas, strict=True)
+        ]
+        if torch.is_grad_enabled():
+            # autograd may still need the current bias for the backward of this step's output
+            self._pending.extend(updates)
+        else:
+            self._pending.extend(updates)
+            self.apply_pending()

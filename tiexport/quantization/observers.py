@@ -1,0 +1,379 @@
+"""Observers and fake-quant modules for TIDL's 8-bit quantization schemes.
+
+What TIDL wants (shared TIDL reference, tidl.md §2), and what these classes produce:
+
+- Weights: int8, symmetric (zero point 0), per-channel on axis 0 (Conv/Linear output channels) or per-tensor
+  (TDA4VM, ConvTranspose). Scale ``max|w| / 127`` so the largest weight is representable without clipping.
+- Activations, affine types: uint8 0..255 with a zero point.
+- Activations, symmetric types: zero point 0, **uint8 for non-negative tensors, int8 otherwise**. PyTorch's own
+  symmetric quint8 gives zero point 128 and wastes half the range on post-ReLU tensors; "symmetric" for TIDL means
+  zero point 0 (tidl.md §2, last bullet). The dtype therefore follows the data: the observer reports ``quint8`` with
+  range 0..255 while everything it has seen is non-negative and ``qint8`` with -128..127 otherwise.
+- Power-of-2 types: ``scale = 2 ** ceil(log2(scale))`` (TI's wrapper; ranges only grow, nothing is clipped), with
+  the zero point recomputed for the new scale (affine) or kept at 0 (symmetric).
+- Range shrink (non-MSA types): each observed batch contributes its ``p``-th and ``(100 - p)``-th percentiles
+  (``p`` in percent, :data:`DEFAULT_RANGE_SHRINK_PERCENTILE`) instead of its minimum and maximum: the rare outliers
+  of large activation maps are clipped, small tensors (fewer than ``100 / p`` values, such as logits) are not.
+  Per-batch ranges combine as :data:`DEFAULT_RANGE_AGGREGATION` says. MSA types (``p = 0``, aggregation ``max``) keep
+  the full range, the minimum and maximum over all batches, for attention networks whose rare peaks matter. TI's v2
+  wrapper accepted a percentile and then dropped it (see the wrapper reference, "Known defects"); here it decides
+  the range, and a test shows the two differ.
+
+All fake-quant modules are plain :class:`torch.ao.quantization.FakeQuantize` subclasses, never
+``FusedMovingAvgObsFakeQuantize``: the fused op has no ONNX symbolic (tidl.md §6, item 3), the plain one exports as
+QuantizeLinear/DequantizeLinear.
+
+Under ``torch.distributed`` (DDP) the activation observers reduce each batch's statistics across ranks before
+updating, so every rank holds the same ranges, hence the same scales, at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch.ao.quantization import FakeQuantize
+from torch.ao.quantization.observer import ObserverBase
+
+__all__ = [
+    "DEFAULT_RANGE_AGGREGATION",
+    "DEFAULT_RANGE_SHRINK_PERCENTILE",
+    "ActivationObserver",
+    "TidlFakeQuantize",
+    "WeightObserver",
+    "power_of_2_ceil",
+]
+
+log = logging.getLogger(__name__)
+
+#: Percent of values clipped at each end of an activation's range by range shrink. Chosen from the
+#: quantization-quality benchmark (bench/quant_quality.py, bench/RESULTS.md), where it was the best of the values
+#: TI documents (0.01 / 0.1 / 0.25 %) on the digits CNN; TI v3's default is 0.1.
+DEFAULT_RANGE_SHRINK_PERCENTILE = 0.01
+
+#: How per-batch ranges combine: ``"max"`` keeps the widest per-batch (trimmed) range seen, so the estimate is the
+#: full range of the calibration data minus each batch's outliers; ``"mean"`` averages them (TI v1's moving average,
+#: torch's ``MovingAverageMinMaxObserver``), which also clips values that are merely rarer than one batch shows,
+#: e.g. the extreme logits of small batches. Chosen from the benchmark as well.
+DEFAULT_RANGE_AGGREGATION = "max"
+
+# Running means of per-batch percentiles: plain cumulative mean at first (calibration sees few batches and an
+# exponential average would stay biased towards the first one), then an exponential average so that QAT can follow
+# activations whose range drifts while the weights change.
+_MIN_AVERAGING_CONSTANT = 0.01
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+def power_of_2_ceil(scale: torch.Tensor) -> torch.Tensor:
+    """``2 ** ceil(log2(scale))``, exactly a power of two (TI's rounding; tidl.md §2, "Power-of-2 in TI's wrapper")."""
+    exponent = torch.ceil(torch.log2(scale.float()))
+    # ldexp builds the float from its exponent, so the result is exactly 2**k, with no pow() rounding
+    return torch.ldexp(torch.ones_like(exponent), exponent.to(torch.int32))
+
+
+def _distributed_world() -> int:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return int(torch.distributed.get_world_size())
+
+
+class ActivationObserver(ObserverBase):
+    """Per-tensor activation observer: affine or symmetric, optional power-of-2, optional range shrink.
+
+    ``symmetric``: zero point 0; uint8 (0..255) while the observed range is non-negative, int8 (-128..127) otherwise.
+    ``range_shrink_percentile``: percent clipped at each end of every batch (0 keeps the batch's full range).
+    ``range_aggregation``: ``"max"`` (widest per-batch range) or ``"mean"`` (running mean of per-batch ranges).
+    ``symmetric`` and ``range_shrink_percentile`` may be changed after construction (before calibration): the
+    graph rules in :mod:`tiexport.quantization.qconfig` make MatMul inputs and network inputs symmetric that way.
+    """
+
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+    num_batches: torch.Tensor
+
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.quint8,
+        *,
+        symmetric: bool = False,
+        power_of_2: bool = False,
+        range_shrink_percentile: float = 0.0,
+        range_aggregation: str = DEFAULT_RANGE_AGGREGATION,
+        sync_distributed: bool = True,
+        is_dynamic: bool = False,
+        eps: float = _EPS,
+        **kwargs: Any,
+    ) -> None:
+        if is_dynamic:
+            raise ValueError("ActivationObserver is for static quantization only")
+        if not 0.0 <= range_shrink_percentile < 50.0:
+            raise ValueError(f"range_shrink_percentile must be in [0, 50), got {range_shrink_percentile}")
+        if range_aggregation not in ("max", "mean"):
+            raise ValueError(f"range_aggregation must be 'max' or 'mean', got {range_aggregation!r}")
+        super().__init__(dtype=dtype, is_dynamic=False)
+        self.range_aggregation = range_aggregation
+        self.symmetric = symmetric
+        self.power_of_2 = power_of_2
+        self.range_shrink_percentile = float(range_shrink_percentile)
+        self.sync_distributed = sync_distributed
+        self.register_buffer("eps", torch.tensor([eps]))
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.register_buffer("num_batches", torch.tensor(0, dtype=torch.long))
+
+    # --- what torch's FX prepare/convert read; derived from the data seen so far ------------------------------
+    @property  # type: ignore[override]
+    def dtype(self) -> torch.dtype:
+        return torch.qint8 if self._signed else torch.quint8
+
+    @dtype.setter
+    def dtype(self, value: torch.dtype) -> None:  # ObserverBase.__init__ assigns it; the data decides
+        pass
+
+    @property
+    def qscheme(self) -> torch.qscheme:
+        return torch.per_tensor_symmetric if self.symmetric else torch.per_tensor_affine
+
+    @qscheme.setter
+    def qscheme(self, value: torch.qscheme) -> None:
+        pass
+
+    @property
+    def quant_min(self) -> int:
+        return -128 if self._signed else 0
+
+    @quant_min.setter
+    def quant_min(self, value: int) -> None:
+        pass
+
+    @property
+    def quant_max(self) -> int:
+        return 127 if self._signed else 255
+
+    @quant_max.setter
+    def quant_max(self, value: int) -> None:
+        pass
+
+    @property
+    def _signed(self) -> bool:
+        # only symmetric quantization switches to int8; affine keeps uint8 with a zero point
+        return self.symmetric and bool(self.min_val < 0)
+
+    # --- observation -----------------------------------------------------------------------------------------
+    def _batch_range(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().reshape(-1)
+        if not flat.is_floating_point():
+            flat = flat.float()
+        n = flat.numel()
+        k = math.ceil(n * self.range_shrink_percentile / 100.0) if self.range_shrink_percentile > 0 else 0
+        if 0 < k and 2 * k < n:
+            # kthvalue is a selection, O(n): cheap next to the layer that produced x
+            lo = torch.kthvalue(flat, k).values
+            hi = torch.kthvalue(flat, n - k + 1).values
+        else:
+            lo, hi = torch.aminmax(flat)
+        return torch.stack([lo, hi]).to(self.min_val.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:
+            return x
+        stats = self._batch_range(x)
+        averaged = self.range_aggregation == "mean"
+        world = _distributed_world() if self.sync_distributed else 1
+        if world > 1:
+            if averaged:
+                torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
+                stats = stats / world
+            else:
+                # one collective for both ends: max of (-min, max)
+                both = torch.stack([-stats[0], stats[1]])
+                torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+                stats = torch.stack([-both[0], both[1]])
+        lo, hi = stats[0], stats[1]
+        if int(self.num_batches) == 0:
+            self.min_val.copy_(lo)
+            self.max_val.copy_(hi)
+        elif averaged:
+            weight = max(1.0 / (int(self.num_batches) + 1), _MIN_AVERAGING_CONSTANT)
+            self.min_val.add_(weight * (lo - self.min_val))
+            self.max_val.add_(weight * (hi - self.max_val))
+        else:
+            torch.minimum(self.min_val, lo, out=self.min_val)
+            torch.maximum(self.max_val, hi, out=self.max_val)
+        self.num_batches.add_(1)
+        return x
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        device = self.min_val.device
+        if int(self.num_batches) == 0:
+            log.warning("activation observer has seen no data; using scale 1.0 and zero point 0")
+            return torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+        lo = torch.clamp(self.min_val, max=0.0)
+        hi = torch.clamp(self.max_val, min=0.0)
+        eps = self.eps.to(device)
+        if self.symmetric:
+            if self._signed:
+                # tightest scale that covers both ends of -128..127 without clipping either
+                scale = torch.maximum(hi / 127.0, -lo / 128.0)
+            else:
+                scale = hi / 255.0
+            scale = torch.maximum(scale.reshape(1), eps)
+            if self.power_of_2:
+                scale = power_of_2_ceil(scale)
+            zero_point = torch.zeros(1, dtype=torch.int32, device=device)
+        else:
+            scale = torch.maximum(((hi - lo) / 255.0).reshape(1), eps)
+            if self.power_of_2:
+                scale = power_of_2_ceil(scale)
+            zero_point = torch.clamp(torch.round(-lo / scale), 0, 255).to(torch.int32).reshape(1)
+        return scale.float(), zero_point
+
+    @torch.jit.export
+    def reset_min_max_vals(self) -> None:
+        self.min_val.fill_(float("inf"))
+        self.max_val.fill_(float("-inf"))
+        self.num_batches.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"symmetric={self.symmetric}, power_of_2={self.power_of_2}, "
+            f"range_shrink_percentile={self.range_shrink_percentile}, range_aggregation={self.range_aggregation}, "
+            f"min_val={float(self.min_val):.6g}, "
+            f"max_val={float(self.max_val):.6g}"
+        )
+
+
+class WeightObserver(ObserverBase):
+    """int8 symmetric weight observer (zero point 0), per-channel on ``ch_axis`` or per-tensor, optional power-of-2.
+
+    The range is that of the weights at the last observation, not a running extreme: during QAT the weights move,
+    and a range that can only grow (torch's ``MinMaxObserver``) keeps a stale maximum. Freezing observers freezes
+    it together with the scale. Scale ``max|w| / 127``: the -128..127 grid with the largest weight at 127, so
+    nothing is clipped (torch's symmetric formula divides by 127.5 and clips the largest weight by half a step).
+    """
+
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.qint8,
+        *,
+        per_channel: bool = True,
+        ch_axis: int = 0,
+        power_of_2: bool = False,
+        bits: int = 8,
+        is_dynamic: bool = False,
+        eps: float = _EPS,
+        **kwargs: Any,
+    ) -> None:
+        if dtype != torch.qint8:
+            raise ValueError(f"WeightObserver quantizes to qint8, got {dtype}")
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits must be 2..8, got {bits}")
+        super().__init__(dtype=torch.qint8, is_dynamic=is_dynamic)
+        self.per_channel = per_channel
+        self.ch_axis = ch_axis
+        self.power_of_2 = power_of_2
+        self.bits = bits
+        self.qscheme = torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric
+        self.quant_min = -(2 ** (bits - 1))
+        self.quant_max = 2 ** (bits - 1) - 1
+        self.register_buffer("eps", torch.tensor([eps]))
+        self.register_buffer("min_val", torch.tensor([]))
+        self.register_buffer("max_val", torch.tensor([]))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if w.numel() == 0:
+            return w
+        detached = w.detach().float()
+        if self.per_channel:
+            moved = detached.transpose(0, self.ch_axis).reshape(detached.shape[self.ch_axis], -1)
+            lo, hi = torch.aminmax(moved, dim=1)
+        else:
+            lo, hi = torch.aminmax(detached)
+            lo, hi = lo.reshape(1), hi.reshape(1)
+        if self.min_val.shape != lo.shape:
+            self.min_val.resize_(lo.shape)
+            self.max_val.resize_(hi.shape)
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+        return w
+
+    @torch.jit.export
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        device = self.min_val.device
+        if self.min_val.numel() == 0:
+            log.warning("weight observer has seen no weights; using scale 1.0 and zero point 0")
+            return torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+        amax = torch.maximum(-self.min_val, self.max_val)
+        scale = torch.maximum(amax / float(self.quant_max), self.eps.to(device))
+        if self.power_of_2:
+            scale = power_of_2_ceil(scale)
+        return scale.float(), torch.zeros_like(scale, dtype=torch.int32)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # per-channel buffers get their shape from the first observation; take the checkpoint's shape
+        for name in ("min_val", "max_val"):
+            key = prefix + name
+            if key in state_dict:
+                getattr(self, name).resize_(state_dict[key].shape)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return f"per_channel={self.per_channel}, ch_axis={self.ch_axis}, power_of_2={self.power_of_2}, bits={self.bits}"
+
+
+class TidlFakeQuantize(FakeQuantize):
+    """A plain FakeQuantize whose dtype, range and qscheme follow its observer.
+
+    torch's FakeQuantize copies them once at construction; the symmetric activation observer changes them with the
+    data (uint8 while non-negative, int8 otherwise), and export and ``convert_fx`` must see the current values.
+    """
+
+    @property  # type: ignore[override]
+    def dtype(self) -> torch.dtype:
+        return self.activation_post_process.dtype
+
+    @dtype.setter
+    def dtype(self, value: torch.dtype) -> None:
+        pass
+
+    @property  # type: ignore[override]
+    def quant_min(self) -> int:
+        return int(self.activation_post_process.quant_min)
+
+    @quant_min.setter
+    def quant_min(self, value: int) -> None:
+        pass
+
+    @property  # type: ignore[override]
+    def quant_max(self) -> int:
+        return int(self.activation_post_process.quant_max)
+
+    @quant_max.setter
+    def quant_max(self, value: int) -> None:
+        pass
+
+    @property  # type: ignore[override]
+    def qscheme(self) -> torch.qscheme:
+        return self.activation_post_process.qscheme
+
+    @qscheme.setter
+    def qscheme(self, value: torch.qscheme) -> None:
+        pass
