@@ -1,0 +1,236 @@
+"""Every torch-version-specific detail in one place: exporter entry points, where torch keeps its TorchScript
+symbolic registry and ``torch.ao`` quantization classes, and version checks.
+
+Tested with torch 2.13 (TorchScript exporter deprecated but present; the dynamo exporter, built on onnxscript, is
+torch's default). The package accepts ``torch>=2.3``; where an older torch keeps a thing elsewhere, the lookup below
+tries both places. Nothing here imports torch at module level: ``import tiexport.compat`` is free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from functools import lru_cache
+from typing import Any
+
+__all__ = [
+    "TORCHSCRIPT_MAX_OPSET",
+    "ao_classes",
+    "ao_quantization",
+    "export_dynamo",
+    "export_torchscript",
+    "get_ts_custom_symbolic",
+    "has_dynamo_exporter",
+    "quiet_torch",
+    "restore_ts_custom_symbolic",
+    "set_ts_custom_symbolic",
+    "torch_version",
+    "ts_parse_arg",
+]
+
+log = logging.getLogger(__name__)
+
+# Highest opset the TorchScript exporter has symbolics for (torch 2.1 .. 2.13: 20).
+TORCHSCRIPT_MAX_OPSET = 20
+# The dynamo exporter builds at opset 18 or newer; lower targets are converted afterwards (torch does the same).
+DYNAMO_MIN_OPSET = 18
+
+
+@lru_cache(maxsize=1)
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch."""
+    import torch
+
+    parts = torch.__version__.split("+")[0].split(".")
+    return int(parts[0]), int(parts[1])
+
+
+def has_dynamo_exporter() -> bool:
+    """torch.onnx.export(..., dynamo=True) with ``custom_translation_table`` exists (torch >= 2.5) and onnxscript
+    is importable."""
+    if torch_version() < (2, 5):
+        return False
+    try:
+        importlib.import_module("onnxscript")
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Silence torch's deprecation chatter (torch.ao, TorchScript exporter) and the dynamo exporter's progress
+    prints; tiexport reports what matters itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated.*")
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message=".*TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=".*Setting ONNX exporter to use operator set version.*")
+        warnings.filterwarnings("ignore", message=".*lifted.*constant.*")
+        warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
+        warnings.filterwarnings("ignore", module=r"onnxscript.*")
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------- torch.ao
+
+
+@lru_cache(maxsize=1)
+def ao_quantization() -> Any:
+    """``torch.ao.quantization`` (deprecated upstream in favour of torchao, still shipped in 2.13)."""
+    with quiet_torch():
+        return importlib.import_module("torch.ao.quantization")
+
+
+@lru_cache(maxsize=1)
+def ao_classes() -> dict[str, Any]:
+    """The torch.ao classes tiexport dispatches on, by role. Missing ones (older/newer torch) map to ``()``."""
+    ao = ao_quantization()
+    with quiet_torch():
+        import torch.ao.nn.intrinsic.qat as nniqat
+
+    def _get(mod: Any, *names: str) -> tuple[type, ...]:
+        return tuple(getattr(mod, n) for n in names if hasattr(mod, n))
+
+    conv_bn = _get(importlib.import_module("torch.ao.nn.intrinsic.qat.modules.conv_fused"), "_ConvBnNd")
+    return {
+        "fake_quant": _get(ao, "FakeQuantizeBase"),
+        "observer": _get(ao, "ObserverBase"),
+        "conv_bn_qat": conv_bn,
+        "conv_bn_relu_qat": _get(nniqat, "ConvBnReLU1d", "ConvBnReLU2d", "ConvBnReLU3d"),
+        "quant_stub": _get(ao, "QuantStub"),
+        "dequant_stub": _get(ao, "DeQuantStub"),
+    }
+
+
+# Packages whose modules compute on quantized tensors (after ``convert``/``convert_fx``) and those of torch's
+# "reference" quantized modules (after ``convert_to_reference_fx``), by module path prefix: the classes moved between
+# torch.nn.quantized and torch.ao.nn.quantized over the 1.x/2.x releases.
+QUANTIZED_MODULE_PREFIXES = ("torch.ao.nn.quantized.modules", "torch.ao.nn.intrinsic.quantized.modules",
+                             "torch.nn.quantized.modules", "torch.nn.intrinsic.quantized.modules",
+                             "torch.ao.nn.quantized.dynamic", "torch.ao.nn.quantizable")
+REFERENCE_MODULE_PREFIXES = ("torch.ao.nn.quantized.reference", "torch.nn.quantized._reference")
+
+
+def module_kind(module: Any) -> str:
+    """'reference', 'quantized' or 'float' by where the module's class lives."""
+    path = type(module).__module__
+    if path.startswith(REFERENCE_MODULE_PREFIXES):
+        return "reference"
+    if path.startswith(QUANTIZED_MODULE_PREFIXES):
+        return "quantized"
+    return "float"
+
+
+def convert_observed(model: Any, is_fx: bool) -> Any:
+    """Convert a calibrated (observed, not yet converted) torch.ao model: ``convert_fx`` for FX models, ``convert``
+    for eager ones. The caller passes a copy."""
+    with quiet_torch():
+        if is_fx:
+            from torch.ao.quantization.quantize_fx import convert_fx
+
+            return convert_fx(model)
+        return ao_quantization().convert(model, inplace=False)
+
+
+# ---------------------------------------------------------------------------------------------- TorchScript side
+
+
+@lru_cache(maxsize=1)
+def _ts_registry() -> Any:
+    """torch's TorchScript symbolic registry (moved to ``torchscript_exporter`` in torch 2.9)."""
+    for name in ("torch.onnx._internal.torchscript_exporter.registration", "torch.onnx._internal.registration"):
+        try:
+            return importlib.import_module(name).registry
+        except (ImportError, AttributeError):
+            continue
+    raise RuntimeError("this torch has no TorchScript ONNX symbolic registry")
+
+
+def get_ts_custom_symbolic(name: str, opset: int) -> Callable[..., Any] | None:
+    """The custom symbolic a user registered for ``name`` at exactly ``opset`` (torch.onnx.register_custom_op_symbolic),
+    or None. Reads torch's registry privately: torch has no public getter."""
+    group = _ts_registry().get_function_group(name)
+    if group is None:
+        return None
+    functions = group._functions
+    if not functions.overridden(opset):
+        return None
+    return functions._overrides.get(opset)
+
+
+def set_ts_custom_symbolic(name: str, fn: Callable[..., Any], opset: int) -> None:
+    import torch
+
+    torch.onnx.register_custom_op_symbolic(name, fn, opset)
+
+
+def restore_ts_custom_symbolic(name: str, opset: int, previous: Callable[..., Any] | None) -> None:
+    """Put back what was registered before (a user's symbolic) or remove ours."""
+    import torch
+
+    if previous is not None:
+        torch.onnx.register_custom_op_symbolic(name, previous, opset)
+    elif get_ts_custom_symbolic(name, opset) is not None:
+        torch.onnx.unregister_custom_op_symbolic(name, opset)
+
+
+def ts_parse_arg(value: Any, desc: str) -> Any:
+    """Read a constant argument inside a TorchScript symbolic ('f', 'i', 's', 'fs', 'is')."""
+    try:
+        from torch.onnx import symbolic_helper
+    except ImportError:  # pragma: no cover - torch < 2.0 layout
+        from torch.onnx._internal.torchscript_exporter import symbolic_helper  # type: ignore[no-redef]
+    return symbolic_helper._parse_arg(value, desc)
+
+
+def export_torchscript(model: Any, args: tuple[Any, ...], opset: int, input_names: Sequence[str],
+                       output_names: Sequence[str], custom_opsets: dict[str, int]) -> bytes:
+    """Run the TorchScript exporter (static shapes, eval mode, constant folding) and return the serialized model."""
+    import torch
+
+    buf = io.BytesIO()
+    with quiet_torch():
+        torch.onnx.export(
+            model, args, buf, dynamo=False, opset_version=opset, input_names=list(input_names),
+            output_names=list(output_names), do_constant_folding=True, training=torch.onnx.TrainingMode.EVAL,
+            custom_opsets=custom_opsets, dynamic_axes=None, verbose=False,
+        )
+    return buf.getvalue()
+
+
+def export_dynamo(model: Any, args: tuple[Any, ...], opset: int, input_names: Sequence[str],
+                  output_names: Sequence[str], table: dict[Any, Any]) -> Any:
+    """Run the dynamo exporter (torch.export + onnxscript translation, static shapes) and return the ModelProto.
+
+    Builds at ``max(opset, 18)``: the caller converts down afterwards, once tiexport's marker nodes are replaced.
+    """
+    import torch
+
+    with quiet_torch(), _quiet_stdout():
+        program = torch.onnx.export(
+            model, args, dynamo=True, opset_version=max(opset, DYNAMO_MIN_OPSET), input_names=list(input_names),
+            output_names=list(output_names), custom_translation_table=table, dynamic_shapes=None,
+            optimize=True, verify=False, report=False, external_data=False, verbose=False,
+        )
+    if program is None:  # pragma: no cover - only when f= is passed
+        raise RuntimeError("the dynamo exporter returned no program")
+    return program.model_proto
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """The dynamo exporter prints progress lines ('[torch.onnx] Obtain model graph...') even with verbose=False in
+    some releases; keep library output clean unless TIEXPORT_DEBUG is set."""
+    if os.environ.get("TIEXPORT_DEBUG"):
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield

@@ -1,0 +1,18 @@
+"""Custom export-time ops for quantized models and their translations for both torch ONNX exporters.
+
+- :mod:`~tiexport.symbolics.ops`: the torch op every quantization site is lowered to (``tiexport::quantize_dequantize``);
+- :mod:`~tiexport.symbolics.registry`: one registry, each op's TorchScript symbolic and dynamo translation side by
+  side, registered only for the duration of an export (:meth:`SymbolicRegistry.scoped`);
+- :mod:`~tiexport.symbolics.qdq`: the translations of that op;
+- :mod:`~tiexport.symbolics.lowering`: turning any torch.ao-quantized model into calls of that op;
+- :mod:`~tiexport.symbolics.postprocess`: turning the exporters' output into clean QDQ ONNX (no torch needed).
+
+Importing this package imports torch (the torch side of tiexport).
+"""
+
+from __future__ import annotations
+
+from tiexport.symbolics import qdq as _qdq  # noqa: F401  (adds the quantize-dequantize op to REGISTRY)
+from tiexport.symbolics.registry import REGISTRY, ExportOp, SymbolicRegistry
+
+__all__ = ["REGISTRY", "ExportOp", "SymbolicRegistry"]
