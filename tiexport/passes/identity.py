@@ -37,7 +37,7 @@ class RemoveIdentityPass(Pass):
             if not node.inputs or not node.outputs:
                 continue
             if node.op == "Dropout":
-                reason = self._dropout_blocker(node)
+                reason = self._dropout_blocker(graph, node)
                 if reason:
                     notes.append(f"{node.name}: {reason}; kept")
                     continue
@@ -62,8 +62,8 @@ class RemoveIdentityPass(Pass):
         return PassResult(graph, modified=changes > 0, changes=changes, numerics_changed=False, notes=notes)
 
     @staticmethod
-    def _dropout_blocker(node: gs.Node) -> str:
-        if len(node.outputs) > 1 and node.outputs[1].outputs:
+    def _dropout_blocker(graph: gs.Graph, node: gs.Node) -> str:
+        if len(node.outputs) > 1 and (node.outputs[1].outputs or is_graph_output(graph, node.outputs[1])):
             return "its mask output is used"
         if len(node.inputs) > 2 and not node.inputs[2].is_empty():
             training = const_value(node.inputs[2])

@@ -66,10 +66,8 @@ class ConvertPerChannelToPerTensorPass(Pass):
                     continue
                 w = dequantize(data, qp.scale, qp.zero_point, axis=qp.axis).astype(np.float64)
                 if qp.symmetric:
-                    hi = float(w.max(initial=0.0))
-                    lo = float(w.min(initial=0.0))
-                    ratios = [hi / hi_q if hi_q > 0 else 0.0, lo / lo_q if lo_q < 0 else 0.0]
-                    s = max(ratios)
+                    # symmetric weights use [-127, 127] (int8), as TI's and ONNX Runtime's weight quantizers do
+                    s = float(np.abs(w).max(initial=0.0)) / hi_q
                     z = 0
                 else:
                     lo = min(float(w.min()), 0.0)
