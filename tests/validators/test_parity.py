@@ -444,3 +444,24 @@ def test_unnamed_graph_output_probe_ok() -> None:
         node.name = ""
     report = check_parity(model, helper.make_model(model.graph, opset_imports=model.opset_import), per_layer=True)
     assert report.passed and all(layer.node for layer in report.layers)
+
+
+def test_batches_as_tuples_in_input_order() -> None:
+    b = QdqBuilder(name="two_in")
+    x = b.input("a", [1, 4])
+    y = b.input("b", [1, 4])
+    b.output(b.node("Sub", [x, y]))
+    model = b.build()
+    specs, ctx = specs_ctx(model)
+    a, c = np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32)
+    (sample,) = load_inputs([(a, c)], specs, ctx)
+    assert np.array_equal(sample["a"], a) and np.array_equal(sample["b"], c)
+    with pytest.raises(UsageError, match="tuple of 2"):
+        load_inputs([(a,)], specs, ctx)
+
+
+def test_summary_line_gives_verdict_and_first_divergence() -> None:
+    ref = three_layer()
+    line = check_parity(ref, corrupt_scale(ref, MIDDLE, 1.7), per_layer=True).summary()
+    assert line.startswith("FAILED") and "layer1_dq_DequantizeLinear_out" in line and "\n" not in line
+    assert check_parity(ref, ref).summary().startswith("PASSED")

@@ -597,7 +597,8 @@ def load_inputs(
 
     ``inputs``: None (``num_samples`` seeded random samples: float inputs uniform in [0, 1), or over the range of
     the QuantizeLinear that reads them; integer inputs in [0, 4)), a path to an ``.npz`` (keys = input names), a
-    dict name -> array, a single array (one-input models), or a list / iterable of such dicts (consumed up front).
+    dict name -> array, a single array (one-input models), or a list / iterable of batches (consumed up front), each
+    a dict, a single array, or a tuple of arrays in the model's input order.
     An array with one more dim than its input holds N samples on its leading axis. ``num_samples`` applies to
     random data only.
     """
@@ -632,8 +633,11 @@ def load_inputs(
                 raw.append(item)
             elif (isinstance(item, np.ndarray) or hasattr(item, "detach")) and len(specs) == 1:
                 raw.append({specs[0].name: item})
+            elif isinstance(item, (tuple, list)) and len(item) == len(specs):  # positional, in input order
+                raw.append({spec.name: value for spec, value in zip(specs, item, strict=True)})
             else:
-                raise UsageError(f"inputs[{i}] is a {type(item).__name__}; expected a dict input name -> array")
+                raise UsageError(f"inputs[{i}] is a {type(item).__name__}; expected a dict input name -> array "
+                                 f"(or a tuple of {len(specs)} array(s) in input order)")
         if not raw:
             raise UsageError("inputs is empty")
     else:
@@ -790,6 +794,17 @@ class ParityReport:
                     "rtol": DEFAULT_RTOL}
         atol, rtol = self.atol or 0.0, self.rtol or 0.0
         return {"all": f"|diff| <= {atol:g} + {rtol:g} * |reference| on every element", "atol": atol, "rtol": rtol}
+
+    def summary(self) -> str:
+        """One line: verdict, worst output error, first divergence."""
+        worst = max(self.outputs.items(), key=lambda kv: (not kv[1].passed, kv[1].max_lsb or 0.0, kv[1].max_abs),
+                    default=None)
+        parts = [f"{'PASSED' if self.passed else 'FAILED'} ({len(self.outputs)} output(s), {self.samples} sample(s))"]
+        if worst is not None:
+            parts.append(f"worst {worst[0]}: {worst[1].summary()}")
+        if self.first_divergence is not None:
+            parts.append(f"first divergence {self.first_divergence['tensor']} ({self.first_divergence['op_type']})")
+        return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         fd = None
