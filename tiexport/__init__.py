@@ -54,5 +54,6 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from tiexport.devices import DEVICES, DeviceProfile, get_device  # noqa: F401
     from tiexport.errors import TiexportError, UnusableInputError, UsageError  # noqa: F401
+    from tiexport.validators.parity import ParityReport, check_parity  # noqa: F401
     from tiexport.validators.report import Finding, Report  # noqa: F401
     from tiexport.validators.validate import validate  # noqa: F401
