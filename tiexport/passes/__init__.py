@@ -14,6 +14,7 @@ from tiexport.passes.fold_weights import FoldWeightQuantizationPass
 from tiexport.passes.identity import RemoveIdentityPass
 from tiexport.passes.ir_version import DowngradeIrVersionPass
 from tiexport.passes.merge_duplicates import MergeDuplicateQdqPass
+from tiexport.passes.normalize_qparams import NormalizeQdqParamsPass
 from tiexport.passes.per_tensor import ConvertPerChannelToPerTensorPass
 from tiexport.passes.power_of_two import EnforcePowerOfTwoScalesPass
 from tiexport.passes.quantize_bias import QuantizeBiasPass
@@ -31,6 +32,7 @@ __all__ = [
     "FoldWeightQuantizationPass",
     "InferShapesPass",
     "MergeDuplicateQdqPass",
+    "NormalizeQdqParamsPass",
     "Pass",
     "PassError",
     "PassManager",

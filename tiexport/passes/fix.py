@@ -30,6 +30,7 @@ from tiexport.passes.fold_weights import FoldWeightQuantizationPass
 from tiexport.passes.identity import RemoveIdentityPass
 from tiexport.passes.ir_version import DowngradeIrVersionPass
 from tiexport.passes.merge_duplicates import MergeDuplicateQdqPass
+from tiexport.passes.normalize_qparams import NormalizeQdqParamsPass
 from tiexport.passes.per_tensor import PER_TENSOR_WEIGHT_OPS, ConvertPerChannelToPerTensorPass
 from tiexport.passes.power_of_two import EnforcePowerOfTwoScalesPass
 from tiexport.passes.quantize_bias import QuantizeBiasPass
@@ -174,6 +175,7 @@ def build_pipeline(
     passes: list[Pass] = [
         DowngradeIrVersionPass(max_ir=OpsetRule.MAX_IR),
         PinInputShapesPass(input_shapes),
+        NormalizeQdqParamsPass(),
         RemoveIdentityPass(),
         FoldWeightQuantizationPass(),
         RemoveRedundantQdqPass(),

@@ -205,7 +205,9 @@ def qparams(node: gs.Node) -> QParams | None:
             return None
         dtype = zp.dtype
         if zp.shape != scale.shape:
-            return None
+            if zp.size != scale.size:
+                return None
+            zp = zp.reshape(scale.shape)  # ONNX Runtime's quantizer writes scale [1] with a scalar zero point
     else:
         zp = np.zeros(scale.shape, dtype=np.uint8)
         dtype = np.dtype(np.uint8)
