@@ -304,4 +304,4 @@ def test_report_dict_and_text() -> None:
     assert {"model", "output", "device", "passes", "parity", "remaining_findings"} <= set(d)
     assert all(set(p) == {"name", "changes", "numerics_changed"} for p in d["passes"])
     text = report.to_text()
-    assert "EnforcePowerOfTwoScalesPass" in text and "numerics changed" in text and "parity (2 sample(s))" in text
+    assert "EnforcePowerOfTwoScalesPass" in text and "numerics changed" in text and "parity vs input (2 sample(s), tolerance 1 LSB)" in text

@@ -38,7 +38,7 @@ def test_writes_the_fixed_model_and_exits_0(model_path: Path, tmp_path: Path,
     assert_valid(fixed)
     text = capsys.readouterr().out
     assert "EnforcePowerOfTwoScalesPass" in text and "ConvertPerChannelToPerTensorPass" in text
-    assert "parity (2 sample(s))" in text and "no errors remain for TDA4VM" in text
+    assert "parity vs input (2 sample(s), tolerance 1 LSB)" in text and "no errors remain for TDA4VM" in text
 
 
 def test_refuses_to_overwrite_the_model(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -140,9 +140,11 @@ class FixReport:
             return ["  parity: not checked"]
         if "skipped" in self.parity:
             return [f"  parity: skipped ({self.parity['skipped']})"]
-        verdict = "PASSED" if self.parity_passed else "FAILED"
+        verdict = "within tolerance" if self.parity_passed else "over tolerance"
         exact = ", bit-identical" if self.bit_identical else ""
-        lines = [f"  parity ({self.parity.get('samples', '?')} sample(s)): {verdict}{exact}"]
+        max_lsb = (self.parity.get("criterion") or {}).get("max_lsb")
+        tol = f", tolerance {max_lsb:g} LSB" if isinstance(max_lsb, (int, float)) else ""
+        lines = [f"  parity vs input ({self.parity.get('samples', '?')} sample(s){tol}): {verdict}{exact}"]
         for name, m in (self.parity.get("outputs") or {}).items():
             parts = [f"max_abs {_num(m.get('max_abs'))}"]
             if m.get("max_lsb") is not None:
