@@ -90,6 +90,7 @@ class ActivationObserver(ObserverBase):
     graph rules in :mod:`tiexport.quantization.qconfig` make MatMul inputs and network inputs symmetric that way.
     """
 
+    eps: torch.Tensor
     min_val: torch.Tensor
     max_val: torch.Tensor
     num_batches: torch.Tensor
@@ -125,7 +126,7 @@ class ActivationObserver(ObserverBase):
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.long))
 
     # --- what torch's FX prepare/convert read; derived from the data seen so far ------------------------------
-    @property  # type: ignore[override]
+    @property
     def dtype(self) -> torch.dtype:
         return torch.qint8 if self._signed else torch.quint8
 
@@ -168,11 +169,12 @@ class ActivationObserver(ObserverBase):
         if not flat.is_floating_point():
             flat = flat.float()
         n = flat.numel()
-        k = math.ceil(n * self.range_shrink_percentile / 100.0) if self.range_shrink_percentile > 0 else 0
-        if 0 < k and 2 * k < n:
-            # kthvalue is a selection, O(n): cheap next to the layer that produced x
-            lo = torch.kthvalue(flat, k).values
-            hi = torch.kthvalue(flat, n - k + 1).values
+        # whole values only: a tensor of fewer than 100 / p values keeps its full range
+        k = math.floor(n * self.range_shrink_percentile / 100.0) if self.range_shrink_percentile > 0 else 0
+        if k > 0 and 2 * k < n:
+            # exactly k values lie beyond each end; kthvalue is a selection, O(n), cheap next to the layer itself
+            lo = torch.kthvalue(flat, k + 1).values
+            hi = torch.kthvalue(flat, n - k).values
         else:
             lo, hi = torch.aminmax(flat)
         return torch.stack([lo, hi]).to(self.min_val.dtype)
@@ -216,11 +218,8 @@ class ActivationObserver(ObserverBase):
         hi = torch.clamp(self.max_val, min=0.0)
         eps = self.eps.to(device)
         if self.symmetric:
-            if self._signed:
-                # tightest scale that covers both ends of -128..127 without clipping either
-                scale = torch.maximum(hi / 127.0, -lo / 128.0)
-            else:
-                scale = hi / 255.0
+            # int8: the tightest scale that covers both ends of -128..127 without clipping either
+            scale = torch.maximum(hi / 127.0, -lo / 128.0) if self._signed else hi / 255.0
             scale = torch.maximum(scale.reshape(1), eps)
             if self.power_of_2:
                 scale = power_of_2_ceil(scale)
@@ -256,6 +255,7 @@ class WeightObserver(ObserverBase):
     nothing is clipped (torch's symmetric formula divides by 127.5 and clips the largest weight by half a step).
     """
 
+    eps: torch.Tensor
     min_val: torch.Tensor
     max_val: torch.Tensor
 
@@ -346,7 +346,7 @@ class TidlFakeQuantize(FakeQuantize):
     data (uint8 while non-negative, int8 otherwise), and export and ``convert_fx`` must see the current values.
     """
 
-    @property  # type: ignore[override]
+    @property
     def dtype(self) -> torch.dtype:
         return self.activation_post_process.dtype
 
@@ -354,7 +354,7 @@ class TidlFakeQuantize(FakeQuantize):
     def dtype(self, value: torch.dtype) -> None:
         pass
 
-    @property  # type: ignore[override]
+    @property
     def quant_min(self) -> int:
         return int(self.activation_post_process.quant_min)
 
@@ -362,7 +362,7 @@ class TidlFakeQuantize(FakeQuantize):
     def quant_min(self, value: int) -> None:
         pass
 
-    @property  # type: ignore[override]
+    @property
     def quant_max(self) -> int:
         return int(self.activation_post_process.quant_max)
 
@@ -370,7 +370,7 @@ class TidlFakeQuantize(FakeQuantize):
     def quant_max(self, value: int) -> None:
         pass
 
-    @property  # type: ignore[override]
+    @property
     def qscheme(self) -> torch.qscheme:
         return self.activation_post_process.qscheme
 

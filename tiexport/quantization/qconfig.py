@@ -216,7 +216,7 @@ def _mapping_around(qconfig: QConfig, per_tensor_weight: Callable[..., Any] | No
 def get_qconfig_mapping(
     qconfig_type: QConfigLike = "WC8_AT8", *, range_shrink_percentile: float | None = None
 ) -> QConfigMapping:
-    """Resolve a named type, a user ``QConfig`` or a user ``QConfigMapping`` to the ``QConfigMapping`` to prepare with."""
+    """Resolve a named type, a user ``QConfig`` or a user ``QConfigMapping`` to the mapping to prepare with."""
     if isinstance(qconfig_type, QConfigMapping):
         if range_shrink_percentile is not None:
             raise UsageError("range_shrink_percentile applies to named qconfig types, not to a QConfigMapping")

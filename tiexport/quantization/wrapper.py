@@ -2,7 +2,7 @@
 
 The API users already write (shared wrapper reference, "API users already write")::
 
-    model = PTCFxModule(model, qconfig_type="WC8_AT8", bias_calibration_factor=0.01)   # or QATFxModule(model, total_epochs=N)
+    model = PTCFxModule(model, qconfig_type="WC8_AT8", bias_calibration_factor=0.01)  # or QATFxModule(model, N)
     for epoch in range(n):
         model.train()                     # each train() call is one epoch
         for images, _ in loader:
@@ -47,7 +47,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
@@ -205,6 +205,29 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]
     )
 
 
+def _init_weight_qparams(graph_module: torch.nn.Module) -> None:
+    """Give every weight fake-quant its scale from the weights now, before any forward pass.
+
+    Weights are known at wrap time; without this, observers frozen from the start (``num_observer_update_epochs=0``)
+    would leave per-channel weight scales at torch's placeholder, a single 1.0. Conv+BN QAT modules quantize the
+    BN-folded weight, so that is what is observed.
+    """
+    with torch.no_grad():
+        for m in graph_module.modules():
+            fq = getattr(m, "weight_fake_quant", None)
+            weight = getattr(m, "weight", None)
+            if not isinstance(fq, FakeQuantizeBase) or not isinstance(weight, torch.Tensor):
+                continue
+            w = weight.detach()
+            bn = getattr(m, "bn", None)
+            if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and bn.running_var is not None and (
+                bn.weight is not None
+            ):
+                factor = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+                w = w * factor.reshape([-1] + [1] * (w.dim() - 1))
+            fq(w)
+
+
 def _world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return int(torch.distributed.get_world_size())
@@ -298,7 +321,8 @@ class _QuantFxModule(torch.nn.Module):
                 "module or a concrete argument"
             ) from exc
         changed = apply_graph_rules(prepared) if self._apply_rules else {}
-        prepared._tiexport_qconfig_type = self.qconfig_type_name  # export writes it to the model's metadata
+        _init_weight_qparams(prepared)
+        setattr(prepared, "_tiexport_qconfig_type", self.qconfig_type_name)  # noqa: B010  export writes it to metadata
         self.module = prepared
         self._prepared = True
         if self.bias_calibration_factor > 0:
@@ -349,11 +373,11 @@ class _QuantFxModule(torch.nn.Module):
                     m.disable_observer()
                 else:
                     m.enable_observer()
-            if hasattr(m, "freeze_bn_stats") and hasattr(m, "update_bn_stats"):
+            if hasattr(m, "freeze_bn_stats") and hasattr(m, "update_bn_stats"):  # torch.ao.nn.intrinsic.qat Conv+BN
                 if self._bn_frozen:
-                    m.freeze_bn_stats()
+                    cast(Any, m).freeze_bn_stats()
                 else:
-                    m.update_bn_stats()
+                    cast(Any, m).update_bn_stats()
         for m in self.module.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.train(self.training and not self._bn_frozen)
@@ -379,16 +403,17 @@ class _QuantFxModule(torch.nn.Module):
             return
         with torch.no_grad():
             for m in self.module.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     for buf in (m.running_mean, m.running_var):
-                        torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
-                        buf.div_(world)
+                        if buf is not None:
+                            torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+                            buf.div_(world)
 
     # --- forward -------------------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self._prepared:
             if self._example_inputs is None:
-                self._example_inputs = args[0] if len(args) == 1 and not kwargs else (dict(kwargs) if not args else args)
+                self._example_inputs = args[0] if len(args) == 1 and not kwargs else (args if args else dict(kwargs))
             self._prepare(args, kwargs)
         if self.training and self._bn_sync_pending and not self._converted:
             self._bn_sync_pending = False
@@ -420,8 +445,10 @@ class _QuantFxModule(torch.nn.Module):
             return self
         self.eval()
         with _quiet_torch_ao():
-            converted = quantize_fx.convert_to_reference_fx(self.module, backend_config=self._backend_config)
-        converted._tiexport_qconfig_type = self.qconfig_type_name
+            converted = quantize_fx.convert_to_reference_fx(
+                cast(GraphModule, self.module), backend_config=self._backend_config
+            )
+        setattr(converted, "_tiexport_qconfig_type", self.qconfig_type_name)  # noqa: B010
         self.module = converted
         self._converted = True
         self._bias_calibrator = None

@@ -1,0 +1,162 @@
+"""Observers: power-of-2 scales, zero point 0 with data-driven uint8/int8, weight scales, range shrink vs full range."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tiexport.quantization.observers import (  # noqa: E402
+    ActivationObserver,
+    TidlFakeQuantize,
+    WeightObserver,
+    power_of_2_ceil,
+)
+
+
+def _is_power_of_2(t: torch.Tensor) -> bool:
+    mantissa, _ = torch.frexp(t.float())
+    return bool((mantissa == 0.5).all())
+
+
+def test_power_of_2_ceil_is_exact_and_never_smaller() -> None:
+    s = torch.tensor([3e-5, 0.01, 0.0625, 0.3, 1.0, 7.9])
+    p = power_of_2_ceil(s)
+    assert _is_power_of_2(p)
+    assert (p >= s).all() and (p < 2 * s).all()
+    assert p[2].item() == 0.0625  # already a power of two: unchanged
+
+
+def test_symmetric_non_negative_tensor_is_uint8_with_zero_point_0() -> None:
+    obs = ActivationObserver(symmetric=True)
+    obs(torch.rand(1000) * 5.1)
+    scale, zp = obs.calculate_qparams()
+    assert (obs.dtype, obs.quant_min, obs.quant_max) == (torch.quint8, 0, 255)
+    assert zp.item() == 0
+    assert scale.item() == pytest.approx(obs.max_val.item() / 255, rel=1e-6)
+
+
+def test_symmetric_signed_tensor_is_int8_with_zero_point_0_not_128() -> None:
+    obs = ActivationObserver(symmetric=True)
+    obs(torch.linspace(-2.0, 3.0, 1001))
+    scale, zp = obs.calculate_qparams()
+    assert (obs.dtype, obs.quant_min, obs.quant_max) == (torch.qint8, -128, 127)
+    assert zp.item() == 0
+    assert scale.item() == pytest.approx(3.0 / 127, rel=1e-6)  # the larger end sets the scale, nothing clipped
+
+
+def test_affine_activation_is_uint8_with_zero_point_covering_the_range() -> None:
+    obs = ActivationObserver()
+    obs(torch.linspace(-1.0, 3.0, 1001))
+    scale, zp = obs.calculate_qparams()
+    assert obs.dtype == torch.quint8
+    assert scale.item() == pytest.approx(4.0 / 255, rel=1e-6)
+    assert zp.item() == round(1.0 / scale.item())
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_power_of_2_activation_scale_is_exact_power_of_2_and_covers_range(symmetric: bool) -> None:
+    obs = ActivationObserver(symmetric=symmetric, power_of_2=True)
+    obs(torch.linspace(-1.3, 2.7, 1001))
+    scale, zp = obs.calculate_qparams()
+    assert _is_power_of_2(scale)
+    lo = (obs.quant_min - zp.item()) * scale.item()
+    hi = (obs.quant_max - zp.item()) * scale.item()
+    assert lo <= -1.3 + scale.item() / 2 and hi >= 2.7 - scale.item() / 2
+    if symmetric:
+        assert zp.item() == 0
+
+
+def test_weight_observer_per_channel_axis_0_int8_symmetric() -> None:
+    w = torch.randn(6, 3, 3, 3)
+    w[2] *= 10
+    obs = WeightObserver(per_channel=True)
+    obs(w)
+    scale, zp = obs.calculate_qparams()
+    assert obs.qscheme == torch.per_channel_symmetric and obs.ch_axis == 0
+    assert (obs.dtype, obs.quant_min, obs.quant_max) == (torch.qint8, -128, 127)
+    assert scale.shape == (6,) and (zp == 0).all()
+    expected = w.abs().reshape(6, -1).amax(dim=1) / 127
+    torch.testing.assert_close(scale, expected)
+
+
+def test_weight_observer_per_tensor_power_of_2() -> None:
+    w = torch.randn(6, 3, 3, 3)
+    obs = WeightObserver(per_channel=False, power_of_2=True)
+    obs(w)
+    scale, zp = obs.calculate_qparams()
+    assert obs.qscheme == torch.per_tensor_symmetric
+    assert scale.numel() == 1 and _is_power_of_2(scale) and zp.item() == 0
+    assert scale.item() * 127 >= w.abs().max().item()
+
+
+def test_weight_range_follows_current_weights_not_a_running_extreme() -> None:
+    obs = WeightObserver(per_channel=False)
+    obs(torch.full((4, 4), 2.0))
+    obs(torch.full((4, 4), 1.0))
+    assert obs.calculate_qparams()[0].item() == pytest.approx(1.0 / 127)
+
+
+def _outlier_batches(n: int = 4) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        x = torch.randn(20000, generator=gen)
+        x[:2] = 50.0  # 0.01 % of the values are huge outliers
+        out.append(x)
+    return out
+
+
+def test_range_shrink_clips_outliers_that_full_range_keeps() -> None:
+    shrink = ActivationObserver(range_shrink_percentile=0.1)
+    full = ActivationObserver(range_shrink_percentile=0.0)
+    for x in _outlier_batches():
+        shrink(x)
+        full(x)
+    assert full.max_val.item() == 50.0
+    assert shrink.max_val.item() < 5.0
+    assert shrink.calculate_qparams()[0].item() < full.calculate_qparams()[0].item() / 8
+
+
+def test_range_shrink_leaves_small_tensors_unclipped() -> None:
+    obs = ActivationObserver(range_shrink_percentile=0.01)
+    x = torch.linspace(-1, 1, 100)  # fewer than 100 / 0.01 % values: nothing to clip
+    obs(x)
+    assert (obs.min_val.item(), obs.max_val.item()) == (-1.0, 1.0)
+
+
+def test_mean_aggregation_averages_per_batch_ranges() -> None:
+    obs = ActivationObserver(range_aggregation="mean")
+    obs(torch.tensor([0.0, 1.0]))
+    obs(torch.tensor([0.0, 3.0]))
+    assert obs.max_val.item() == pytest.approx(2.0)
+
+
+def test_fake_quantize_follows_observer_dtype_and_range() -> None:
+    fq = TidlFakeQuantize(observer=ActivationObserver, symmetric=True)
+    fq(torch.rand(100))
+    assert (fq.dtype, fq.quant_min, fq.quant_max) == (torch.quint8, 0, 255)
+    fq(torch.rand(100) - 2)
+    assert (fq.dtype, fq.quant_min, fq.quant_max) == (torch.qint8, -128, 127)
+    assert fq.zero_point.item() == 0
+    y = fq(torch.tensor([-1.0]))
+    assert y.item() == pytest.approx(-1.0, abs=fq.scale.item())
+
+
+def test_fake_quantize_is_not_the_fused_moving_average_kind() -> None:
+    from torch.ao.quantization import FakeQuantize, FusedMovingAvgObsFakeQuantize
+
+    fq = TidlFakeQuantize(observer=ActivationObserver)
+    assert isinstance(fq, FakeQuantize) and not isinstance(fq, FusedMovingAvgObsFakeQuantize)
+
+
+def test_unobserved_gives_unit_scale_and_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    obs = ActivationObserver()
+    scale, zp = obs.calculate_qparams()
+    assert (scale.item(), zp.item()) == (1.0, 0)
+    assert "seen no data" in caplog.text
+
+
+def test_invalid_percentile_rejected() -> None:
+    with pytest.raises(ValueError, match="range_shrink_percentile"):
+        ActivationObserver(range_shrink_percentile=60)
