@@ -374,12 +374,11 @@ _VIEW_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Unflatten)
 
 
 def _is_quantized_function(target: Any) -> str | None:
-    """The op name of a ``torch.ops.quantized.*`` target, else None."""
-    ns = getattr(target, "namespace", None) or getattr(getattr(target, "_schema", None), "name", "").split("::")[0]
-    if ns != "quantized":
-        return None
-    name = getattr(target, "__name__", "") or str(target)
-    return name.split(".")[0]
+    """The op name of a ``torch.ops.quantized.*`` target (packet or overload), else None."""
+    qual = getattr(target, "_qualified_op_name", None) or getattr(getattr(target, "_schema", None), "name", None)
+    if isinstance(qual, str) and qual.startswith("quantized::"):
+        return qual.split("::", 1)[1]
+    return None
 
 
 def _is_quantize_call(node: torch.fx.Node) -> bool:
@@ -463,12 +462,13 @@ def lower_converted_graph(gm: torch.fx.GraphModule, args: tuple[Any, ...], prefi
         root[target] = module
         return graph.call_module(target, inputs)
 
-    def requant(node: torch.fx.Node, value: torch.fx.Node) -> torch.fx.Node:
+    def requant(node: torch.fx.Node, value: torch.fx.Node, site: str) -> torch.fx.Node:
+        """Q/DQ after ``value`` with what the converted model's output of ``node`` was quantized with; the site is
+        named after the module (or FX node) whose output it quantizes."""
         spec = specs.get(node.name)
         if spec is None:
             return value
-        target = site_name(node.name)
-        return add_module(target, _QDQ(spec, full(target)), (value,))
+        return add_module(site_name(node.name), _QDQ(spec, full(site)), (value,))
 
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -502,14 +502,14 @@ def lower_converted_graph(gm: torch.fx.GraphModule, args: tuple[Any, ...], prefi
             else:
                 root[str(node.target)] = sub
                 value = graph.call_module(str(node.target), arg(node.args), arg(node.kwargs))
-                env[node] = value if _is_view(node, gm) else requant(node, value)
+                env[node] = value if _is_view(node, gm) else requant(node, value, str(node.target))
         else:  # call_function / call_method on float or quantized tensors: same op in float, Q/DQ if it was quantized
             value = graph.create_node(node.op, node.target, arg(node.args), arg(node.kwargs), name=node.name)
-            env[node] = value if _is_view(node, gm) else requant(node, value)
-    graph.eliminate_dead_code()
-    live_targets = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
-    new = torch.fx.GraphModule({k: v for k, v in root.items() if k in live_targets}, graph,
-                               class_name=f"{type(gm).__name__}Lowered")
+            env[node] = value if _is_view(node, gm) else requant(node, value, node.name)
+    new = torch.fx.GraphModule(root, graph, class_name=f"{type(gm).__name__}Lowered")
+    new.graph.eliminate_dead_code()
+    new.delete_all_unused_submodules()
+    new.recompile()
     new.training = False
     return new
 
@@ -654,8 +654,10 @@ class ExportLowering:
                     self._state.buffers.append((fq, flag, buf.detach().clone()))
             if hasattr(fq, "disable_observer"):
                 fq.disable_observer()
-            if hasattr(fq, "toggle_qparam_learning"):
-                fq.toggle_qparam_learning(enabled=False)
+            for flag in ("observer_enabled", "learning_enabled", "static_enabled"):
+                buf = getattr(fq, flag, None)  # set directly too: a subclass may not route these through methods
+                if isinstance(buf, torch.Tensor):
+                    buf.fill_(0)
             spec = spec_from_fake_quant(fq, name)
             self.fake_quant_sites[name] = spec
             if spec is None:
@@ -704,7 +706,9 @@ class ExportLowering:
                 weight = m.weight * factor.reshape([-1] + [1] * (m.weight.dim() - 1))
                 bias0 = m.bias if m.bias is not None else torch.zeros_like(std)
                 bias = beta + (bias0 - bn.running_mean) * factor
-            for buf_name, value in (("_tiexport_folded_weight", weight), ("_tiexport_folded_bias", bias)):
+            for buf_name, value in (("folded_weight", weight), ("folded_bias", bias)):
+                if hasattr(m, buf_name):
+                    raise UsageError(f"{name}: {type(m).__name__} already has an attribute {buf_name!r}")
                 m.register_buffer(buf_name, value.detach().clone())
                 self._state.temp_buffers.append((m, buf_name))
             self._patch_forward(m, _conv_bn_forward(m, isinstance(m, conv_bn_relu) if conv_bn_relu else False))
@@ -809,8 +813,8 @@ def _fake_quant_forward(spec: QSpec | None, name: str) -> Callable[[torch.Tensor
 
 def _conv_bn_forward(m: nn.Module, relu: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        w = m.weight_fake_quant(m._tiexport_folded_weight)
-        y = m._conv_forward(x, w, m._tiexport_folded_bias)
+        w = m.weight_fake_quant(m.folded_weight)
+        y = m._conv_forward(x, w, m.folded_bias)
         return F.relu(y) if relu else y
 
     return forward

@@ -18,7 +18,7 @@ builds at 18), and the IR version is set to the lowest that the opset needs (TID
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +27,17 @@ from onnx import helper, numpy_helper
 
 from tiexport.symbolics.qdq import MARKER_DOMAIN, MARKER_OP
 
-__all__ = ["QdqSite", "expand_markers", "finalize", "remove_unused", "set_opset_and_ir"]
+__all__ = [
+    "QdqSite",
+    "expand_markers",
+    "finalize",
+    "fold_weight_transposes",
+    "reduce_mean_to_global_pool",
+    "remove_identities",
+    "remove_unused",
+    "reshape_without_allowzero",
+    "set_opset_and_ir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +269,7 @@ def set_opset_and_ir(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         from onnx import version_converter
 
         model = version_converter.convert_version(model, opset)
+        _drop_default_attributes_unknown_to(model, opset)
     ir = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     if model.functions:
         ir = max(ir, 8)  # local functions need IR 8
@@ -266,15 +277,190 @@ def set_opset_and_ir(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     return model
 
 
+def _drop_default_attributes_unknown_to(model: onnx.ModelProto, opset: int) -> None:
+    """ONNX's version converter keeps attributes that only newer opsets define (Resize ``antialias``, Reduce*
+    ``noop_with_empty_axes``...). Where such an attribute holds its default value, dropping it is exact; any other
+    value cannot be expressed in the older opset."""
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, "")
+        except onnx.defs.SchemaError:
+            continue
+        for attr in list(node.attribute):
+            if attr.name in schema.attributes:
+                continue
+            value = helper.get_attribute_value(attr)
+            if value in _NEWER_DEFAULTS.get(attr.name, ()):
+                node.attribute.remove(attr)
+            else:
+                raise ValueError(f"{node.op_type} {node.name!r}: attribute {attr.name}={value!r} has no equivalent "
+                                 f"in opset {opset}; export with opset_version=18 or newer")
+
+
+# Attributes added in opsets after 17, with the values that mean "the old behaviour".
+_NEWER_DEFAULTS: dict[str, tuple[object, ...]] = {
+    "noop_with_empty_axes": (0,),
+    "antialias": (0,),
+    "keep_aspect_ratio_policy": (b"stretch", "stretch"),
+    "saturate": (1,),
+    "stash_type": (1,),
+    "block_size": (0,),
+    "output_dtype": (0,),
+}
+
+
+def remove_identities(graph: onnx.GraphProto) -> int:
+    """``Identity(x) -> x``: TIDL runs a standalone Identity on Arm (tidl.md §3); the exporters leave a few."""
+    outputs = {o.name for o in graph.output}
+    inputs = {i.name for i in graph.input} | {init.name for init in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    removed = 0
+    for node in list(graph.node):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.input) != 1:
+            continue
+        src, dst = node.input[0], node.output[0]
+        if dst in outputs:
+            producer = producers.get(src)
+            if src in inputs or src in outputs or producer is None:
+                continue  # an output that is a graph input/initializer needs its Identity
+            _rename_value(graph, src, dst)
+        else:
+            _rename_value(graph, dst, src, uses_only=True)
+        graph.node.remove(node)
+        producers = {o: n for n in graph.node for o in n.output}
+        removed += 1
+    return removed
+
+
+def _rename_value(graph: onnx.GraphProto, old: str, new: str, uses_only: bool = False) -> None:
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            if name == old:
+                n.input[i] = new
+        if not uses_only:
+            for i, name in enumerate(n.output):
+                if name == old:
+                    n.output[i] = new
+    if not uses_only:
+        for v in graph.value_info:
+            if v.name == old:
+                v.name = new
+
+
+def fold_weight_transposes(graph: onnx.GraphProto) -> int:
+    """``Transpose(DequantizeLinear(w_q)) -> DequantizeLinear(transpose(w_q))`` for an int8 initializer ``w_q`` read
+    by nothing else (the TorchScript exporter writes ``MatMul(x, Transpose(W))`` for a linear layer on 3-D input):
+    TIDL takes per-column MatMul weights only from a constant initializer (tidl.md §2 InnerProduct). Exact."""
+    inits = {init.name: init for init in graph.initializer}
+    consumers: dict[str, int] = Counter(i for n in graph.node for i in n.input)
+    producers = {o: n for n in graph.node for o in n.output}
+    folded = 0
+    for tr in list(graph.node):
+        if tr.op_type != "Transpose" or not tr.input:
+            continue
+        dq = producers.get(tr.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or consumers[dq.output[0]] != 1:
+            continue
+        w_name = dq.input[0]
+        if w_name not in inits or consumers[w_name] != 1:
+            continue
+        w = numpy_helper.to_array(inits[w_name])
+        perm = [int(p) for p in next((helper.get_attribute_value(a) for a in tr.attribute if a.name == "perm"),
+                                     list(range(w.ndim))[::-1])]
+        axis_attr = next((a for a in dq.attribute if a.name == "axis"), None)
+        scale = numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else None
+        if scale is None:
+            continue
+        new_w = numpy_helper.from_array(np.ascontiguousarray(np.transpose(w, perm)), w_name)
+        inits[w_name].CopyFrom(new_w)
+        if scale.ndim == 1 and axis_attr is not None:
+            old_axis = axis_attr.i % w.ndim
+            axis_attr.i = perm.index(old_axis)
+        elif scale.ndim == 1:  # default axis 1 of the untransposed weight
+            dq.attribute.append(helper.make_attribute("axis", perm.index(1 % w.ndim)))
+        dq.output[0] = tr.output[0]
+        graph.node.remove(tr)
+        folded += 1
+    return folded
+
+
+def reduce_mean_to_global_pool(model: onnx.ModelProto) -> int:
+    """``ReduceMean(x, axes=all spatial, keepdims=1) -> GlobalAveragePool(x)`` (the dynamo exporter writes
+    ``adaptive_avg_pool2d(x, 1)`` as ReduceMean, which TIDL runs on Arm; GlobalAveragePool it accelerates,
+    tidl.md §3). Exact."""
+    graph = model.graph
+    ranks = _ranks(model)
+    consts = _constants(graph)
+    count = 0
+    for node in graph.node:
+        if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or not node.input:
+            continue
+        rank = ranks.get(node.input[0])
+        if rank is None or rank < 3:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if int(attrs.get("keepdims", 1)) != 1:
+            continue
+        if "axes" in attrs:
+            axes = [int(v) for v in attrs["axes"]]  # type: ignore[union-attr]
+        elif len(node.input) > 1 and node.input[1] in consts:
+            axes = [int(v) for v in consts[node.input[1]].ravel()]
+        else:
+            continue
+        if sorted(a % rank for a in axes) != list(range(2, rank)):
+            continue
+        node.op_type = "GlobalAveragePool"
+        del node.input[1:]
+        del node.attribute[:]
+        count += 1
+    return count
+
+
+def reshape_without_allowzero(graph: onnx.GraphProto) -> int:
+    """``Reshape(allowzero=1)`` with a constant shape free of zeros -> ``allowzero=0`` (same result; TIDL does not
+    support allowzero, tidl.md §3)."""
+    consts = _constants(graph)
+    count = 0
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        attr = next((a for a in node.attribute if a.name == "allowzero"), None)
+        if attr is None or attr.i == 0:
+            continue
+        shape = consts.get(node.input[1])
+        if shape is not None and not np.any(shape == 0):
+            node.attribute.remove(attr)
+            count += 1
+    return count
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is best effort here; the checker runs it strictly later
+        inferred = model
+    out: dict[str, int] = {}
+    g = inferred.graph
+    for v in list(g.input) + list(g.value_info) + list(g.output):
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+            out[v.name] = len(v.type.tensor_type.shape.dim)
+    for init in g.initializer:
+        out[init.name] = len(init.dims)
+    return out
+
+
 def finalize(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, list[QdqSite]]:
     """All the rewrites of this module, in order; returns the new model and its quantization sites."""
     sites = expand_markers(model)
     _strip_exporter_metadata(model)
+    remove_identities(model.graph)
+    fold_weight_transposes(model.graph)
     remove_unused(model.graph)
     model = set_opset_and_ir(model, opset)
-    by_module: dict[str, int] = defaultdict(int)
-    for s in sites:
-        by_module[s.module] += 1
-    log.debug("expanded %d quantization sites from %d modules", len(sites), len(by_module))
+    reduce_mean_to_global_pool(model)
+    reshape_without_allowzero(model.graph)
+    remove_unused(model.graph)
+    log.debug("expanded %d quantization sites from %d modules", len(sites), len({s.module for s in sites}))
     return model, sites
-
