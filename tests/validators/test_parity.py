@@ -482,3 +482,8 @@ def test_shared_name_with_another_shape_is_noted_not_compared() -> None:
     assert report.passed  # random inputs are >= 0: Relu is the identity there
     assert "mid_out" not in [layer.tensor for layer in report.layers]
     assert any("mid_out" in note for note in report.notes)
+
+
+def test_metrics_on_scalars() -> None:
+    m = tensor_metrics(np.float32(2.0), np.float32(2.5), step=0.5)
+    assert m.max_lsb == pytest.approx(1.0) and m.passed and m.shape == ()

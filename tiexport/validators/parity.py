@@ -238,6 +238,8 @@ class _Accumulator:
         # int64 first: differences of uint8 codes must not wrap around
         r = ref.astype(np.int64).astype(np.float64) if ref.dtype.kind in "iub" else ref.astype(np.float64)
         c = cand.astype(np.int64).astype(np.float64) if cand.dtype.kind in "iub" else cand.astype(np.float64)
+        if r.ndim == 0:  # scalars: numpy arithmetic on 0-d arrays returns immutable scalars
+            r, c = r.reshape(1), c.reshape(1)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             d = np.abs(r - c)
             same = (r == c) | (np.isnan(r) & np.isnan(c))
