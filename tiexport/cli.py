@@ -282,7 +282,7 @@ def _add_fix(sub: argparse._SubParsersAction) -> None:
                         "says)")
     p.add_argument("--in-place", action="store_true", help="allow OUT to be MODEL (or omit -o to rewrite MODEL)")
     p.add_argument("--no-parity", dest="parity", action="store_false", help="skip the parity check")
-    p.add_argument("--num-samples", "-n", type=int, default=8, metavar="N",
+    p.add_argument("--num-samples", "-n", type=int, default=4, metavar="N",
                    help="random parity samples when no --inputs (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random-data seed (default: %(default)s)")
     p.add_argument("--max-lsb", type=float, default=1.0, metavar="L",

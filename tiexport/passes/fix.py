@@ -211,7 +211,7 @@ def fix(
     align_concat: bool = True,
     inputs: Any = None,
     parity: bool = True,
-    num_samples: int = 8,
+    num_samples: int = 4,
     seed: int = 0,
     max_lsb: float = 1.0,
     max_iterations: int = 8,
