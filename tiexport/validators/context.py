@@ -122,6 +122,12 @@ class ModelContext:
         ]
         self.graph_output_names: set[str] = {o.name for o in self.graph.output}
         self._const_cache: dict[str, np.ndarray | None] = {}
+        # Rules ask for the same Q/DQ parameters and shapes once per rule and per device (validate of ResNet-50 for
+        # all six devices: ~7000 qparams() and ~4400 shape() calls for ~650 nodes, a quarter of its time; see
+        # bench/RESULTS.md). Both are pure functions of the unchanging model, so they are computed once. The node
+        # itself is kept in the entry so that an id() reused by another object can never hit.
+        self._qparams_cache: dict[int, tuple[onnx.NodeProto, QParams | None]] = {}
+        self._shape_cache: dict[str, tuple[int | str | None, ...] | None] = {}
         self.cache: dict[str, Any] = {}
         """Per-model results that rule modules compute once for all devices (keyed by module); never global."""
 
@@ -214,6 +220,14 @@ class ModelContext:
     # ------------------------------------------------------------------------------------------------ Q/DQ
     def qparams(self, node: onnx.NodeProto) -> QParams | None:
         """Q/DQ parameters, or None when scale or zero point is not a decodable constant."""
+        hit = self._qparams_cache.get(id(node))
+        if hit is not None and hit[0] is node:
+            return hit[1]
+        value = self._qparams(node)
+        self._qparams_cache[id(node)] = (node, value)
+        return value
+
+    def _qparams(self, node: onnx.NodeProto) -> QParams | None:
         if node.op_type not in QDQ_OPS or len(node.input) < 2:
             return None
         scale = self.const(node.input[1])
@@ -330,6 +344,13 @@ class ModelContext:
 
     def shape(self, tensor: str) -> tuple[int | str | None, ...] | None:
         """Dims of a tensor: int when known, the symbol (str) when symbolic, None when unknown; None if rank unknown."""
+        if tensor in self._shape_cache:
+            return self._shape_cache[tensor]
+        value = self._shape(tensor)
+        self._shape_cache[tensor] = value
+        return value
+
+    def _shape(self, tensor: str) -> tuple[int | str | None, ...] | None:
         t = self.type_of(tensor)
         if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
             return None
