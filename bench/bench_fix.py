@@ -60,10 +60,13 @@ def run(cfg: Config) -> list[Section]:
                     command="python bench/bench_fix.py" + (" --quick" if cfg.quick else ""))
         outs = {k: cfg.work / f"{path.stem}.{k}.onnx" for k in ("saved", "fixed", "slim")}
         cmds = {
-            "onnx load+save": [py, "-c", f"import onnx; onnx.save(onnx.load({str(path)!r}), {str(outs['saved'])!r})"],
+            "onnx load+save": [py, "-c", f'import onnx; onnx.save(onnx.load("{path}"), "{outs["saved"]}")'],
             f"tiexport fix --device {DEVICE}": [*tiexport_command(), "fix", str(path), "-o", str(outs["fixed"]),
                                                 "--device", DEVICE],
         }
+        # for attribution, not a target: the same fix without its parity check (two ONNX Runtime sessions)
+        cmds[f"tiexport fix --device {DEVICE} --no-parity"] = [*tiexport_command(), "fix", str(path), "-o",
+                                                               str(outs["fixed"]), "--device", DEVICE, "--no-parity"]
         slim = peer_command("onnxslim", "onnxslim") if cfg.peers else None
         if slim:
             cmds["onnxslim"] = [*slim, str(path), str(outs["slim"])]

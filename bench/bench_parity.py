@@ -2,7 +2,8 @@
 
 Target (issue 8): ``tiexport parity Q --reference F --num-samples 8`` on the ResNet-50-size model (Q its QDQ model, F
 the float model) <= 1.5x the time of the bare runs: one script that creates both sessions (graph optimisations off,
-as the parity default) and runs 8 seeded random samples through each. Both as subprocesses, so each pays for its
+as the parity default; thread spinning off, as tiexport does, because with two cores an idle session's spinning
+threads slow the busy one) and runs 8 seeded random samples through each. Both as subprocesses, so each pays for its
 interpreter and imports. ``--per-layer`` is timed beside them for information (it compares every shared tensor).
 """
 
@@ -37,6 +38,8 @@ import numpy as np
 import onnxruntime as ort
 so = ort.SessionOptions()
 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+so.add_session_config_entry("session.inter_op.allow_spinning", "0")
 n = int(sys.argv[3])
 for path in sys.argv[1:3]:
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
@@ -44,6 +47,7 @@ for path in sys.argv[1:3]:
     rng = np.random.default_rng(0)
     for _ in range(n):
         sess.run(None, {inp.name: rng.random(inp.shape, dtype=np.float32)})
+    del sess
 """
 
 

@@ -34,7 +34,7 @@ def _commands(path: Path, peers: bool) -> tuple[dict[str, list[str]], list[str]]
     py = sys.executable
     cmds = {
         "python -c 'import onnx'": [py, "-c", "import onnx"],
-        "onnx.load": [py, "-c", f"import onnx; onnx.load({str(path)!r})"],
+        "onnx.load": [py, "-c", f'import onnx; onnx.load("{path}")'],
         "tiexport validate": [*tiexport_command(), "validate", str(path)],
         "tiexport validate --device AM68A": [*tiexport_command(), "validate", str(path), "--device", "AM68A"],
     }
