@@ -80,7 +80,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     ops: dict[str, int] = {}
     for n in ctx.nodes:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    info = {
+    info: dict[str, object] = {
         "model": ctx.name,
         "ir_version": ctx.model.ir_version,
         "opset": ctx.opset,
@@ -90,13 +90,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "nodes": len(ctx.nodes),
         "initializers": len(ctx.initializers),
         "quantized": ctx.is_quantized,
-        "op_types": dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
     }
+    op_types = dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
+    info["op_types"] = op_types
     if args.format == "json":
         _emit(json.dumps(info, indent=2), None)
     else:
         lines = [f"{k}: {v}" for k, v in info.items() if k != "op_types"]
-        lines.append("op_types: " + ", ".join(f"{k} {v}" for k, v in info["op_types"].items()))  # type: ignore[union-attr]
+        lines.append("op_types: " + ", ".join(f"{k} {v}" for k, v in op_types.items()))
         _emit("\n".join(lines), None)
     return 0
 

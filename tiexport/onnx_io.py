@@ -194,7 +194,10 @@ def save_model(
     try:
         if model.ByteSize() > external_data_threshold:
             data_name = out.name + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+            # onnx.save_model moves tensor bytes out of the proto it is given: save a copy, keep the caller's intact
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
         else:
             with open(tmp, "wb") as f:

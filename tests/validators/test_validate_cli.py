@@ -202,3 +202,21 @@ def test_console_script_runs(clean: Path) -> None:
         pytest.skip("console script not installed in this environment")
     res = subprocess.run([str(exe), "validate", str(clean), "-d", "AM68A"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "AM68A: compatible" in res.stdout
+
+
+def test_info_json(clean: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(clean), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["opset"] == 17 and doc["inputs"] == {"input": [1, 3, 8, 8]} and doc["quantized"] is True
+    assert doc["op_types"] == {"DequantizeLinear": 4, "QuantizeLinear": 2, "Conv": 1, "Relu": 1}
+
+
+def test_save_model_keeps_the_callers_model_intact(tmp_path: Path) -> None:
+    from tiexport.onnx_io import save_model
+
+    model = tiny_conv()
+    before = model.SerializeToString()
+    save_model(model, tmp_path / "big.onnx", external_data_threshold=0)  # force the external-data path
+    assert model.SerializeToString() == before
+    assert (tmp_path / "big.onnx.data").exists()
+    assert tiexport.validate(str(tmp_path / "big.onnx"), "AM68A").findings == []
