@@ -214,7 +214,7 @@ def test_info_json(clean: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_save_model_keeps_the_callers_model_intact(tmp_path: Path) -> None:
     from tiexport.onnx_io import save_model
 
-    model = tiny_conv()
+    model = tiny_conv(channels=16, out_channels=64)  # a 9 KB weight: large enough to go to the data file
     before = model.SerializeToString()
     save_model(model, tmp_path / "big.onnx", external_data_threshold=0)  # force the external-data path
     assert model.SerializeToString() == before
