@@ -163,6 +163,35 @@ def test_matmul_inputs_symmetric_unless_fed_by_softmax_or_relu() -> None:
     assert not _observer_of(w, "v").symmetric
 
 
+def test_matmul_output_is_int8_when_its_inputs_are_signed() -> None:
+    w = _calibrated("WC8_AT8", model=_Attention().eval(), shape=(2, 3, 4))
+    first = next(n for n in w.module.graph.nodes if n.op == "call_function" and n.target is torch.matmul)
+    fq = w.module.get_submodule(next(iter(first.users)).target)
+    assert fq.activation_post_process.symmetric and fq.activation_post_process.force_signed
+    assert fq.dtype == torch.qint8 and fq.zero_point.item() == 0
+
+
+class _Gate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.c = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.a(x) * self.b(x)) + self.a(x)
+
+
+def test_mul_inputs_and_output_symmetric_add_stays_affine() -> None:
+    w = _calibrated("WC8_AT8", model=_Gate().eval(), shape=(8, 4))
+    mul = next(n for n in w.module.graph.nodes if n.op == "call_function" and n.target.__name__ == "mul")
+    add = next(n for n in w.module.graph.nodes if n.op == "call_function" and n.target.__name__ == "add")
+    for arg in mul.args:
+        assert w.module.get_submodule(arg.target).activation_post_process.symmetric
+    assert w.module.get_submodule(next(iter(mul.users)).target).activation_post_process.symmetric
+    assert not w.module.get_submodule(next(iter(add.users)).target).activation_post_process.symmetric
+
+
 def test_network_input_is_symmetric_and_not_range_shrunk() -> None:
     w = _calibrated("WC8_AT8")
     placeholder = next(n for n in w.module.graph.nodes if n.op == "placeholder")

@@ -86,6 +86,7 @@ class ActivationObserver(ObserverBase):
     ``symmetric``: zero point 0; uint8 (0..255) while the observed range is non-negative, int8 (-128..127) otherwise.
     ``range_shrink_percentile``: percent clipped at each end of every batch (0 keeps the batch's full range).
     ``range_aggregation``: ``"max"`` (widest per-batch range) or ``"mean"`` (running mean of per-batch ranges).
+    ``force_signed``: with ``symmetric``, int8 even for non-negative data (a MatMul output whose inputs are signed).
     ``symmetric`` and ``range_shrink_percentile`` may be changed after construction (before calibration): the
     graph rules in :mod:`tiexport.quantization.qconfig` make MatMul inputs and network inputs symmetric that way.
     """
@@ -103,6 +104,7 @@ class ActivationObserver(ObserverBase):
         power_of_2: bool = False,
         range_shrink_percentile: float = 0.0,
         range_aggregation: str = DEFAULT_RANGE_AGGREGATION,
+        force_signed: bool = False,
         sync_distributed: bool = True,
         is_dynamic: bool = False,
         eps: float = _EPS,
@@ -116,6 +118,7 @@ class ActivationObserver(ObserverBase):
             raise ValueError(f"range_aggregation must be 'max' or 'mean', got {range_aggregation!r}")
         super().__init__(dtype=dtype, is_dynamic=False)
         self.range_aggregation = range_aggregation
+        self.force_signed = force_signed
         self.symmetric = symmetric
         self.power_of_2 = power_of_2
         self.range_shrink_percentile = float(range_shrink_percentile)
@@ -161,7 +164,7 @@ class ActivationObserver(ObserverBase):
     @property
     def _signed(self) -> bool:
         # only symmetric quantization switches to int8; affine keeps uint8 with a zero point
-        return self.symmetric and bool(self.min_val < 0)
+        return self.symmetric and (self.force_signed or bool(self.min_val < 0))
 
     # --- observation -----------------------------------------------------------------------------------------
     def _batch_range(self, x: torch.Tensor) -> torch.Tensor:

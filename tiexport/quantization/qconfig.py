@@ -24,7 +24,10 @@ torch's per-channel axis 0 would be the input-channel axis there.
 Graph rules applied after ``prepare`` (:func:`apply_graph_rules`), for the named types:
 
 - MatMul inputs are symmetric unless fed by Softmax, Relu or Sigmoid (tidl.md §2, "MatMul: signed inputs with
-  unsigned output unsupported"; TI's v2 wrapper does the same).
+  unsigned output unsupported"; TI's v2 wrapper does the same), and then its output is int8.
+- Inputs and outputs of the layers TIDL runs symmetric only are symmetric: element-wise ops other than Add, pooling,
+  resize (tidl.md §2, per-layer table). On non-negative tensors this costs nothing: uint8 with zero point 0 is the
+  grid affine quantization would pick anyway.
 - Network inputs are symmetric (tidl.md §2: "The network input should be quantized symmetric, per-tensor") and
   never range-shrunk: clipping input pixels loses information that no later layer can recover.
 
@@ -356,25 +359,66 @@ def _iter_matmuls(graph_module: GraphModule) -> Iterator[Node]:
             yield node
 
 
+# Layers TIDL runs on symmetric activations only (tidl.md §2, per-layer table): element-wise ops other than Add,
+# pooling and resize. Symmetric costs nothing on non-negative tensors (uint8, zero point 0, the same grid as affine).
+_SYMMETRIC_FUNCTIONS = {
+    operator.mul, torch.mul, operator.truediv, torch.div, operator.sub, torch.sub, torch.maximum, torch.minimum,
+    torch.nn.functional.max_pool1d, torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d,
+    torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.interpolate,
+}
+_SYMMETRIC_METHODS = {"mul", "div", "sub", "mul_", "div_", "sub_"}
+_SYMMETRIC_MODULES = (
+    torch.nn.MaxPool1d, torch.nn.MaxPool2d, torch.nn.AvgPool1d, torch.nn.AvgPool2d, torch.nn.AdaptiveAvgPool1d,
+    torch.nn.AdaptiveAvgPool2d, torch.nn.Upsample,
+)
+
+
+def _is_symmetric_layer(node: Node, modules: dict[str, torch.nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in _SYMMETRIC_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _SYMMETRIC_METHODS
+    return node.op == "call_module" and isinstance(modules.get(str(node.target)), _SYMMETRIC_MODULES)
+
+
+def _output_fake_quants(node: Node, modules: dict[str, torch.nn.Module]) -> list[Node]:
+    return [user for user in node.users if _is_fake_quant_node(user, modules)]
+
+
 def apply_graph_rules(graph_module: GraphModule) -> dict[str, list[str]]:
-    """Make MatMul inputs (unless fed by Softmax/Relu/Sigmoid) and network inputs symmetric. In place.
+    """Make the activations TIDL needs symmetric, in place; see the module docstring. Returns changes per rule.
+
+    - ``network_inputs``: the fake-quant on each graph input: symmetric, no range shrink.
+    - ``matmul_inputs``: the fake-quants feeding each MatMul (through reshapes and views) unless fed by
+      Softmax/Relu/Sigmoid, and its output; when an input was made symmetric the output is int8 even if it happens
+      to be non-negative (tidl.md §2: "signed inputs with unsigned output unsupported").
+    - ``symmetric_layers``: inputs and outputs of element-wise Mul/Div/Sub/Max/Min, pooling and resize.
 
     Works on the fake-quant modules of a freshly prepared GraphModule made with a named type; fake-quant modules
-    of other kinds (a user's QConfig) are left alone. Returns the changed fake-quant module names per rule.
+    of other kinds (a user's QConfig) are left alone.
     """
     modules = dict(graph_module.named_modules(remove_duplicate=False))
-    changed: dict[str, list[str]] = {"matmul_inputs": [], "network_inputs": []}
+    changed: dict[str, list[str]] = {"network_inputs": [], "matmul_inputs": [], "symmetric_layers": []}
+
+    def make_symmetric(fq_node: Node, rule: str, force_signed: bool = False) -> None:
+        observer = _activation_observer(modules[str(fq_node.target)])
+        if observer is None:
+            return
+        if not observer.symmetric or (force_signed and not observer.force_signed):
+            changed[rule].append(str(fq_node.target))
+        observer.symmetric = True
+        observer.force_signed = observer.force_signed or force_signed
+
     for node in graph_module.graph.nodes:
         if node.op != "placeholder":
             continue
-        for user in node.users:
-            observer = _activation_observer(modules[str(user.target)]) if _is_fake_quant_node(user, modules) else None
-            if observer is not None and not observer.symmetric:
-                observer.symmetric = True
-                changed["network_inputs"].append(str(user.target))
+        for fq_node in _output_fake_quants(node, modules):
+            make_symmetric(fq_node, "network_inputs")
+            observer = _activation_observer(modules[str(fq_node.target)])
             if observer is not None:
                 observer.range_shrink_percentile = 0.0
     for matmul in _iter_matmuls(graph_module):
+        signed_input = False
         for arg in matmul.args[:2]:
             if not isinstance(arg, Node):
                 continue
@@ -384,11 +428,21 @@ def apply_graph_rules(graph_module: GraphModule) -> dict[str, list[str]]:
                 continue
             if _is_non_negative_op(_producer(fq_nodes[-1], modules), modules):
                 continue
+            signed_input = True
             for fq_node in fq_nodes:
-                observer = _activation_observer(modules[str(fq_node.target)])
-                if observer is not None and not observer.symmetric:
-                    observer.symmetric = True
-                    changed["matmul_inputs"].append(str(fq_node.target))
+                make_symmetric(fq_node, "matmul_inputs")
+        if signed_input:
+            for fq_node in _output_fake_quants(matmul, modules):
+                make_symmetric(fq_node, "matmul_inputs", force_signed=True)
+    for node in graph_module.graph.nodes:
+        if not _is_symmetric_layer(node, modules):
+            continue
+        for arg in node.args:
+            if isinstance(arg, Node):
+                for fq_node in _upstream_fake_quants(arg, modules):
+                    make_symmetric(fq_node, "symmetric_layers")
+        for fq_node in _output_fake_quants(node, modules):
+            make_symmetric(fq_node, "symmetric_layers")
     for rule, names in changed.items():
         if names:
             log.debug("graph rule %s made symmetric: %s", rule, ", ".join(names))

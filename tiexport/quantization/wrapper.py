@@ -40,6 +40,7 @@ averaged across ranks at the first training forward of each epoch (DDP broadcast
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import warnings
@@ -473,8 +474,10 @@ class _QuantFxModule(torch.nn.Module):
         ``example_inputs``: a tensor, a tuple of positional arguments or a dict of keyword arguments (defaults to
         the inputs the module was prepared with). With ``device``, the fix pipeline for that device rewrites
         ``path`` in place (the file this call just wrote, never a user's input). Parity compares ``.module`` (the
-        fake-quant or converted torch model) with the written ONNX in ONNX Runtime on ``parity_inputs`` (default:
-        ``example_inputs``). Validation runs for ``device``, or for every device when none is given.
+        fake-quant or converted torch model) with the written ONNX in ONNX Runtime on ``parity_inputs`` (anything
+        :func:`tiexport.check_parity` takes; default: ``example_inputs``). Validation runs for ``device``, or for
+        every device when none is given. Other keyword arguments go to :func:`tiexport.export` (``input_names``,
+        ``output_names``, ``metadata``).
         """
         from tiexport.quantization.export import export as export_onnx
 
@@ -484,11 +487,13 @@ class _QuantFxModule(torch.nn.Module):
             example_inputs = self._example_inputs
         if example_inputs is None:
             raise UsageError("export() needs example_inputs")
-        _split_inputs(example_inputs)  # one clear error for an unusable type
+        args, names = _positional_inputs(self.module, example_inputs)
+        if names is not None:
+            export_kwargs.setdefault("input_names", names)
         path = Path(path)
         self.eval()
         export_result = export_onnx(
-            self.module, example_inputs, path, opset_version=opset_version, exporter=exporter, **export_kwargs
+            self.module, args, path, opset_version=opset_version, exporter=exporter, **export_kwargs
         )
         fix_report = None
         if device is not None:
@@ -502,10 +507,9 @@ class _QuantFxModule(torch.nn.Module):
         if parity:
             from tiexport.validators.parity import check_parity
 
-            parity_report = check_parity(
-                self.module, str(path), inputs=_parity_batches(parity_inputs if parity_inputs is not None
-                                                               else example_inputs)
-            )
+            if parity_inputs is None:
+                parity_inputs = _parity_batches(path, args)
+            parity_report = check_parity(self.module, str(path), inputs=parity_inputs)
             log.info("parity against the torch module: %s", _parity_line(parity_report))
         from tiexport.validators.validate import validate
 
@@ -522,16 +526,38 @@ class _QuantFxModule(torch.nn.Module):
         )
 
 
-def _parity_batches(inputs: Any) -> list[Any]:
-    """One batch of numpy inputs in the form the parity checker takes (a list of batches)."""
+def _positional_inputs(module: torch.nn.Module, example_inputs: Any) -> tuple[tuple[Any, ...], list[str] | None]:
+    """Positional arguments for export, and the input names when they came as a dict of keyword arguments.
 
-    def to_numpy(value: Any) -> Any:
-        return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+    ONNX inputs are positional; a dict is put in ``forward``'s parameter order and its keys become the input names.
+    """
+    args, kwargs = _split_inputs(example_inputs)
+    if not kwargs:
+        return args, None
+    if args:
+        raise UsageError("pass example_inputs either as a tuple of arguments or as a dict of keyword arguments")
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = sorted(set(kwargs) - {p.name for p in params})
+    if unknown:
+        raise UsageError(f"example_inputs has keys that forward() does not take: {', '.join(unknown)}")
+    ordered = [p for p in params if p.name in kwargs]
+    skipped = [p.name for p in params[: len(ordered)] if p.name not in kwargs]
+    if skipped:
+        raise UsageError(f"example_inputs misses {', '.join(skipped)}: ONNX inputs are positional")
+    return tuple(kwargs[p.name] for p in ordered), [p.name for p in ordered]
 
-    args, kwargs = _split_inputs(inputs)
-    if kwargs:
-        return [{k: to_numpy(v) for k, v in kwargs.items()}]
-    return [tuple(to_numpy(a) for a in args)]
+
+def _parity_batches(path: Path, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """One sample for the parity checker: the ONNX model's input names with the example tensors, in order."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in initializers]
+    if len(names) != len(args):
+        raise UsageError(f"{path} has {len(names)} input(s), example_inputs {len(args)}")
+    return [{n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=True)}]
 
 
 def _parity_line(report: Any) -> str:
