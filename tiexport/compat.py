@@ -232,5 +232,12 @@ def _quiet_stdout() -> Iterator[None]:
     if os.environ.get("TIEXPORT_DEBUG"):
         yield
         return
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
+    # torch.onnx logs optional-dependency notes (torchvision ops skipped) at WARNING on every dynamo export
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        onnx_log.setLevel(level)

@@ -500,7 +500,7 @@ def lower_converted_graph(gm: torch.fx.GraphModule, args: tuple[Any, ...], prefi
                 lowered = _lower_quantized_module(sub, full(str(node.target)), specs.get(node.name))
                 env[node] = add_module(str(node.target), lowered, tuple(arg(a) for a in node.args))
             else:
-                root[str(node.target)] = sub
+                root[str(node.target)] = _lower_container(sub, full(str(node.target)))
                 value = graph.call_module(str(node.target), arg(node.args), arg(node.kwargs))
                 env[node] = value if _is_view(node, gm) else requant(node, value, str(node.target))
         else:  # call_function / call_method on float or quantized tensors: same op in float, Q/DQ if it was quantized
@@ -511,6 +511,29 @@ def lower_converted_graph(gm: torch.fx.GraphModule, args: tuple[Any, ...], prefi
     new.delete_all_unused_submodules()
     new.recompile()
     new.training = False
+    return new
+
+
+def _has_quantized_descendant(m: nn.Module) -> bool:
+    return any(compat.module_kind(c) != "float" for c in m.modules() if c is not m)
+
+
+def _lower_container(m: nn.Module, name: str) -> nn.Module:
+    """``m`` itself when it holds no quantized/reference module; else a shallow copy whose quantized children are
+    lowered (a fused float ConvReLU2d holding a reference Conv2d after ``convert_to_reference_fx``). The user's
+    module is not modified."""
+    if not _has_quantized_descendant(m):
+        return m
+    new = copy.copy(m)
+    new.__dict__["_modules"] = dict(m._modules)
+    for child_name, child in m._modules.items():
+        if child is None:
+            continue
+        qual = f"{name}.{child_name}" if name else child_name
+        if compat.module_kind(child) != "float":
+            new._modules[child_name] = _lower_quantized_module(child, qual, None)
+        elif _has_quantized_descendant(child):
+            new._modules[child_name] = _lower_container(child, qual)
     return new
 
 
@@ -748,15 +771,18 @@ class ExportLowering:
         for name, gm in top:
             hooks.append(gm.register_forward_pre_hook(_capture(captured, name)))
         restores: list[tuple[nn.Module, str]] = []
+        # children of a quantized module (nnq.Linear's packed params) are its internals, not separate layers
+        internals = {id(c) for m in model.modules() if compat.module_kind(m) != "float"
+                     for c in m.modules() if c is not m}
         for name, m in model.named_modules():
-            if id(m) in inside_graph or m is model and top and top[0][0] == "":
+            if id(m) in inside_graph or id(m) in internals or m is model:
                 continue
             if type(m).__name__ == "QFunctional":
                 for op in ("add", "add_relu", "mul", "mul_relu", "add_scalar", "mul_scalar", "cat", "matmul"):
                     if hasattr(m, op):
                         setattr(m, op, _record_method(getattr(m, op), func_specs[name], op, name))
                         restores.append((m, op))
-            elif not list(m.children()) and m is not model:
+            elif compat.module_kind(m) != "float" or not list(m.children()):
                 hooks.append(m.register_forward_hook(_record_output(eager_specs, name)))
         try:
             with torch.no_grad(), compat.quiet_torch():
@@ -774,7 +800,7 @@ class ExportLowering:
                 return lowered
             self._swap(model, name, lowered)
         for name, m in list(model.named_modules()):
-            if id(m) in inside_graph or name == "":
+            if id(m) in inside_graph or id(m) in internals or name == "":
                 continue
             if type(m).__name__ == "QFunctional":
                 self._swap(model, name, _LoweredFunctional(func_specs.get(name, {}), name))
