@@ -122,6 +122,28 @@ def test_ort_model_on_tda4vm_has_no_errors_left(ort_models: dict[str, Path]) -> 
     assert report.exit_code == 0 and not report.errors
 
 
+def _concat_with_input(in_zp: int) -> onnx.ModelProto:
+    """Concat(network input on an asymmetric grid, a conv branch on another asymmetric grid): the Concat alignment
+    and the symmetric network input pull the same QuantizeLinear."""
+    from fixtures.builders import QdqBuilder
+
+    b = QdqBuilder(seed=4, name="concat_input")
+    x = b.qdq(b.input("input", [1, 3, 8, 8]), 2.0**-7, in_zp, "uint8", name="input")
+    w = b.weight(shape=(3, 3, 3, 3), per_channel=False, p2=True, name="conv_weight")
+    y = b.qdq(b.conv(x, w, pads=[1, 1, 1, 1], name="conv"), 2.0**-5, 100, "uint8", name="conv")
+    b.output(b.qdq(b.node("Concat", [x, y], axis=1, name="concat"), 2.0**-5, 100, "uint8", name="concat"))
+    return b.build()
+
+
+@pytest.mark.parametrize("in_zp", [10, 128])
+def test_concat_alignment_and_symmetric_input_converge(in_zp: int) -> None:
+    model = _concat_with_input(in_zp)
+    for device in DEVICES:
+        _, report = fix(model, device, parity=False)
+        assert report.converged and report.iterations <= 2, device  # one rewriting round, one to confirm
+        _assert_fixable_findings_gone(model, device)
+
+
 # ----------------------------------------------------------------------------------------------- parity, names
 @pytest.mark.torch
 def test_exact_pipeline_keeps_outputs_bit_identical(ort_models: dict[str, Path]) -> None:

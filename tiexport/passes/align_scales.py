@@ -33,9 +33,10 @@ class AlignConcatScalesPass(Pass):
     Rewrites::
 
         Concat(DQ(Q(a, s1, z)), DQ(Q(b, s2, z))) -> Concat(DQ(Q(a, s, z)), DQ(Q(b, s, z)))       s = max(s1, s2)
-        Concat(DQ(Q(a, s1, z1)), DQ(Q(b, s2, z2))) -> same with (s, z) covering both ranges
-        DQ(Q(conv, s1, 0, uint8)) -> DQ(Q(Relu(conv), s, z))     when the common grid goes below 0 and the old
-                                                                 zero-floored grid was the only Relu (exact there)
+        Concat(DQ(Q(a, s1, z1)), DQ(Q(b, s2, z2))) -> same with (s, 0) covering both ranges (int8, or uint8 when
+                                                      both ranges are non-negative)
+        DQ(Q(conv, s1, 0, uint8)) -> DQ(Q(Relu(conv), s, 0, int8))   when the common grid goes below 0 and the old
+                                                                     zero-floored grid was the only Relu
 
     Each input's QuantizeLinear and all the DequantizeLinear nodes reading it change together, so the tensor is
     quantized once, on the common grid. Ranges only grow (the largest scale wins), so nothing new clips; inputs with
@@ -113,14 +114,17 @@ class AlignConcatScalesPass(Pass):
                 for n in (q, *dqs):
                     edits.set(n, 1, np.asarray(target_scale, np.float32).reshape(qp.scale.shape))
             return
-        dtype = params[widest].dtype
-        lo_q, hi_q = qrange(dtype)  # type: ignore[misc]
+        # different zero points: one zero-point-0 grid covering every input's range. Zero point 0 is what every
+        # TIDL device takes, so EnforceSymmetricPass (graph inputs, TDA4VM activations) never undoes it.
         lows = [float(p.float_range()[0].ravel()[0]) for p in params]
         highs = [float(p.float_range()[1].ravel()[0]) for p in params]
         lo, hi = min(min(lows), 0.0), max(max(highs), 0.0)
-        s = max((hi - lo) / (hi_q - lo_q), max(scales))
-        z = int(np.clip(np.rint(lo_q - lo / s), lo_q, hi_q))
-        new_floor = (lo_q - z) * s
+        wide = params[widest].dtype.itemsize
+        dtype = np.dtype(f"uint{8 * wide}") if lo >= 0 else np.dtype(f"int{8 * wide}")
+        lo_q, hi_q = qrange(dtype)  # type: ignore[misc]
+        s = max(max(scales), hi / hi_q, lo / lo_q if lo_q < 0 else 0.0)
+        z = 0
+        new_floor = lo_q * s
         for (q, dqs, qp), old_floor in zip(groups, lows, strict=True):
             if old_floor == 0.0 and new_floor < 0 and not is_non_negative(q.inputs[0]):
                 self._make_relu_explicit(graph, q, edits)
