@@ -178,6 +178,19 @@ def test_node_and_tensor_names_survive(ort_models: dict[str, Path]) -> None:
     assert [o.name for o in fixed.graph.output] == [o.name for o in model.graph.output]
 
 
+@pytest.mark.torch
+def test_fixing_a_fixed_ort_model_changes_nothing(ort_models: dict[str, Path]) -> None:
+    fixed, _ = fix(ort_models["dynamic_batch"], "TDA4VM", parity=False)
+    _, report = fix(fixed, "TDA4VM", parity=False)
+    assert report.changes == 0 and report.iterations == 1
+
+
+def test_public_api_is_lazy_and_torch_free() -> None:
+    import tiexport
+
+    assert tiexport.fix is fix and tiexport.FixReport is FixReport
+
+
 def test_new_node_names_derive_from_old_ones() -> None:
     model = tiny_conv(bias="float", w_folded=False)
     fixed, _ = fix(model, "TDA4VM", parity=False)
