@@ -34,8 +34,9 @@ forwards under ``torch.no_grad()`` and keeps dropout in eval mode, so calibratio
 
 Distributed data parallel: prepare before wrapping in DDP (pass ``example_inputs``), and call ``train()``/``eval()``
 on every rank. Activation observers reduce their statistics across ranks in every training forward and bias
-corrections are averaged, so quantization parameters are identical on all ranks; batch-norm running statistics are
-averaged across ranks at the first training forward of each epoch (DDP broadcasts rank 0's buffers in between).
+corrections are averaged; batch-norm running statistics are averaged across ranks before every training forward
+while they update (and once after they freeze), so the BN-folded weights and their scales agree too. Quantization
+parameters are therefore identical on all ranks, with or without DDP's ``broadcast_buffers``.
 """
 
 from __future__ import annotations
@@ -416,7 +417,9 @@ class _QuantFxModule(torch.nn.Module):
             if self._example_inputs is None:
                 self._example_inputs = args[0] if len(args) == 1 and not kwargs else (args if args else dict(kwargs))
             self._prepare(args, kwargs)
-        if self.training and self._bn_sync_pending and not self._converted:
+        if self.training and not self._converted and (self._bn_sync_pending or not self._bn_frozen):
+            # Conv+BN QAT modules fold the running statistics into the weight before its fake-quant: ranks must
+            # agree on them at every step, or their weight scales differ
             self._bn_sync_pending = False
             self._sync_batch_norm()
         calibrate = (
