@@ -190,6 +190,7 @@ def save_model(
     if not out.parent.exists():
         raise UsageError(f"{out.parent}: output folder does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    _default_mode(tmp)
     os.close(fd)
     try:
         if model.ByteSize() > external_data_threshold:
@@ -209,6 +210,23 @@ def save_model(
         raise
 
 
+def _default_mode(path: str) -> None:
+    """mkstemp makes 0600 files; outputs get the mode a plain open() would give (0666 minus the umask)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    # os.umask() can only be read by setting it, which races with other threads; Linux shows it in /proc.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
@@ -225,6 +243,7 @@ def write_text(path: str | os.PathLike[str], text: str, *, protect: tuple[str | 
     if not out.parent.exists():
         raise UsageError(f"{out.parent}: output folder does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    _default_mode(tmp)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

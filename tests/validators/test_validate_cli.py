@@ -220,3 +220,12 @@ def test_save_model_keeps_the_callers_model_intact(tmp_path: Path) -> None:
     assert model.SerializeToString() == before
     assert (tmp_path / "big.onnx.data").exists()
     assert tiexport.validate(str(tmp_path / "big.onnx"), "AM68A").findings == []
+
+
+def test_written_files_get_normal_permissions(tmp_path: Path) -> None:
+    from tiexport.onnx_io import save_model, write_text
+
+    save_model(tiny_conv(), tmp_path / "m.onnx")
+    write_text(tmp_path / "r.json", "{}")
+    for name in ("m.onnx", "r.json"):
+        assert (tmp_path / name).stat().st_mode & 0o044 == 0o044  # group/other can read, as with open()

@@ -70,8 +70,9 @@ class PowerOfTwoRule(Rule):
             if qp is None or qp.scale.size == 0:
                 continue
             ok = is_power_of_two(qp.scale)
-            if np.all(ok):
-                continue
+            finite = np.isfinite(np.asarray(qp.scale, dtype=np.float64)) & (np.asarray(qp.scale) > 0)
+            if np.all(ok) or not np.all(finite):
+                continue  # invalid scales are TIDL011's, and no rounding can fix them
             bad = np.asarray(qp.scale, dtype=np.float64).ravel()[~ok.ravel()]
             shown = ", ".join(f"{v:.6g}" for v in bad[:3]) + (", ..." if bad.size > 3 else "")
             yield self.finding(

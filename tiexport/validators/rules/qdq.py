@@ -132,7 +132,12 @@ class InvalidQParamsRule(Rule):
                 if zp is None:
                     yield self.finding(ctx, node, f"zero point {zp_name!r} cannot be decoded", hint)
                     continue
-                if zp.shape != scale.shape:
+                if zp.shape != scale.shape and zp.size == scale.size == 1:
+                    # ONNX Runtime's quantizer writes these ([1] vs []); ORT tolerates them, the spec does not
+                    yield self.finding(ctx, node, f"zero point shape {list(zp.shape)} differs from scale shape "
+                                       f"{list(scale.shape)} (one value each)",
+                                       "tiexport fix makes both scalars", severity="warning", fixable=True)
+                elif zp.shape != scale.shape:
                     yield self.finding(ctx, node, f"zero point shape {list(zp.shape)} differs from scale shape "
                                        f"{list(scale.shape)}", hint)
                 out_dtype = ctx.int_attr(node, "output_dtype", 0)
