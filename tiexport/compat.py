@@ -184,11 +184,10 @@ def restore_ts_custom_symbolic(name: str, opset: int, previous: Callable[..., An
 
 def ts_parse_arg(value: Any, desc: str) -> Any:
     """Read a constant argument inside a TorchScript symbolic ('f', 'i', 's', 'fs', 'is')."""
-    try:
-        from torch.onnx import symbolic_helper
-    except ImportError:  # pragma: no cover - torch < 2.0 layout
-        from torch.onnx._internal.torchscript_exporter import symbolic_helper  # type: ignore[no-redef]
-    return symbolic_helper._parse_arg(value, desc)
+    from torch.onnx import symbolic_helper
+
+    parse: Any = symbolic_helper._parse_arg
+    return parse(value, desc)
 
 
 def export_torchscript(model: Any, args: tuple[Any, ...], opset: int, input_names: Sequence[str],
@@ -197,8 +196,9 @@ def export_torchscript(model: Any, args: tuple[Any, ...], opset: int, input_name
     import torch
 
     buf = io.BytesIO()
+    export: Any = torch.onnx.export  # the TorchScript path takes a file object; the stubs say path only
     with quiet_torch():
-        torch.onnx.export(
+        export(
             model, args, buf, dynamo=False, opset_version=opset, input_names=list(input_names),
             output_names=list(output_names), do_constant_folding=True, training=torch.onnx.TrainingMode.EVAL,
             custom_opsets=custom_opsets, dynamic_axes=None, verbose=False,

@@ -75,7 +75,7 @@ def test_inputs_the_model_cannot_run_are_a_usage_error(tmp_path, qat_model):
 
 
 def test_something_other_than_a_module_is_a_usage_error(tmp_path):
-    with pytest.raises(UsageError, match="torch.nn.Module"):
+    with pytest.raises(UsageError, match=r"torch\.nn\.Module"):
         tiexport.export(lambda x: x, torch.rand(SHAPE), tmp_path / "m.onnx")
 
 

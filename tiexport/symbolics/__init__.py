@@ -1,13 +1,15 @@
 """Custom export-time ops for quantized models and their translations for both torch ONNX exporters.
 
-- :mod:`~tiexport.symbolics.ops`: the torch op every quantization site is lowered to (``tiexport::quantize_dequantize``);
+- :mod:`~tiexport.symbolics.ops`: the torch op every quantization site is lowered to
+  (``tiexport::quantize_dequantize``);
 - :mod:`~tiexport.symbolics.registry`: one registry, each op's TorchScript symbolic and dynamo translation side by
   side, registered only for the duration of an export (:meth:`SymbolicRegistry.scoped`);
 - :mod:`~tiexport.symbolics.qdq`: the translations of that op;
 - :mod:`~tiexport.symbolics.lowering`: turning any torch.ao-quantized model into calls of that op;
 - :mod:`~tiexport.symbolics.postprocess`: turning the exporters' output into clean QDQ ONNX (no torch needed).
 
-Importing this package imports torch (the torch side of tiexport).
+The registry, the translations and the post-processing import no torch (``ops`` and ``lowering`` do): the ONNX side
+stays usable without it.
 """
 
 from __future__ import annotations

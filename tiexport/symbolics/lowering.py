@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from tiexport import compat
 from tiexport.errors import UsageError
@@ -222,7 +222,7 @@ def _conv_fn(ndim: int, transposed: bool, relu: bool, stride: Any, padding: Any,
     conv = [F.conv1d, F.conv2d, F.conv3d][ndim - 1]
     convt = [F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d][ndim - 1]
 
-    def fn(m: _Lowered, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def fn(m: Any, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if transposed:
             y = convt(x, w, m.bias, stride, padding, output_padding, groups, dilation)
         else:
@@ -233,14 +233,14 @@ def _conv_fn(ndim: int, transposed: bool, relu: bool, stride: Any, padding: Any,
 
 
 def _linear_fn(post: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[..., torch.Tensor]:
-    def fn(m: _Lowered, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def fn(m: Any, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, w, m.bias)
         return y if post is None else post(y)
 
     return fn
 
 
-def _lower_quantized_module(m: nn.Module, site: str, out_spec: QSpec | None) -> nn.Module:
+def _lower_quantized_module(m: Any, site: str, out_spec: QSpec | None) -> nn.Module:
     """A converted (``torch.ao.nn.quantized``) or reference module as float computation with Q/DQ sites."""
     cls = type(m).__name__
     kind = compat.module_kind(m)
@@ -267,7 +267,7 @@ def _lower_quantized_module(m: nn.Module, site: str, out_spec: QSpec | None) -> 
     return lowered
 
 
-def _weighted(m: nn.Module, cls: str, site: str, out_spec: QSpec | None, w_q: torch.Tensor) -> _Lowered:
+def _weighted(m: Any, cls: str, site: str, out_spec: QSpec | None, w_q: torch.Tensor) -> _Lowered:
     bias = m.bias() if callable(getattr(m, "bias", None)) else getattr(m, "bias", None)
     if cls.startswith("Conv"):
         if getattr(m, "padding_mode", "zeros") != "zeros":
@@ -290,7 +290,7 @@ def _weighted(m: nn.Module, cls: str, site: str, out_spec: QSpec | None, w_q: to
     raise UsageError(f"{site}: quantized module {cls} has no lowering in tiexport yet")
 
 
-def _lower_unweighted(m: nn.Module, cls: str, site: str, out_spec: QSpec | None) -> nn.Module | None:
+def _lower_unweighted(m: Any, cls: str, site: str, out_spec: QSpec | None) -> nn.Module | None:
     def act(f: Callable[[torch.Tensor], torch.Tensor]) -> _Lowered:
         return _Lowered(lambda _m, _w, x: f(x), site, out_spec)
 
@@ -479,7 +479,7 @@ def lower_converted_graph(gm: torch.fx.GraphModule, args: tuple[Any, ...], prefi
             graph.output(arg(node.args[0]))
         elif node.op == "get_attr":
             obj = _getattr_path(gm, str(node.target))
-            if isinstance(obj, torch.Tensor) or isinstance(obj, nn.Module):
+            if isinstance(obj, (torch.Tensor, nn.Module)):
                 root[str(node.target)] = obj
                 env[node] = graph.get_attr(str(node.target))
             else:  # packed params (ScriptObject): only the lowering below reads them, via the original graph
@@ -666,7 +666,7 @@ class ExportLowering:
         self._state = _State()
 
     # -- fake-quant models --------------------------------------------------------------------------------------------
-    def _patch_fake_quants(self, fake_quants: list[tuple[str, nn.Module]]) -> None:
+    def _patch_fake_quants(self, fake_quants: list[tuple[str, Any]]) -> None:
         restricted: dict[tuple[int, int], list[str]] = defaultdict(list)
         disabled: list[str] = []
         never_observed: list[str] = []
@@ -837,7 +837,7 @@ def _fake_quant_forward(spec: QSpec | None, name: str) -> Callable[[torch.Tensor
     return forward
 
 
-def _conv_bn_forward(m: nn.Module, relu: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def _conv_bn_forward(m: Any, relu: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         w = m.weight_fake_quant(m.folded_weight)
         y = m._conv_forward(x, w, m.folded_bias)

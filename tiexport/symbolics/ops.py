@@ -23,10 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["OP_NAME", "OP_NAMESPACE", "QSpec", "qdq", "quantize_dequantize"]
+from tiexport.symbolics.qdq import OP_NAME, OP_NAMESPACE
 
-OP_NAMESPACE = "tiexport"
-OP_NAME = "quantize_dequantize"
+__all__ = ["OP_NAME", "OP_NAMESPACE", "QSpec", "qdq", "quantize_dequantize"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,8 @@ class QSpec:
 
     def __post_init__(self) -> None:
         if not self.scale or len(self.scale) != len(self.zero_point):
-            raise ValueError(f"scale and zero point must be non-empty and of one length: {self.scale} {self.zero_point}")
+            raise ValueError(f"scale and zero point must be non-empty and of one length: {self.scale} "
+                             f"{self.zero_point}")
         if self.axis is None and len(self.scale) != 1:
             raise ValueError("a per-tensor QSpec has exactly one scale")
         if self.quant_min >= self.quant_max:
@@ -68,7 +68,7 @@ class QSpec:
     @property
     def fits_8bit(self) -> bool:
         """The range fits int8 (signed) or uint8 (unsigned); wider ranges cannot be written as 8-bit Q/DQ."""
-        return (-128 <= self.quant_min and self.quant_max <= 127) or (0 <= self.quant_min and self.quant_max <= 255)
+        return (self.quant_min >= -128 and self.quant_max <= 127) or (self.quant_min >= 0 and self.quant_max <= 255)
 
     @property
     def full_range(self) -> bool:

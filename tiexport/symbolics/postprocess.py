@@ -178,8 +178,8 @@ def expand_markers(model: onnx.ModelProto) -> list[QdqSite]:
             hi = np.asarray((qmax - zps[0]) * scale, dtype=np.float32).reshape(())
             clip_name = names.node(f"{module}/Clip")
             clipped = names.value(f"{clip_name}_output_0")
-            new_nodes.append(helper.make_node("Clip", [cur, param(module, "clip_min", lo), param(module, "clip_max", hi)],
-                                              [clipped], name=clip_name))
+            bounds = [param(module, "clip_min", lo), param(module, "clip_max", hi)]
+            new_nodes.append(helper.make_node("Clip", [cur, *bounds], [clipped], name=clip_name))
             cur = clipped
         q_node = names.node(f"{module}/QuantizeLinear")
         q_out = names.value(f"{q_node}_output_0")
@@ -404,7 +404,7 @@ def reduce_mean_to_global_pool(model: onnx.ModelProto) -> int:
         if int(attrs.get("keepdims", 1)) != 1:
             continue
         if "axes" in attrs:
-            axes = [int(v) for v in attrs["axes"]]  # type: ignore[union-attr]
+            axes = [int(v) for v in attrs["axes"]]
         elif len(node.input) > 1 and node.input[1] in consts:
             axes = [int(v) for v in consts[node.input[1]].ravel()]
         else:

@@ -16,11 +16,21 @@ from typing import Any
 from onnx.defs import OpSchema
 
 from tiexport import compat
-from tiexport.symbolics.ops import OP_NAME, OP_NAMESPACE
 from tiexport.symbolics.registry import REGISTRY, ExportOp
 
-__all__ = ["MARKER_DOMAIN", "MARKER_OP", "MARKER_SCHEMA", "dynamo_quantize_dequantize", "ts_quantize_dequantize"]
+__all__ = [
+    "MARKER_DOMAIN",
+    "MARKER_OP",
+    "MARKER_SCHEMA",
+    "OP_NAME",
+    "OP_NAMESPACE",
+    "dynamo_quantize_dequantize",
+    "ts_quantize_dequantize",
+]
 
+# The torch op (defined in tiexport.symbolics.ops, which imports torch; this module does not).
+OP_NAMESPACE = "tiexport"
+OP_NAME = "quantize_dequantize"
 MARKER_DOMAIN = "tiexport"
 MARKER_OP = "QuantizeDequantize"
 
@@ -72,7 +82,9 @@ def dynamo_quantize_dequantize(x: Any, scale: Any, zero_point: Any, axis: int, q
 def _overload() -> Any:
     import torch
 
-    return getattr(torch.ops.tiexport, OP_NAME).default
+    import tiexport.symbolics.ops  # noqa: F401  (defines the op)
+
+    return getattr(getattr(torch.ops, OP_NAMESPACE), OP_NAME).default
 
 
 QUANTIZE_DEQUANTIZE = REGISTRY.add(ExportOp(
