@@ -30,6 +30,8 @@ _LAZY: dict[str, str] = {
     "runtime_options": "tiexport.snippets",
     "snippet": "tiexport.snippets",
     "export": "tiexport.quantization.export",
+    "ExportResult": "tiexport.quantization.export",
+    "ExportError": "tiexport.quantization.export",
     "PTCFxModule": "tiexport.quantization.wrapper",
     "QATFxModule": "tiexport.quantization.wrapper",
     "load_weights": "tiexport.quantization.wrapper",
