@@ -263,3 +263,37 @@ def test_weights_of_a_converted_model_are_the_converted_int8_values(tmp_path):
     onnx_model = onnx.load(str(tmp_path / "m.onnx"))
     q = numpy_helper.to_array(next(i for i in onnx_model.graph.initializer if i.name == "conv.weight.quantized"))
     np.testing.assert_array_equal(q, model.get_submodule("conv").weight().int_repr().numpy())
+
+
+def _learnable() -> torch.nn.Module:
+    from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
+
+    act = _LearnableFakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
+                                           dtype=torch.quint8, use_grad_scaling=True)
+    weight = _LearnableFakeQuantize.with_args(observer=tq.MovingAveragePerChannelMinMaxObserver, quant_min=-128,
+                                              quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                              ch_axis=0, channel_len=4, use_grad_scaling=True)
+    torch.manual_seed(0)
+    model = tq.QuantWrapper(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    model.qconfig = tq.QConfig(activation=act, weight=weight)
+    with quiet():
+        tq.prepare_qat(model.train(), inplace=True)
+        for b in _batches():
+            model(b)
+        for m in model.modules():
+            if isinstance(m, _LearnableFakeQuantize):
+                m.toggle_qparam_learning(True)
+                m.toggle_observer_update(False)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        for b in _batches(seed=1):
+            loss = model(b).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def test_learnable_fake_quant_matches_torch_within_one_step(tmp_path):
+    model = _learnable()
+    _export(model, tmp_path / "m.onnx")
+    assert parity_fraction(model, tmp_path / "m.onnx", SHAPE) >= 0.999

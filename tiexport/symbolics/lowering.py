@@ -80,6 +80,9 @@ def spec_from_fake_quant(fq: nn.Module, name: str) -> QSpec | None:
     z = zero_point.detach().reshape(-1).cpu()
     if z.is_floating_point():  # learnable fake-quant keeps a float zero point; its forward rounds and clamps it
         z = z.round().clamp(qmin, qmax)
+    eps = getattr(fq, "eps", None)
+    if isinstance(eps, torch.Tensor) and isinstance(scale, nn.Parameter):
+        s = s.clamp(min=float(eps.reshape(-1)[0]))  # a learnable scale is clamped to eps in its forward
     per_channel = qscheme in _PER_CHANNEL or bool(getattr(fq, "is_per_channel", False))
     if not per_channel and s.numel() != 1:
         raise UsageError(f"fake-quant module {name!r} is per-tensor but has {s.numel()} scales")
