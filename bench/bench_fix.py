@@ -65,8 +65,10 @@ def run(cfg: Config) -> list[Section]:
                                                 "--device", DEVICE],
         }
         # for attribution, not a target: the same fix without its parity check (two ONNX Runtime sessions)
-        cmds[f"tiexport fix --device {DEVICE} --no-parity"] = [*tiexport_command(), "fix", str(path), "-o",
-                                                               str(outs["fixed"]), "--device", DEVICE, "--no-parity"]
+        if not cfg.quick:
+            cmds[f"tiexport fix --device {DEVICE} --no-parity"] = [*tiexport_command(), "fix", str(path), "-o",
+                                                                   str(outs["fixed"]), "--device", DEVICE,
+                                                                   "--no-parity"]
         slim = peer_command("onnxslim", "onnxslim") if cfg.peers else None
         if slim:
             cmds["onnxslim"] = [*slim, str(path), str(outs["slim"])]

@@ -130,7 +130,7 @@ def _run(cfg: Config) -> list[Section]:
     from tiexport.quantization.wrapper import PTCFxModule, QATFxModule
 
     peers = cfg.peers and have_module("torch.ao.quantization.quantize_fx")
-    k = 2 if cfg.quick else 10  # steps per timed block
+    k = 2 if cfg.quick else 5  # steps per timed block
     models = ("digits CNN", "ResNet-20 32x32")
     for name in models:
         batch = 8 if cfg.quick and name != "digits CNN" else 64
@@ -147,10 +147,11 @@ def _run(cfg: Config) -> list[Section]:
             "QATFxModule step": _train_steps(wrapped, batches, k),
         }
         # for attribution, not a target: the late-epoch state, batch norm and observers frozen
-        frozen = QATFxModule(_fresh(factory), total_epochs=10, example_inputs=(example,))
-        frozen.train()
-        frozen.freeze(freeze_bn=True, freeze_observers=True)
-        funcs["QATFxModule step, BN+observers frozen"] = _train_steps(frozen, batches, k)
+        if not cfg.quick:
+            frozen = QATFxModule(_fresh(factory), total_epochs=10, example_inputs=(example,))
+            frozen.train()
+            frozen.freeze(freeze_bn=True, freeze_observers=True)
+            funcs["QATFxModule step, BN+observers frozen"] = _train_steps(frozen, batches, k)
         if peers:
             funcs["torch.ao prepare_qat_fx step"] = _train_steps(_torch_ao_qat(_fresh(factory), example), batches, k)
         t = time_callables(funcs, cfg, warmup=1)
@@ -174,9 +175,10 @@ def _run(cfg: Config) -> list[Section]:
             "PTCFxModule calibration": _infer_steps(calib, batches, k),
         }
         # for attribution, not a target: calibration without bias calibration (one forward instead of two)
-        no_bc = PTCFxModule(_fresh(factory), example_inputs=(example,), bias_calibration_factor=0.0)
-        no_bc.train()
-        pfuncs["PTCFxModule calibration, bias_calibration_factor=0"] = _infer_steps(no_bc, batches, k)
+        if not cfg.quick:
+            no_bc = PTCFxModule(_fresh(factory), example_inputs=(example,), bias_calibration_factor=0.0)
+            no_bc.train()
+            pfuncs["PTCFxModule calibration, bias_calibration_factor=0"] = _infer_steps(no_bc, batches, k)
         if peers:
             pfuncs["torch.ao prepare_fx calibration"] = _infer_steps(_torch_ao_ptq(_fresh(factory), example),
                                                                      batches, k)

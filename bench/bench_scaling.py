@@ -25,7 +25,7 @@ DEVICE = "AM68A"
 def _family(cfg: Config) -> tuple[tuple[int, ...], tuple[int, ...], int]:
     """(multipliers, input shape, base width)."""
     if cfg.quick:
-        return (1, 2, 4), (1, 3, 32, 32), 4
+        return (1, 2), (1, 3, 32, 32), 4
     return (1, 4, 16), (1, 3, 64, 64), 16
 
 
