@@ -192,6 +192,43 @@ def test_mul_inputs_and_output_symmetric_add_stays_affine() -> None:
     assert not w.module.get_submodule(next(iter(add.users)).target).activation_post_process.symmetric
 
 
+class _Branches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.a(x), self.b(x) * 3], dim=1)
+
+
+class _Residual(_Branches):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x) * 3
+
+
+def _input_scales(w: PTCFxModule, op: object) -> list[float]:
+    node = next(n for n in w.module.graph.nodes if n.op == "call_function" and n.target is op)
+    args = node.args[0] if isinstance(node.args[0], (list, tuple)) else node.args[:2]
+    return [w.module.get_submodule(a.target).scale.item() for a in args]
+
+
+@pytest.mark.parametrize("qconfig_type", ["WC8_AT8", "WT8SYMP2_AT8SYMP2"])
+def test_concat_inputs_share_one_scale(qconfig_type: str) -> None:
+    w = _calibrated(qconfig_type, model=_Branches().eval(), shape=(8, 4))
+    scales = _input_scales(w, torch.cat)
+    assert scales[0] == scales[1]
+
+
+def test_add_inputs_share_one_scale_only_for_the_tda4vm_type() -> None:
+    import operator
+
+    aligned = _calibrated("WT8SYMP2_AT8SYMP2", model=_Residual().eval(), shape=(8, 4))
+    assert len(set(_input_scales(aligned, operator.add))) == 1
+    free = _calibrated("WC8_AT8", model=_Residual().eval(), shape=(8, 4))
+    assert len(set(_input_scales(free, operator.add))) == 2
+
+
 def test_network_input_is_symmetric_and_not_range_shrunk() -> None:
     w = _calibrated("WC8_AT8")
     placeholder = next(n for n in w.module.graph.nodes if n.op == "placeholder")

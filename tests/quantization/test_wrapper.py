@@ -290,7 +290,7 @@ def _mean_output_bias(factor: float) -> float:
     model = seeded(TinyCNN(channels=8, classes=10))
     reference = copy.deepcopy(model)  # the test keeps the float model; the wrapper does not
     data = batches((16, 1, 8, 8), 8, seed=3)
-    w = PTCFxModule(model, qconfig_type="WT8SYMP2_AT8SYMP2", example_inputs=data[0], bias_calibration_factor=factor)
+    w = PTCFxModule(model, qconfig_type="WC8_AT8", example_inputs=data[0], bias_calibration_factor=factor)
     for _ in range(2):
         _run_epoch(w, data)
     w.eval()
@@ -303,7 +303,7 @@ def _mean_output_bias(factor: float) -> float:
 def test_bias_calibration_reduces_mean_output_error() -> None:
     without = _mean_output_bias(0.0)
     with_calibration = _mean_output_bias(0.1)
-    assert with_calibration < 0.7 * without
+    assert with_calibration < 0.8 * without
 
 
 # --- transformer block ---------------------------------------------------------------------------------------------

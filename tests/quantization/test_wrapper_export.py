@@ -54,8 +54,9 @@ def test_tda4vm_type_needs_no_numeric_rewrite_for_tda4vm(tmp_path: Path) -> None
     result = w.export(data[0], tmp_path / "cnn_p2.onnx", device="TDA4VM")
     assert result.validation.devices["TDA4VM"].verdict != "incompatible"
     changes = _pass_changes(result.fix_report)
-    # the observers already produce what TDA4VM wants: power-of-2, symmetric, per-tensor
-    for name in ("EnforcePowerOfTwoScalesPass", "EnforceSymmetricPass", "ConvertPerChannelToPerTensorPass"):
+    # the observers already produce what TDA4VM wants: power-of-2, symmetric, per-tensor, one scale per Add
+    for name in ("EnforcePowerOfTwoScalesPass", "EnforceSymmetricPass", "ConvertPerChannelToPerTensorPass",
+                 "AlignConcatScalesPass"):
         assert changes.get(name, 0) == 0, (name, changes)
     assert result.parity_passed, result.parity_summary
 

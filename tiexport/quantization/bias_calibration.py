@@ -31,7 +31,7 @@ from typing import TypeVar
 
 import torch
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 __all__ = ["BiasCalibrator"]
 
@@ -49,6 +49,7 @@ class _Target:
     bias: torch.nn.Parameter
     fake_quant: FakeQuantizeBase
     channel_dim: int  # 1 for conv outputs (N, C, ...), -1 for linear outputs (..., C)
+    call_index: int  # which call of the (possibly shared) fake-quant module carries this layer's output
 
 
 def _bias_of(module: torch.nn.Module) -> torch.nn.Parameter | None:
@@ -93,8 +94,16 @@ class BiasCalibrator:
 
     @staticmethod
     def _find_targets(graph_module: GraphModule) -> list[_Target]:
-        modules = dict(graph_module.named_modules())
+        # several names may point at one shared fake-quant module: count calls per module instance
+        modules = dict(graph_module.named_modules(remove_duplicate=False))
         targets: list[_Target] = []
+        calls: dict[int, int] = {}  # id(fake-quant module) -> calls so far, in graph (= execution) order
+        call_of: dict[Node, int] = {}
+        for node in graph_module.graph.nodes:
+            module = modules.get(str(node.target)) if node.op == "call_module" else None
+            if isinstance(module, FakeQuantizeBase):
+                call_of[node] = calls.get(id(module), 0)
+                calls[id(module)] = call_of[node] + 1
         for node in graph_module.graph.nodes:
             if node.op != "call_module":
                 continue
@@ -107,7 +116,7 @@ class BiasCalibrator:
             user = next(iter(node.users))
             fake_quant = modules.get(str(user.target)) if user.op == "call_module" else None
             if isinstance(fake_quant, FakeQuantizeBase):
-                targets.append(_Target(str(node.target), bias, fake_quant, dim))
+                targets.append(_Target(str(node.target), bias, fake_quant, dim, call_of[user]))
         return targets
 
     def apply_pending(self) -> None:
@@ -120,13 +129,18 @@ class BiasCalibrator:
     def _record(self, which: str) -> tuple[dict[int, torch.Tensor], list[torch.utils.hooks.RemovableHandle]]:
         means: dict[int, torch.Tensor] = {}
         handles = []
+        seen: dict[int, int] = {}  # id(fake-quant module) -> calls in this pass
+        for module in {id(t.fake_quant): t.fake_quant for t in self.targets}.values():
+            def count(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+                seen[id(module)] = seen.get(id(module), 0) + 1
+            handles.append(module.register_forward_hook(count))
         for index, target in enumerate(self.targets):
             def hook(
                 module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
                 index: int = index, target: _Target = target,
             ) -> None:
-                # a shared fake-quant runs again after reshapes; its first call is the layer's output
-                if index in means:
+                # a shared fake-quant module runs once per use; only the call after this layer counts
+                if seen.get(id(module), 0) - 1 != target.call_index:
                     return
                 value = inputs[0] if which == "input" else output
                 if value.dim() == 0 or value.shape[target.channel_dim] != target.bias.numel():

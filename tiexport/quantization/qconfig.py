@@ -28,6 +28,8 @@ Graph rules applied after ``prepare`` (:func:`apply_graph_rules`), for the named
 - Inputs and outputs of the layers TIDL runs symmetric only are symmetric: element-wise ops other than Add, pooling,
   resize (tidl.md §2, per-layer table). On non-negative tensors this costs nothing: uint8 with zero point 0 is the
   grid affine quantization would pick anyway.
+- Concat inputs share one fake-quant (one scale), and so do Add inputs for ``WT8SYMP2_AT8SYMP2``: TDA4VM's
+  fix pipeline aligns them after export otherwise, with numerics the model never saw.
 - Network inputs are symmetric (tidl.md §2: "The network input should be quantized symmetric, per-tensor") and
   never range-shrunk: clipping input pixels loses information that no later layer can recover.
 
@@ -100,6 +102,8 @@ class QConfigType:
     activation_power_of_2: bool
     range_shrink: bool
     description: str
+    align_add_inputs: bool = False
+    """Both inputs of an Add share one scale (TDA4VM aligns them, so the model is calibrated and trained so)."""
 
 
 QCONFIG_TYPES: dict[str, QConfigType] = {
@@ -110,7 +114,7 @@ QCONFIG_TYPES: dict[str, QConfigType] = {
         QConfigType("MSA_WC8_AT8", True, False, False, False, False,
                     "as WC8_AT8 without range shrink (attention networks with important peaks)"),
         QConfigType("WT8SYMP2_AT8SYMP2", False, True, True, True, True,
-                    "per-tensor symmetric power-of-2 weights and activations (TDA4VM)"),
+                    "per-tensor symmetric power-of-2 weights and activations (TDA4VM)", align_add_inputs=True),
         QConfigType("WC8SYMP2_AT8SYMP2", True, True, True, True, True,
                     "per-channel symmetric power-of-2 weights, symmetric power-of-2 activations"),
         QConfigType("WC8P2_AT8P2", True, True, False, True, True,
@@ -385,9 +389,61 @@ def _output_fake_quants(node: Node, modules: dict[str, torch.nn.Module]) -> list
     return [user for user in node.users if _is_fake_quant_node(user, modules)]
 
 
-def apply_graph_rules(graph_module: GraphModule) -> dict[str, list[str]]:
+_CONCAT_FUNCTIONS = {torch.cat, torch.concat}
+_ADD_FUNCTIONS = {operator.add, torch.add}
+
+
+def _share_fake_quants(graph_module: GraphModule, align_add_inputs: bool) -> list[str]:
+    """Make the inputs of every Concat (and Add, if asked) use one fake-quant module, so they share one scale.
+
+    TIDL requantizes inputs that arrive on different scales, and ``tiexport fix`` aligns them after export, which
+    changes numerics the model was never calibrated or trained with. Sharing the module here gives the union of the
+    ranges to all of them from the start, exactly as torch shares the observer of ``torch.cat``'s output. Every call
+    site of a merged module is re-pointed, so shapes ops that shared it keep sharing.
+    """
+    # torch shares one module under several names (ops that share their input's observer): merge instances
+    modules = dict(graph_module.named_modules(remove_duplicate=False))
+    merged: list[str] = []
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _CONCAT_FUNCTIONS and node.args and isinstance(node.args[0], (list, tuple)):
+            inputs = list(node.args[0])
+        elif align_add_inputs and node.target in _ADD_FUNCTIONS and len(node.args) >= 2:
+            inputs = list(node.args[:2])
+        else:
+            continue
+        fq_nodes = [a for a in inputs if isinstance(a, Node) and _is_fake_quant_node(a, modules)]
+        if len(fq_nodes) != len(inputs):
+            continue
+        keep = str(fq_nodes[0].target)
+        kept = _activation_observer(modules[keep])
+        for other_node in fq_nodes[1:]:
+            other_module = modules[str(other_node.target)]
+            observer = _activation_observer(other_module)
+            if other_module is modules[keep] or kept is None or observer is None:
+                continue  # already shared, or not tiexport's observers
+            kept.symmetric = kept.symmetric or observer.symmetric
+            kept.force_signed = kept.force_signed or observer.force_signed
+            kept.range_shrink_percentile = min(kept.range_shrink_percentile, observer.range_shrink_percentile)
+            aliases = [name for name, m in modules.items() if m is other_module]
+            for user_node in graph_module.graph.nodes:
+                if user_node.op == "call_module" and user_node.target in aliases:
+                    user_node.target = keep
+            for name in aliases:
+                graph_module.delete_submodule(name)
+                modules.pop(name)
+            merged.append(f"{'/'.join(aliases)}->{keep}")
+    if merged:
+        graph_module.recompile()
+    return merged
+
+
+def apply_graph_rules(graph_module: GraphModule, *, align_add_inputs: bool = False) -> dict[str, list[str]]:
     """Make the activations TIDL needs symmetric, in place; see the module docstring. Returns changes per rule.
 
+    - ``shared_scales``: the inputs of each Concat, and of each Add with ``align_add_inputs`` (the TDA4VM type),
+      share one fake-quant module (see :func:`_share_fake_quants`).
     - ``network_inputs``: the fake-quant on each graph input: symmetric, no range shrink.
     - ``matmul_inputs``: the fake-quants feeding each MatMul (through reshapes and views) unless fed by
       Softmax/Relu/Sigmoid, and its output; when an input was made symmetric the output is int8 even if it happens
@@ -397,8 +453,11 @@ def apply_graph_rules(graph_module: GraphModule) -> dict[str, list[str]]:
     Works on the fake-quant modules of a freshly prepared GraphModule made with a named type; fake-quant modules
     of other kinds (a user's QConfig) are left alone.
     """
+    shared = _share_fake_quants(graph_module, align_add_inputs)
     modules = dict(graph_module.named_modules(remove_duplicate=False))
-    changed: dict[str, list[str]] = {"network_inputs": [], "matmul_inputs": [], "symmetric_layers": []}
+    changed: dict[str, list[str]] = {
+        "shared_scales": shared, "network_inputs": [], "matmul_inputs": [], "symmetric_layers": [],
+    }
 
     def make_symmetric(fq_node: Node, rule: str, force_signed: bool = False) -> None:
         observer = _activation_observer(modules[str(fq_node.target)])

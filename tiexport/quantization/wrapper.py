@@ -58,6 +58,7 @@ from torch.fx import GraphModule
 from tiexport.errors import UnusableInputError, UsageError
 from tiexport.quantization.bias_calibration import BiasCalibrator
 from tiexport.quantization.qconfig import (
+    QCONFIG_TYPES,
     QConfigLike,
     apply_graph_rules,
     get_backend_config,
@@ -279,6 +280,7 @@ class _QuantFxModule(torch.nn.Module):
         self._backend_config = get_backend_config(backend)
         self._qconfig_mapping = get_qconfig_mapping(qconfig_type, range_shrink_percentile=range_shrink_percentile)
         self._apply_rules = isinstance(qconfig_type, str)
+        self._align_add_inputs = self._apply_rules and QCONFIG_TYPES[self.qconfig_type_name].align_add_inputs
         self.total_epochs = total_epochs
         # TI's defaults when not given; an explicit 0 is honoured (frozen from the start)
         self.num_batch_norm_update_epochs = (
@@ -322,7 +324,9 @@ class _QuantFxModule(torch.nn.Module):
                 f"torch.fx cannot trace {type(model).__name__} ({exc}); make data-dependent control flow a leaf "
                 "module or a concrete argument"
             ) from exc
-        changed = apply_graph_rules(prepared) if self._apply_rules else {}
+        changed = (
+            apply_graph_rules(prepared, align_add_inputs=self._align_add_inputs) if self._apply_rules else {}
+        )
         _init_weight_qparams(prepared)
         setattr(prepared, "_tiexport_qconfig_type", self.qconfig_type_name)  # noqa: B010  export writes it to metadata
         self.module = prepared
