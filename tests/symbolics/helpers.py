@@ -107,7 +107,8 @@ def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 def torch_outputs(model: torch.nn.Module, inputs: list[torch.Tensor]) -> list[np.ndarray]:
     with frozen(model), torch.no_grad(), quiet():
-        return [model(x).detach().float().numpy() for x in inputs]
+        # clone: quantized kernels (qnnpack) may reuse an output buffer on the next call
+        return [model(x).detach().float().clone().numpy() for x in inputs]
 
 
 def ort_outputs(path: str | Path, inputs: list[torch.Tensor]) -> list[np.ndarray]:
