@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,24 @@ def save_model(
     Models too large for one protobuf go to a ``<name>.data`` external-data file beside ``path``.
     """
     out = Path(path)
+
+    def write(tmp: str) -> None:
+        if model.ByteSize() > external_data_threshold:
+            # onnx.save_model moves tensor bytes out of the proto it is given: save a copy, keep the caller's intact
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=out.name + ".data", size_threshold=1024)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+
+    _atomic_write(out, protect, write)
+
+
+def _atomic_write(out: Path, protect: tuple[str | os.PathLike[str], ...], write: Callable[[str], None]) -> None:
+    """Check ``out`` is a writable new-or-replaceable file (never one in ``protect``), let ``write`` fill a temp file
+    in the same folder, then rename it over ``out``; the temp file is removed on any failure."""
     for p in protect:
         if same_file(out, p):
             raise UsageError(f"{out}: refusing to overwrite the input model")
@@ -190,19 +209,10 @@ def save_model(
     if not out.parent.exists():
         raise UsageError(f"{out.parent}: output folder does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    _default_mode(tmp)
     os.close(fd)
+    _default_mode(tmp)
     try:
-        if model.ByteSize() > external_data_threshold:
-            data_name = out.name + ".data"
-            # onnx.save_model moves tensor bytes out of the proto it is given: save a copy, keep the caller's intact
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
+        write(tmp)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
@@ -234,21 +244,9 @@ def _first_line(exc: BaseException) -> str:
 
 def write_text(path: str | os.PathLike[str], text: str, *, protect: tuple[str | os.PathLike[str], ...] = ()) -> None:
     """Write a text file atomically, refusing to overwrite any path in ``protect`` (the input model)."""
-    out = Path(path)
-    for p in protect:
-        if same_file(out, p):
-            raise UsageError(f"{out}: refusing to overwrite the input model")
-    if out.is_dir():
-        raise UsageError(f"{out}: is a directory")
-    if not out.parent.exists():
-        raise UsageError(f"{out.parent}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    _default_mode(tmp)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    _atomic_write(Path(path), protect, write)
