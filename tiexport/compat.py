@@ -51,9 +51,9 @@ def torch_version() -> tuple[int, int]:
 
 
 def has_dynamo_exporter() -> bool:
-    """torch.onnx.export(..., dynamo=True) with ``custom_translation_table`` exists (torch >= 2.5) and onnxscript
-    is importable."""
-    if torch_version() < (2, 5):
+    """torch.onnx.export(..., dynamo=True) with ``custom_translation_table`` exists (the torch.export-based exporter
+    of torch >= 2.6, per torch's ONNX docs) and onnxscript is importable."""
+    if torch_version() < (2, 6):
         return False
     try:
         importlib.import_module("onnxscript")

@@ -128,7 +128,7 @@ def export(
         raise UsageError(f"the TorchScript exporter stops at opset {compat.TORCHSCRIPT_MAX_OPSET}; use "
                          "exporter='dynamo' for newer opsets")
     if exporter == "dynamo" and not compat.has_dynamo_exporter():
-        raise UsageError("the dynamo exporter needs torch >= 2.5 and onnxscript (pip install onnxscript)")
+        raise UsageError("the dynamo exporter needs torch >= 2.6 and onnxscript (pip install onnxscript)")
     if custom_translation_table and exporter != "dynamo":
         raise UsageError("custom_translation_table is for exporter='dynamo'; for TorchScript register symbolics "
                          "with torch.onnx.register_custom_op_symbolic")
