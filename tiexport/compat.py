@@ -19,6 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 __all__ = [
+    "DYNAMO_MIN_OPSET",
     "TORCHSCRIPT_MAX_OPSET",
     "ao_classes",
     "ao_quantization",
@@ -30,12 +31,13 @@ __all__ = [
     "restore_ts_custom_symbolic",
     "set_ts_custom_symbolic",
     "torch_version",
+    "torchscript_max_opset",
     "ts_parse_arg",
 ]
 
 log = logging.getLogger(__name__)
 
-# Highest opset the TorchScript exporter has symbolics for (torch 2.1 .. 2.13: 20).
+# Highest opset the TorchScript exporter has symbolics for (torch 2.1 .. 2.13: 20; torchscript_max_opset() asks torch).
 TORCHSCRIPT_MAX_OPSET = 20
 # The dynamo exporter builds at opset 18 or newer; lower targets are converted afterwards (torch does the same).
 DYNAMO_MIN_OPSET = 18
@@ -48,6 +50,16 @@ def torch_version() -> tuple[int, int]:
 
     parts = torch.__version__.split("+")[0].split(".")
     return int(parts[0]), int(parts[1])
+
+
+def torchscript_max_opset() -> int:
+    """The highest opset the installed torch's TorchScript exporter supports."""
+    try:
+        from torch.onnx import _constants
+
+        return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", TORCHSCRIPT_MAX_OPSET))
+    except ImportError:  # pragma: no cover - layout of another torch
+        return TORCHSCRIPT_MAX_OPSET
 
 
 def has_dynamo_exporter() -> bool:

@@ -124,8 +124,8 @@ def export(
         raise UsageError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     if not isinstance(opset_version, int) or opset_version < MIN_OPSET:
         raise UsageError(f"opset_version must be an int >= {MIN_OPSET} (per-axis Q/DQ), got {opset_version!r}")
-    if exporter == "torchscript" and opset_version > compat.TORCHSCRIPT_MAX_OPSET:
-        raise UsageError(f"the TorchScript exporter stops at opset {compat.TORCHSCRIPT_MAX_OPSET}; use "
+    if exporter == "torchscript" and opset_version > compat.torchscript_max_opset():
+        raise UsageError(f"the TorchScript exporter stops at opset {compat.torchscript_max_opset()}; use "
                          "exporter='dynamo' for newer opsets")
     if exporter == "dynamo" and not compat.has_dynamo_exporter():
         raise UsageError("the dynamo exporter needs torch >= 2.6 and onnxscript (pip install onnxscript)")

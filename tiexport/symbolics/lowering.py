@@ -36,7 +36,7 @@ import logging
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -625,7 +625,6 @@ class ExportLowering:
         classes = compat.ao_classes()
         fq_types, obs_types = classes["fake_quant"], classes["observer"]
         self._set_eval(model)
-        names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
         fake_quants = [(n, m) for n, m in model.named_modules() if fq_types and isinstance(m, fq_types)]
         fq_children = {id(c) for _, fq in fake_quants for c in fq.modules()}
         observers = [n for n, m in model.named_modules()
@@ -637,7 +636,7 @@ class ExportLowering:
         if fake_quants:
             self.kind = "fake_quant"
             self._patch_fake_quants(fake_quants)
-            self._fold_conv_bn(model, classes, names)
+            self._fold_conv_bn(model, classes)
         if converted:
             self.kind = "converted" if not fake_quants else "mixed"
             model = self._lower_converted(model)
@@ -714,7 +713,7 @@ class ExportLowering:
         self._state.forwards.append((m, m.__dict__.get("forward", _MISSING)))
         m.forward = fwd
 
-    def _fold_conv_bn(self, model: nn.Module, classes: dict[str, Any], names: dict[nn.Module, str]) -> None:
+    def _fold_conv_bn(self, model: nn.Module, classes: dict[str, Any]) -> None:
         conv_bn, conv_bn_relu = classes["conv_bn_qat"], classes["conv_bn_relu_qat"]
         if not conv_bn:
             return
@@ -878,10 +877,3 @@ def _few(names: Sequence[str], k: int = 3) -> str:
     shown = ", ".join(names[:k])
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
-
-def iter_fake_quants(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(qualified name, module) of every torch.ao fake-quant module in ``model``."""
-    fq_types = compat.ao_classes()["fake_quant"]
-    for n, m in model.named_modules():
-        if fq_types and isinstance(m, fq_types):
-            yield n, m
