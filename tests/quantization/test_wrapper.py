@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -373,3 +374,60 @@ def test_multihead_attention_is_quantized_after_wrapping() -> None:
     assert len(matmuls) == 2
     assert any(p is weight for p in w.parameters())  # the swap shares the Parameter, no copy
     assert (w(x) - expected).abs().max().item() < 0.1
+
+
+# --- load_weights --------------------------------------------------------------------------------------------------
+
+
+def _calibrated_state() -> dict[str, torch.Tensor]:
+    data = batches(SHAPE, 2)
+    w = PTCFxModule(seeded(TinyCNN()), example_inputs=data[0])
+    _run_epoch(w, data)
+    w.eval()
+    return {k: v.clone() for k, v in w.module.state_dict().items()}
+
+
+def test_load_weights_loads_a_calibrated_checkpoint_into_a_fresh_wrapper() -> None:
+    from tiexport import load_weights
+
+    state = _calibrated_state()
+    fresh = QATFxModule(seeded(TinyCNN(), seed=5), total_epochs=2, example_inputs=torch.randn(SHAPE))
+    report = load_weights(fresh, state)
+    assert report.complete, report.summary()
+    for key, value in fresh.module.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+def test_load_weights_reports_missing_unexpected_and_shape_mismatched_keys() -> None:
+    from tiexport import load_weights
+
+    state = _calibrated_state()
+    del state["fc.bias"]
+    state["extra.weight"] = torch.zeros(2)
+    state["fc.weight"] = torch.zeros(7, 7)
+    fresh = PTCFxModule(seeded(TinyCNN()), example_inputs=torch.randn(SHAPE))
+    before = fresh.module.fc.weight.detach().clone()
+    report = load_weights(fresh, state)
+    assert report.missing == ["fc.bias"]  # a shape-mismatched key is reported as such, not also as missing
+    assert report.unexpected == ["extra.weight"]
+    assert report.shape_mismatched == [("fc.weight", (7, 7), tuple(before.shape))]
+    torch.testing.assert_close(fresh.module.fc.weight, before)  # skipped, not half-loaded
+    assert not report.complete
+
+
+def test_load_weights_from_a_file_with_a_nested_ddp_state_dict(tmp_path: Path) -> None:
+    from tiexport import load_weights
+
+    state = {f"module.{k}": v for k, v in _calibrated_state().items()}
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    fresh = PTCFxModule(seeded(TinyCNN()), example_inputs=torch.randn(SHAPE))
+    assert load_weights(fresh, path).complete
+
+
+def test_load_weights_missing_file_is_an_unusable_input(tmp_path: Path) -> None:
+    from tiexport import load_weights
+    from tiexport.errors import UnusableInputError
+
+    with pytest.raises(UnusableInputError, match="no such checkpoint"):
+        load_weights(seeded(TinyCNN()), tmp_path / "nope.pth")
