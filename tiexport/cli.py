@@ -247,6 +247,10 @@ def _cmd_fix(args: argparse.Namespace) -> int:
         if name in shapes:
             raise UsageError(f"--input-shape {name}: given twice")
         shapes[name] = dims
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    # onnx-graphsurgeon prints its warnings to stdout, where the summary (or the JSON) goes
+    G_LOGGER.severity = G_LOGGER.CRITICAL + 1
     fixed, report = fix(args.model, device=args.device, input_shapes=shapes, power_of_two=args.power_of_two,
                         quantize_bias=args.quantize_bias, inputs=args.inputs, parity=args.parity,
                         num_samples=args.num_samples, seed=args.seed, max_lsb=args.max_lsb)

@@ -26,6 +26,7 @@ __all__ = [
     "LoadedModel",
     "as_model",
     "external_data_info",
+    "infer_shapes",
     "load_model",
     "same_file",
     "save_model",
@@ -113,6 +114,41 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = False
         except (OSError, ValueError) as exc:
             raise UnusableInputError(f"{p}: cannot read external data: {_first_line(exc)}") from None
     return model
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference (no type check, not strict, with data propagation) that cannot abort the process.
+
+    onnx's C++ inference asserts on a negative dimension (Slice clamps its range into ``[0, dim]``: with ``dim = -1``
+    the assertion ``!(hi < lo)`` kills the interpreter, no exception), so negative dims of graph inputs, outputs,
+    value_info and initializers are made unknown first, on a copy (``model`` is never changed).
+    Raises what ``onnx.shape_inference.infer_shapes`` raises for other problems.
+    """
+    g = model.graph
+    infos = [vi for vi in (*g.input, *g.output, *g.value_info)
+             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")]
+    if any(d.HasField("dim_value") and d.dim_value < 0 for vi in infos for d in vi.type.tensor_type.shape.dim) \
+            or any(d < 0 for t in g.initializer for d in t.dims):
+        model = _without_negative_dims(model)
+    return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+
+
+def _without_negative_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    g = copy.graph
+    for vi in (*g.input, *g.output, *g.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value < 0:
+                    d.Clear()
+    declared = {vi.name for vi in g.input}
+    for t in [t for t in g.initializer if any(d < 0 for d in t.dims)]:
+        # an initializer that cannot exist: a typed input of unknown shape stands in for it
+        g.initializer.remove(t)
+        if t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, [None] * len(t.dims)))
+    return copy
 
 
 def tensor_to_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndarray:

@@ -23,7 +23,7 @@ from tiexport.devices import DeviceProfile, get_device
 from tiexport.errors import TiexportError, UnusableInputError, UsageError
 from tiexport.onnx_io import as_model
 from tiexport.passes.align_scales import AlignConcatScalesPass
-from tiexport.passes.base import Pass, PassManager, PassSummary
+from tiexport.passes.base import Pass, PassError, PassManager, PassSummary
 from tiexport.passes.bias_scale import AlignBiasScalePass
 from tiexport.passes.dead_nodes import RemoveDeadNodesPass
 from tiexport.passes.fold_weights import FoldWeightQuantizationPass
@@ -238,14 +238,26 @@ def fix(
     passes = build_pipeline(profile, input_shapes=input_shapes, power_of_two=power_of_two,
                             quantize_bias=quantize_bias, align_concat=align_concat)
 
+    why = _not_rewritable(original)
+    if why:
+        raise UnusableInputError(f"{loaded.name}: {why} (tiexport validate: TIDL002); fix cannot repair that, "
+                                 "nothing written")
     working = onnx.ModelProto()
     working.CopyFrom(original)  # gs reads lazily from the proto; the caller's model must stay as it was
     try:
-        graph = gs.import_onnx(working)
-    except Exception as exc:
-        raise FixError(f"{loaded.name}: cannot import the graph for rewriting: {_first_line(exc)}") from None
-    result = PassManager(passes, max_iterations=max_iterations).run(graph)
-    fixed = _export(graph, original, loaded.name)
+        try:
+            graph = gs.import_onnx(working)
+        except Exception as exc:
+            raise FixError(f"{loaded.name}: cannot import the graph for rewriting: {_first_line(exc)}") from None
+        result = PassManager(passes, max_iterations=max_iterations).run(graph)
+        fixed = _export(graph, original, loaded.name)
+    except (FixError, PassError):
+        # A pass tripping over a model that onnx.checker or ONNX Runtime already rejects is the input's fault
+        broken = _unusable_because(original)
+        if broken:
+            raise UnusableInputError(f"{loaded.name}: the input model already fails {broken}; fix cannot repair "
+                                     "that, nothing written") from None
+        raise
     _check_usable(fixed, original, loaded.name)
 
     from tiexport.validators.validate import validate
@@ -265,10 +277,47 @@ def fix(
     return fixed, report
 
 
+def _not_rewritable(model: onnx.ModelProto) -> str:
+    """Why the top-level graph cannot be rewritten safely ("" when it can): a name that is not UTF-8, a tensor with
+    two producers, or a cycle. onnx-graphsurgeon fails on the first, silently keeps one of the two producers on the
+    second (a Conv could end up reading the wrong tensor as its weight) and cannot sort the third."""
+    g = model.graph
+    names: list[str | bytes] = [vi.name for vi in (*g.input, *g.output)] + [t.name for t in g.initializer]
+    for n in g.node:
+        names.extend((n.name, *n.input, *n.output))
+    if any(isinstance(x, bytes) for x in names):  # protobuf hands out invalid UTF-8 strings as bytes
+        return "a node or tensor name is not valid UTF-8"
+    producer: dict[str, int] = dict.fromkeys([vi.name for vi in g.input] + [t.name for t in g.initializer], -1)
+    for i, n in enumerate(g.node):
+        for out in n.output:
+            if out and out in producer:
+                return f"tensor {out!r} has two producers"
+            if out:
+                producer[out] = i
+    deps = [{producer[t] for t in n.input if producer.get(t, -1) >= 0} for n in g.node]
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for k in users.get(i, []):
+            waiting[k] -= 1
+            if waiting[k] == 0:
+                ready.append(k)
+    if done < len(g.node):
+        return f"the graph has a cycle ({len(g.node) - done} node(s) on or after it)"
+    return ""
+
+
 def _export(graph: gs.Graph, original: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    if not _is_sorted(graph):
-        graph.toposort()
     try:
+        if not _is_sorted(graph):
+            graph.toposort()
         fixed = gs.export_onnx(graph, do_type_check=False)
     except Exception as exc:
         raise FixError(f"{name}: cannot export the rewritten graph: {_first_line(exc)}") from None
@@ -309,7 +358,7 @@ def _unusable_because(model: onnx.ModelProto) -> str:
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # the error comes back as an exception (one line); ORT's log would add more
     try:
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

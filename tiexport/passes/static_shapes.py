@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from tiexport.errors import UsageError
+from tiexport.onnx_io import infer_shapes
 from tiexport.passes.base import Pass, PassResult
 
 __all__ = ["InferShapesPass", "PinInputShapesPass", "parse_input_shape"]
@@ -114,8 +115,7 @@ class InferShapesPass(Pass):
         except Exception as exc:  # a graph gs cannot export is reported, not fixed here
             return PassResult(graph, modified=False, notes=[f"cannot export the graph for shape inference: {exc}"])
         try:
-            inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False,
-                                                         data_prop=True)
+            inferred = infer_shapes(skeleton)
         except Exception as exc:
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return PassResult(graph, modified=False, notes=[f"shape inference failed: {text}"])

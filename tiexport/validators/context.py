@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from tiexport.onnx_io import LoadedModel, tensor_to_array
+from tiexport.onnx_io import LoadedModel, infer_shapes, tensor_to_array
 
 __all__ = ["QDQ_OPS", "ModelContext", "QParams", "dtype_name"]
 
@@ -282,7 +282,7 @@ class ModelContext:
         except (UnicodeDecodeError, ValueError, TypeError) as exc:  # invalid UTF-8 names (TIDL002 reports them)
             return {}, f"the model cannot be re-serialized for shape inference ({type(exc).__name__})"
         try:
-            inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+            inferred = infer_shapes(skeleton)
             g = inferred.graph
         except Exception as exc:  # inference errors are findings (static_shape), not crashes
             error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

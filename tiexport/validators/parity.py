@@ -682,7 +682,7 @@ class OnnxRunner:
         options = ort.SessionOptions()
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimizations
                                             else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures come back as exceptions (one line); ORT's own log would add more
         # Two sessions take turns: an idle one's spinning worker threads would steal the cores the busy one needs
         # (measured 2x slower on ResNet-50 with 2 cores).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

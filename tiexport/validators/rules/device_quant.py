@@ -231,6 +231,8 @@ class MatMulSignRule(Rule):
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
         for node in ctx.nodes_of("MatMul"):
+            if len(node.input) < 2 or not node.output:
+                continue  # malformed: onnx.checker reports it (TIDL001)
             in_q: list[QParams | None] = []
             for inp in node.input[:2]:
                 dq = ctx.dq_of(inp)

@@ -184,7 +184,10 @@ class BiasRule(Rule):
             values = ctx.const(dq.input[0]) if ctx.is_const(dq.input[0]) else None
             if values is not None and device.bias_bits < 32:
                 lim = 2 ** (device.bias_bits - 1)
-                n = int(np.sum((values < -lim) | (values > lim - 1)))
+                # float64 holds every int32 exactly; a bias declared as a narrow type (uint2, int4: ml_dtypes
+                # arrays) cannot even be compared with 32768
+                wide = np.asarray(values, dtype=np.float64)
+                n = int(np.sum((wide < -lim) | (wide > lim - 1)))
                 if n:
                     yield self.finding(
                         ctx, node, f"{n} bias value(s) exceed {device.bias_bits} bits and are clipped on {device.name}",

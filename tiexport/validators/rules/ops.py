@@ -1007,7 +1007,7 @@ class LayerNormRule(OpConstraintRule):
                             "normalize over the last dimension only (nn.LayerNorm(last_dim))")
             return
         shape = ctx.static_shape(x)
-        if shape is None:
+        if not shape:  # unknown, or a scalar (which the checker reports)
             return
         n = shape[-1]
         for idx, what in ((1, "scale"), (2, "bias")):
@@ -1283,11 +1283,26 @@ def _violations_of(ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfil
     v = _UNSUPPORTED.violation(ctx, node)
     if v is not None:
         out.append((_UNSUPPORTED.id, v))
-    if node.domain in ("", "ai.onnx"):
+    if node.domain in ("", "ai.onnx") and _attributes_match_schema(ctx, node):
         for rule in OP_CONSTRAINT_RULES:
             if node.op_type in rule.ops:
                 out.extend((rule.id, c) for c in rule.violations(ctx, node, device))
     return out
+
+
+def _attributes_match_schema(ctx: ModelContext, node: onnx.NodeProto) -> bool:
+    """False when an attribute has another type than the op's schema gives it (an ``axis`` holding a list or a
+    string). The constraint rules read attributes as the schema types them; onnx.checker reports such a node (TIDL001),
+    so the constraints skip it instead of failing on it."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, max(ctx.opset, 1), "")
+    except Exception:  # an op (or opset) ONNX does not know: nothing to compare with
+        return True
+    for a in node.attribute:
+        spec = schema.attributes.get(a.name)
+        if spec is not None and a.type != spec.type.value:
+            return False
+    return True
 
 
 def _findings_of(rule: Rule, ctx: ModelContext, device: DeviceProfile, suffix: str) -> Iterator[Finding]:

@@ -348,6 +348,9 @@ class QdqCoverageRule(Rule):
     exceptions (tidl.md §2): Conv/ConvTranspose/eltwise/BatchNormalization followed by a Relu (or a Conv followed by
     a BatchNormalization) that has Q/DQ after it; LayerNorm/GELU patterns need Q/DQ only at their end; Reshape,
     Transpose, Flatten, Split, Slice, Pad, Squeeze pass quantization through.
+    Also flagged: a QuantizeLinear whose output is a graph output with no DequantizeLinear after it, so the network
+    returns integer codes. (Inference: TIDL reads each tensor's scale from its Q/DQ pair, tidl.md §2, and TI's exports
+    end every output with a DequantizeLinear; a lone Q leaves the output's scale to the caller.)
     Fix: quantize the layer (in PyTorch: make sure an observer/fake-quant sits at its inputs and output).
     """
 
@@ -417,3 +420,10 @@ class QdqCoverageRule(Rule):
             yield self.finding(ctx, node, f"output {out!r} is not requantized (no QuantizeLinear after it)",
                                "quantize this layer's output, or fuse it with the next quantized layer",
                                severity="warning")
+        for node in ctx.nodes_of("QuantizeLinear"):
+            out = node.output[0] if node.output else ""
+            if out in ctx.graph_output_names and not any(
+                    c.op_type == "DequantizeLinear" for c in ctx.consumers_of(out)):
+                yield self.finding(ctx, node, f"graph output {out!r} is this QuantizeLinear's integer codes: no "
+                                   "DequantizeLinear after it", "end the network with the DequantizeLinear of the "
+                                   "output's quantization (a float output), as TI's exports do", severity="warning")

@@ -1,0 +1,139 @@
+"""One test per robustness bug found by the catalogue and the fuzzing (issue 9), each on the smallest model that
+showed it. The catalogue tests cover the rest (cycle, duplicate producers, non-UTF-8 names, ORT log lines)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import tiexport
+from fixtures.builders import QdqBuilder
+from fixtures.malformed import case_by_name
+from fixtures.models import tiny_conv
+from tests.robustness.helpers import cli
+from tiexport.errors import UnusableInputError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def _set_attr(node: onnx.NodeProto, attr: onnx.AttributeProto) -> None:
+    for a in list(node.attribute):
+        if a.name == attr.name:
+            node.attribute.remove(a)
+    node.attribute.append(attr)
+
+
+def _crashed(model: onnx.ModelProto, device: str = "all") -> list[str]:
+    return [f.message for f in tiexport.validate(model, device).findings if f.rule_id == "TIDL000"]
+
+
+# ------------------------------------------------------------------------------------------------ validate
+def test_op_rules_skip_a_node_whose_attribute_has_the_wrong_type() -> None:
+    # ops.py read `[int(s) for s in strides]` from a FLOAT attribute: TypeError in every TIDL040/05x-07x rule
+    m = tiny_conv()
+    _set_attr(_node(m, "conv"), helper.make_attribute("strides", 1.0))
+    assert _crashed(m) == []
+    assert any(f.rule_id == "TIDL001" for f in tiexport.validate(m, "AM68A").findings)
+
+
+def test_layernorm_rule_takes_a_scalar_input() -> None:
+    # LayerNormRule indexed shape[-1] of a 0-d input: IndexError
+    b = QdqBuilder(opset=17, name="scalar_layernorm")
+    x = b.input("x", [])
+    y = b.node("LayerNormalization", [x, b.const(np.float32(1.0), "g")], name="ln")
+    b.output(y, shape=[])
+    assert _crashed(b.build()) == []
+
+
+def test_matmul_sign_rule_takes_a_matmul_with_one_input() -> None:
+    # MatMulSignRule read node.input[1] unconditionally: IndexError
+    b = QdqBuilder(opset=17, name="one_input_matmul")
+    a = b.qdq(b.input("a", [1, 8, 16]), 2.0**-6, 0, "int8", name="a")
+    b.output(b.node("MatMul", [a], name="matmul"))
+    assert _crashed(b.build()) == []
+
+
+def test_bias_rule_takes_a_uint2_bias_behind_an_int32_zero_point() -> None:
+    # BiasRule compared the decoded bias (ml_dtypes uint2) with +-32768 (TDA4VM's 16-bit limit): OverflowError
+    m = tiny_conv()
+    for t in m.graph.initializer:
+        if t.name == "conv_bias_quantized":
+            t.data_type = TensorProto.UINT2  # 16 raw bytes of int32 data read as 2-bit values
+    assert _crashed(m, "TDA4VM") == []
+
+
+def test_negative_input_dim_does_not_abort_shape_inference() -> None:
+    # onnx's C++ Slice inference asserted (SIGABRT, the whole interpreter gone) on an input dim of -1
+    b = QdqBuilder(opset=17, name="negative_dim_slice")
+    x = b.qdq(b.input("input", [1, 4, 8, -1]), 2.0**-8, 0, "uint8", name="input")
+    starts, ends, axes = (b.const(np.array([v], np.int64), n) for v, n in ((0, "s"), (2, "e"), (3, "a")))
+    b.output(b.qdq(b.node("Slice", [x, starts, ends, axes], name="slice"), 2.0**-8, 0, "uint8", name="slice"))
+    model = b.build(infer=False)
+    code = ("import sys, onnx, tiexport\n"
+            "m = onnx.load_model_from_string(sys.stdin.buffer.read())\n"
+            "r = tiexport.validate(m, 'AM68A')\n"
+            "print(sorted({f.rule_id for f in r.findings}))\n")
+    res = subprocess.run([sys.executable, "-c", code], input=model.SerializeToString(), capture_output=True,
+                         timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
+    assert "TIDL004" in res.stdout.decode()
+
+
+def test_infer_shapes_leaves_the_callers_negative_dims_alone() -> None:
+    from tiexport.onnx_io import infer_shapes
+
+    m = tiny_conv(bias="none")
+    m.graph.input[0].type.tensor_type.shape.dim[3].dim_value = -1
+    before = m.SerializeToString()
+    inferred = infer_shapes(m)
+    assert m.SerializeToString() == before
+    assert not inferred.graph.input[0].type.tensor_type.shape.dim[3].HasField("dim_value")
+
+
+# ------------------------------------------------------------------------------------------------ fix
+def test_fix_refuses_two_producers_instead_of_rewiring_the_weight() -> None:
+    # gs kept the Identity's output as the Conv weight: fix wrote Conv(x, x) and validate found nothing wrong
+    model = case_by_name("duplicate_tensor_name").model()  # type: ignore[misc]
+    with pytest.raises(UnusableInputError, match="has two producers"):
+        tiexport.fix(model, "AM68A", parity=False)
+
+
+def test_fix_refuses_a_cycle_with_one_line() -> None:
+    # gs.toposort raised OnnxGraphSurgeonException: "internal error" from the CLI
+    with pytest.raises(UnusableInputError, match="the graph has a cycle"):
+        tiexport.fix(case_by_name("cycle").model(), "AM68A", parity=False)  # type: ignore[misc]
+
+
+def test_fix_blames_the_input_when_a_pass_trips_over_a_checker_failure() -> None:
+    # NormalizeQdqParamsPass did int('nearest') on a STRING axis: "pass ... failed (ValueError ...)"
+    m = tiny_conv()
+    _set_attr(_node(m, "relu_q_QuantizeLinear"), helper.make_attribute("axis", "nearest"))
+    with pytest.raises(UnusableInputError, match=r"the input model already fails onnx\.checker"):
+        tiexport.fix(m, "AM68A", parity=False)
+
+
+def test_fix_cli_stdout_is_only_the_json_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # onnx-graphsurgeon printed "[W] Could not convert: FLOAT8E4M3FNUZ ..." to stdout ahead of the JSON
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    monkeypatch.setattr(G_LOGGER, "severity", G_LOGGER.INFO)  # as in a fresh process
+    m = tiny_conv()
+    m.graph.initializer.append(helper.make_tensor("unused_fp8", TensorProto.FLOAT8E4M3FNUZ, [4],
+                                                  vals=b"\x01\x02\x03\x04", raw=True))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    rc, out, err = cli("fix", str(path), "-o", str(tmp_path / "o.onnx"), "-d", "AM68A", "--format", "json",
+                       "--no-parity")
+    assert rc == 0, err
+    assert json.loads(out)["device"] == "AM68A"
