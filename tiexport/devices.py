@@ -30,7 +30,9 @@ class DeviceProfile:
     power_of_two_scales: bool = False
     """Every scale must be an exact power of two (TDA4VM, tidl.md §1)."""
     quantize_bias: bool = False
-    """The fix pipeline writes Conv/Gemm bias as int32 + DequantizeLinear (tidl.md §2 "Bias")."""
+    """The fix pipeline writes Conv/Gemm bias as int32 + DequantizeLinear (tidl.md §2 "Bias"). Off on every device,
+    as in TI's optimizer: TIDL quantizes a float bias itself, and rounding it here would move the ONNX model away
+    from the PyTorch fake-quant model (which keeps float bias); ``tiexport fix --quantize-bias`` turns it on."""
     bias_bits: int = 32
     """TIDL clips bias to this many bits by default (16 on TDA4VM, tidl.md §2 "Bias")."""
     align_add_scales: bool = False
@@ -64,7 +66,6 @@ DEVICES: dict[str, DeviceProfile] = {
             per_channel_weights=False,
             asymmetric_activations=False,
             power_of_two_scales=True,
-            quantize_bias=True,
             bias_bits=16,
             align_add_scales=True,
             quantization_scale_type=1,

@@ -253,7 +253,8 @@ def test_quantize_bias_follows_the_profile_unless_overridden() -> None:
 
     assert not has_bias_dq(fix(model, "AM68A", parity=False)[0])
     assert has_bias_dq(fix(model, "AM68A", quantize_bias=True, parity=False)[0])
-    assert has_bias_dq(fix(model, "TDA4VM", parity=False)[0])
+    assert not has_bias_dq(fix(model, "TDA4VM", parity=False)[0])  # off in every profile, as in TI's optimizer
+    assert has_bias_dq(fix(model, "TDA4VM", quantize_bias=True, parity=False)[0])
     assert not has_bias_dq(fix(model, "TDA4VM", quantize_bias=False, parity=False)[0])
 
 

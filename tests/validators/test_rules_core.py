@@ -197,11 +197,11 @@ def test_bias_beyond_16_bits_warns_on_tda4vm_only() -> None:
     assert am68a == []
 
 
-def _gelu_model(internal_qdq: bool) -> object:
+def _gelu_model(internal_qdq: bool, in_zp: int = 0, in_dtype: str = "int8") -> object:
     from fixtures.builders import QdqBuilder
 
     b = QdqBuilder(seed=4)
-    x = b.qdq(b.input("input", [1, 8, 16]), 2.0**-5, 0, "int8", name="input")
+    x = b.qdq(b.input("input", [1, 8, 16]), 2.0**-5, in_zp, in_dtype, name="input")
     h = b.node("Div", [x, b.const(np.float32(1.4142135), "sqrt2")], name="gelu_div")
     h = b.node("Erf", [h], name="gelu_erf")
     h = b.node("Add", [h, b.const(np.float32(1.0), "one")], name="gelu_add")
@@ -238,3 +238,15 @@ def test_matmul_with_constant_weight_is_not_a_sign_mix_on_tda4vm() -> None:
     w = b.weight(shape=(16, 8), per_channel=False, p2=True, name="fc_weight")
     b.output(b.qdq(b.node("MatMul", [x, w], name="fc"), 2.0**-3, 0, "int8", name="fc"))
     assert [f for f in tiexport.validate(b.build(), "TDA4VM").findings if f.rule_id == "TIDL024"] == []
+
+
+def test_asymmetric_input_of_a_fused_gelu_is_not_an_eltwise_warning() -> None:
+    model = _gelu_model(internal_qdq=False, in_zp=100, in_dtype="uint8")
+    assert [f for f in tiexport.validate(model, "AM68A").findings if f.rule_id == "TIDL021"] == []
+
+
+def test_float_bias_beyond_16_bits_is_also_reported_on_tda4vm() -> None:
+    model = tiny_conv(bias="float", in_scale=2.0**-14)  # TIDL quantizes the float bias itself, then clips it
+    clipped = [f for f in tiexport.validate(model, "TDA4VM").findings if f.rule_id == "TIDL033" and "16 bits" in f.message]
+    assert [f.severity for f in clipped] == ["warning"]
+    assert not [f for f in tiexport.validate(tiny_conv(bias="float"), "TDA4VM").findings if "16 bits" in f.message]

@@ -13,7 +13,7 @@ from tiexport.devices import DeviceProfile
 from tiexport.validators.context import QDQ_OPS, ModelContext, QParams
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
-from tiexport.validators.rules.qdq import PASS_THROUGH
+from tiexport.validators.rules.qdq import PASS_THROUGH, pattern_members
 
 __all__ = [
     "InputQuantizationRule",
@@ -121,8 +121,9 @@ class SymmetricRule(Rule):
                     fixable=True,
                 )
             elif node.op_type == "DequantizeLinear":
+                fused = pattern_members(ctx)  # Div/Mul inside a GELU/LayerNorm are one TIDL layer, not eltwise
                 users = sorted({c.op_type for c in _effective_consumers(ctx, node.output[0])
-                                if c.op_type in SYMMETRIC_INPUT_OPS})
+                                if c.op_type in SYMMETRIC_INPUT_OPS and ctx.producer.get(c.output[0]) not in fused})
                 if users:
                     yield self.finding(
                         ctx, node,

@@ -162,6 +162,12 @@ class BiasRule(Rule):
                         else "fine; tiexport fix --quantize-bias writes it as TI's tooling does",
                         severity="warning" if device.quantize_bias else "info", fixable=device.quantize_bias,
                     )
+                    expected = _expected_bias_scale(ctx, node)
+                    values = ctx.const(bias)
+                    if expected is not None and values is not None and values.size:
+                        scale = np.broadcast_to(expected, values.shape) if expected.size in (1, values.size) else None
+                        if scale is not None:
+                            yield from self._clipped(ctx, node, device, np.round(values / scale))
                 continue
             qp = ctx.qparams(dq)
             if qp is None:
@@ -182,18 +188,25 @@ class BiasRule(Rule):
                                        "requantizes it to its accumulator scale", "requantize the bias with scale "
                                        "s_in * s_w", severity="warning", fixable=True)
             values = ctx.const(dq.input[0]) if ctx.is_const(dq.input[0]) else None
-            if values is not None and device.bias_bits < 32:
-                lim = 2 ** (device.bias_bits - 1)
-                # float64 holds every int32 exactly; a bias declared as a narrow type (uint2, int4: ml_dtypes
-                # arrays) cannot even be compared with 32768
-                wide = np.asarray(values, dtype=np.float64)
-                n = int(np.sum((wide < -lim) | (wide > lim - 1)))
-                if n:
-                    yield self.finding(
-                        ctx, node, f"{n} bias value(s) exceed {device.bias_bits} bits and are clipped on {device.name}",
-                        "raise the input or weight scale of this layer, or reduce the bias magnitude in training",
-                        severity="warning",
-                    )
+            if values is not None:
+                yield from self._clipped(ctx, node, device, values)
+
+    def _clipped(self, ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile,
+                 int_bias: np.ndarray) -> Iterator[Finding]:
+        """Bias values (in units of s_in * s_w) beyond the device's bias width are clipped by TIDL."""
+        if device.bias_bits >= 32:
+            return
+        lim = 2 ** (device.bias_bits - 1)
+        # float64 holds every int32 exactly; a bias declared as a narrow type (uint2, int4: ml_dtypes arrays)
+        # cannot even be compared with 32768
+        wide = np.asarray(int_bias, dtype=np.float64)
+        n = int(np.sum((wide < -lim) | (wide > lim - 1)))
+        if n:
+            yield self.finding(
+                ctx, node, f"{n} bias value(s) exceed {device.bias_bits} bits and are clipped on {device.name}",
+                "raise the input or weight scale of this layer, or reduce the bias magnitude in training",
+                severity="warning",
+            )
 
 
 def _expected_bias_scale(ctx: ModelContext, node: onnx.NodeProto) -> np.ndarray | None:
