@@ -69,6 +69,41 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_validate)
 
 
+# ------------------------------------------------------------------------------------------------- rules
+def _cmd_rules(args: argparse.Namespace) -> int:
+    import json
+
+    from tiexport.devices import DEVICES
+    from tiexport.validators.registry import RULES
+
+    rows = []
+    for rule in RULES:
+        doc = (type(rule).__doc__ or "").strip()
+        rows.append({
+            "rule_id": rule.id, "category": rule.category, "severity": rule.severity, "title": rule.title,
+            "devices": [name for name, p in DEVICES.items() if rule.applies_to(p)],
+            "doc": " ".join(doc.split()) if args.verbose_docs else "",
+        })
+    if args.format == "json":
+        _emit(json.dumps(rows, indent=2), None)
+        return 0
+    lines = []
+    for r in rows:
+        devices = "all" if len(r["devices"]) == len(DEVICES) else ",".join(r["devices"])
+        lines.append(f"{r['rule_id']}  {r['category']:<18} {r['severity']:<8} {r['title']}  [{devices}]")
+        if r["doc"]:
+            lines.append(f"    {r['doc']}")
+    _emit("\n".join(lines), None)
+    return 0
+
+
+def _add_rules(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rules", help="list the validator rules: id, category, default severity, title, devices")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--docs", dest="verbose_docs", action="store_true", help="include each rule's what/why/fix")
+    p.set_defaults(handler=_cmd_rules)
+
+
 # ------------------------------------------------------------------------------------------------- info
 def _cmd_info(args: argparse.Namespace) -> int:
     import json
@@ -298,7 +333,7 @@ def _add_fix(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------------- main
 # Subcommand registrars, in help order. Each adds its parser and sets ``handler``.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_info]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_validate, _add_rules, _add_info]
 SUBCOMMANDS.append(_add_snippet)
 SUBCOMMANDS.append(_add_parity)
 SUBCOMMANDS.append(_add_fix)

@@ -229,3 +229,17 @@ def test_written_files_get_normal_permissions(tmp_path: Path) -> None:
     write_text(tmp_path / "r.json", "{}")
     for name in ("m.onnx", "r.json"):
         assert (tmp_path / name).stat().st_mode & 0o044 == 0o044  # group/other can read, as with open()
+
+
+def test_rules_lists_every_registered_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    from tiexport.validators.registry import RULES
+
+    assert main(["rules", "--format", "json", "--docs"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["rule_id"] for r in rows] == [r.id for r in RULES]
+    assert len({r["rule_id"] for r in rows}) == len(rows)  # ids are unique
+    by_id = {r["rule_id"]: r for r in rows}
+    assert by_id["TIDL020"]["devices"] == ["TDA4VM"]  # power-of-2 applies to TDA4VM only
+    assert all(r["category"] in CATEGORIES for r in rows)
+    # every rule names its source (the ONNX checker and DAG rules cite the ONNX spec instead)
+    assert [r["rule_id"] for r in rows if "tidl.md" not in r["doc"]] == ["TIDL001", "TIDL002"]
