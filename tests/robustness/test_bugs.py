@@ -17,7 +17,7 @@ import tiexport
 from fixtures.builders import QdqBuilder
 from fixtures.malformed import case_by_name
 from fixtures.models import tiny_conv
-from tests.robustness.helpers import cli
+from tests.robustness.helpers import assert_loadable, cli
 from tiexport.errors import UnusableInputError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,3 +137,12 @@ def test_fix_cli_stdout_is_only_the_json_summary(tmp_path: Path, monkeypatch: py
                        "--no-parity")
     assert rc == 0, err
     assert json.loads(out)["device"] == "AM68A"
+
+
+def test_fix_leaves_a_per_channel_scale_that_does_not_match_its_axis_to_the_validator() -> None:
+    # ConvertPerChannelToPerTensorPass dequantized 4 scales along axis -1 (size 3): "operands could not be broadcast"
+    m = tiny_conv(w_per_channel=True, bias="none")
+    _set_attr(_node(m, "conv_weight_DequantizeLinear"), helper.make_attribute("axis", -1))
+    fixed, report = tiexport.fix(m, "TDA4VM", parity=False)
+    assert_loadable(fixed)
+    assert any(f.rule_id == "TIDL011" and "4 scales for axis -1 of size 3" in f.message for f in report.errors)

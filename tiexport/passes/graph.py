@@ -219,10 +219,28 @@ def qparams(node: gs.Node) -> QParams | None:
             src_dtype = value.dtype if value is not None else getattr(src, "dtype", None)
             if src_dtype is not None:
                 dtype = np.dtype(src_dtype)
-    if int(node.attrs.get("block_size", 0) or 0):
+    try:
+        axis, block_size = int(node.attrs.get("axis", 1)), int(node.attrs.get("block_size", 0) or 0)
+    except (TypeError, ValueError):  # an attribute of the wrong type: onnx.checker reports it
+        return None
+    if block_size or (np.asarray(scale).size > 1 and not _axis_fits(node.inputs[0], axis, np.asarray(scale).size)):
         return None
     return QParams(scale=np.asarray(scale), zero_point=np.asarray(zp), dtype=np.dtype(dtype),
-                   axis=int(node.attrs.get("axis", 1)), has_zero_point=zp_t is not None)
+                   axis=axis, has_zero_point=zp_t is not None)
+
+
+def _axis_fits(data: gs.Tensor, axis: int, size: int) -> bool:
+    """A per-axis scale must have one entry per element of the data's ``axis`` (ONNX QuantizeLinear spec); a node
+    that breaks this is invalid (validate: TIDL011) and no pass may rewrite it (its arithmetic would not broadcast).
+    True when the shape is unknown."""
+    value = const_value(data) if is_const(data) else None
+    shape = value.shape if value is not None else getattr(data, "shape", None)
+    if shape is None:
+        return True
+    if not -len(shape) <= axis < len(shape):
+        return False
+    dim = shape[axis]
+    return not isinstance(dim, (int, np.integer)) or int(dim) == size
 
 
 def broadcast_axis(v: np.ndarray, rank: int, axis: int) -> np.ndarray:
