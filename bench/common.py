@@ -434,7 +434,10 @@ def _git_rev() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        return rev or "?"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tiexport"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        # several people work in this checkout: say when what was measured is not exactly the commit
+        return (rev or "?") + (" + uncommitted edits in tiexport/" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "?"
 
