@@ -29,16 +29,18 @@ __all__ = ["run"]
 THREADS = 1
 
 
-def _batches(name: str, batch: int, n: int) -> list[tuple[Any, Any]]:
+def _batches(name: str, batch: int, n: int, device: str = "cpu") -> list[tuple[Any, Any]]:
     import torch
 
     from bench.models import digits_batches
 
     if name == "digits CNN":
-        return digits_batches(batch, n)
-    g = torch.Generator().manual_seed(0)
-    return [(torch.rand((batch, 3, 32, 32), generator=g), torch.randint(0, 10, (batch,), generator=g))
-            for _ in range(n)]
+        out = digits_batches(batch, n)
+    else:
+        g = torch.Generator().manual_seed(0)
+        out = [(torch.rand((batch, 3, 32, 32), generator=g), torch.randint(0, 10, (batch,), generator=g))
+               for _ in range(n)]
+    return [(x.to(device), y.to(device)) for x, y in out]
 
 
 def _factory(name: str) -> Callable[[], Any]:
@@ -47,14 +49,21 @@ def _factory(name: str) -> Callable[[], Any]:
     return digits_cnn if name == "digits CNN" else resnet_cifar
 
 
-def _fresh(factory: Callable[[], Any]) -> Any:
+def _fresh(factory: Callable[[], Any], device: str = "cpu") -> Any:
     import torch
 
     torch.manual_seed(0)
-    return factory()
+    return factory().to(device)
 
 
-def _train_steps(model: Any, batches: list[tuple[Any, Any]], k: int) -> Callable[[], None]:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()  # a timed block ends when its kernels have run, not when they were queued
+
+
+def _train_steps(model: Any, batches: list[tuple[Any, Any]], k: int, device: str = "cpu") -> Callable[[], None]:
     import torch
     from torch.nn import functional as F
 
@@ -67,11 +76,12 @@ def _train_steps(model: Any, batches: list[tuple[Any, Any]], k: int) -> Callable
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             opt.step()
+        _sync(device)
 
     return steps
 
 
-def _infer_steps(model: Any, batches: list[tuple[Any, Any]], k: int) -> Callable[[], None]:
+def _infer_steps(model: Any, batches: list[tuple[Any, Any]], k: int, device: str = "cpu") -> Callable[[], None]:
     import torch
 
     it = itertools.cycle(batches)
@@ -80,6 +90,7 @@ def _infer_steps(model: Any, batches: list[tuple[Any, Any]], k: int) -> Callable
         with torch.no_grad():
             for _ in range(k):
                 model(next(it)[0])
+        _sync(device)
 
     return steps
 
@@ -119,9 +130,14 @@ def run(cfg: Config) -> list[Section]:
 
 def _run(cfg: Config) -> list[Section]:
     command = "python bench/bench_qat.py" + (" --quick" if cfg.quick else "")
-    qat = Section(key="qat", title="QAT: training step time, QATFxModule vs float vs torch.ao prepare_qat_fx",
-                  command=command)
-    ptc = Section(key="ptc", title="PTC: calibration throughput, PTCFxModule vs float inference", command=command)
+    dev = cfg.torch_device
+    suffix, where = ("", "") if dev == "cpu" else (f"-{dev}", f" ({dev.upper()})")
+    if dev != "cpu":
+        command += f" --torch-device {dev}"
+    qat = Section(key="qat" + suffix, command=command,
+                  title=f"QAT{where}: training step time, QATFxModule vs float vs torch.ao prepare_qat_fx")
+    ptc = Section(key="ptc" + suffix, command=command,
+                  title=f"PTC{where}: calibration throughput, PTCFxModule vs float inference")
     if not have_module("tiexport.quantization.wrapper"):
         for s in (qat, ptc):
             s.status = "skipped"
@@ -134,26 +150,27 @@ def _run(cfg: Config) -> list[Section]:
     models = ("digits CNN", "ResNet-20 32x32")
     for name in models:
         batch = 8 if cfg.quick and name != "digits CNN" else 64
-        batches = _batches(name, batch, 4)
+        batches = _batches(name, batch, 4, dev)
         example = batches[0][0]
         factory = _factory(name)
 
         # ---- QAT step
-        float_model = _fresh(factory).train()
-        wrapped = QATFxModule(_fresh(factory), total_epochs=10, example_inputs=(example,))
+        float_model = _fresh(factory, dev).train()
+        wrapped = QATFxModule(_fresh(factory, dev), total_epochs=10, example_inputs=(example,))
         wrapped.train()
         funcs: dict[str, Callable[[], None]] = {
-            "float step": _train_steps(float_model, batches, k),
-            "QATFxModule step": _train_steps(wrapped, batches, k),
+            "float step": _train_steps(float_model, batches, k, dev),
+            "QATFxModule step": _train_steps(wrapped, batches, k, dev),
         }
         # for attribution, not a target: the late-epoch state, batch norm and observers frozen
         if not cfg.quick:
-            frozen = QATFxModule(_fresh(factory), total_epochs=10, example_inputs=(example,))
+            frozen = QATFxModule(_fresh(factory, dev), total_epochs=10, example_inputs=(example,))
             frozen.train()
             frozen.freeze(freeze_bn=True, freeze_observers=True)
-            funcs["QATFxModule step, BN+observers frozen"] = _train_steps(frozen, batches, k)
+            funcs["QATFxModule step, BN+observers frozen"] = _train_steps(frozen, batches, k, dev)
         if peers:
-            funcs["torch.ao prepare_qat_fx step"] = _train_steps(_torch_ao_qat(_fresh(factory), example), batches, k)
+            funcs["torch.ao prepare_qat_fx step"] = _train_steps(_torch_ao_qat(_fresh(factory, dev), example),
+                                                                 batches, k, dev)
         t = time_callables(funcs, cfg, warmup=1)
         for tm in t.values():  # per step
             tm.walls = [w / k for w in tm.walls]
@@ -167,21 +184,21 @@ def _run(cfg: Config) -> list[Section]:
                                       t["torch.ao prepare_qat_fx step"].median, 1.0))
 
         # ---- PTC calibration throughput
-        float_eval = _fresh(factory).eval()
-        calib = PTCFxModule(_fresh(factory), example_inputs=(example,))
+        float_eval = _fresh(factory, dev).eval()
+        calib = PTCFxModule(_fresh(factory, dev), example_inputs=(example,))
         calib.train()  # calibration epoch: training-mode forwards, no backward
         pfuncs: dict[str, Callable[[], None]] = {
-            "float inference": _infer_steps(float_eval, batches, k),
-            "PTCFxModule calibration": _infer_steps(calib, batches, k),
+            "float inference": _infer_steps(float_eval, batches, k, dev),
+            "PTCFxModule calibration": _infer_steps(calib, batches, k, dev),
         }
         # for attribution, not a target: calibration without bias calibration (one forward instead of two)
         if not cfg.quick:
-            no_bc = PTCFxModule(_fresh(factory), example_inputs=(example,), bias_calibration_factor=0.0)
+            no_bc = PTCFxModule(_fresh(factory, dev), example_inputs=(example,), bias_calibration_factor=0.0)
             no_bc.train()
-            pfuncs["PTCFxModule calibration, bias_calibration_factor=0"] = _infer_steps(no_bc, batches, k)
+            pfuncs["PTCFxModule calibration, bias_calibration_factor=0"] = _infer_steps(no_bc, batches, k, dev)
         if peers:
-            pfuncs["torch.ao prepare_fx calibration"] = _infer_steps(_torch_ao_ptq(_fresh(factory), example),
-                                                                     batches, k)
+            pfuncs["torch.ao prepare_fx calibration"] = _infer_steps(_torch_ao_ptq(_fresh(factory, dev), example),
+                                                                     batches, k, dev)
         p = time_callables(pfuncs, cfg, warmup=1)
         for tm in p.values():  # per batch
             tm.walls = [w / k for w in tm.walls]
@@ -195,6 +212,12 @@ def _run(cfg: Config) -> list[Section]:
                      "updating, the costly phase); torch.ao: get_default_qat_qconfig_mapping() (x86 default)")
     ptc.notes.append(f"torch threads: {THREADS}; PTCFxModule defaults (WC8_AT8, bias_calibration_factor=0.01, "
                      "total_epochs=2) in its first epoch; torch.ao: prepare_fx with get_default_qconfig_mapping()")
+    if dev == "cuda":
+        import torch
+
+        gpu = f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}"
+        qat.notes.append(gpu)
+        ptc.notes.append(gpu)
     if not peers:
         for s in (qat, ptc):
             s.notes.append("torch.ao not run: --no-peers or torch.ao.quantization.quantize_fx missing")

@@ -80,6 +80,8 @@ class Config:
     """Run peer tools (Polygraphy, onnxslim, torch.ao) where installed."""
     results: Path | None = None
     """Where to write the sections (None: print only)."""
+    torch_device: str = "cpu"
+    """Where the torch benchmarks (QAT, PTC) run: ``cpu`` or ``cuda``."""
 
 
 def common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +92,8 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip Polygraphy / onnxslim / torch.ao")
     parser.add_argument("--results", type=Path, default=None,
                         help="RESULTS.md to update (default bench/RESULTS.md; quick mode: none unless given)")
+    parser.add_argument("--torch-device", default="cpu", choices=("cpu", "cuda"),
+                        help="device of the torch benchmarks (QAT/PTC); their sections get a -cuda suffix on cuda")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -104,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     runs = args.runs if args.runs is not None else (1 if quick else 5)
     results = args.results if args.results is not None else (None if quick else RESULTS_PATH)
     return Config(quick=quick, runs=max(1, runs), warmup=0 if quick else 1, work=work, peers=not args.no_peers,
-                  results=results)
+                  results=results, torch_device=getattr(args, "torch_device", "cpu"))
 
 
 def have_module(name: str) -> bool:
