@@ -438,6 +438,8 @@ def _git_rev() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()
+        if not rev:  # not a git checkout (a copied tree)
+            return "?"
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "tiexport"], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         # several people work in this checkout: say when what was measured is not exactly the commit
