@@ -146,3 +146,33 @@ def test_fix_leaves_a_per_channel_scale_that_does_not_match_its_axis_to_the_vali
     fixed, report = tiexport.fix(m, "TDA4VM", parity=False)
     assert_loadable(fixed)
     assert any(f.rule_id == "TIDL011" and "4 scales for axis -1 of size 3" in f.message for f in report.errors)
+
+
+def _huge_input_model() -> onnx.ModelProto:
+    b = QdqBuilder(opset=17, name="huge_input")
+    x = b.qdq(b.input("input", [2**31, 8, 16]), 2.0**-8, 0, "uint8", name="input")
+    b.output(b.qdq(b.relu(x), 2.0**-8, 0, "uint8", name="relu"))
+    return b.build()
+
+
+def test_fix_skips_parity_for_an_input_too_large_to_draw() -> None:
+    # _random_inputs asked numpy for 2 TiB: MemoryError, a traceback through the API
+    _, report = tiexport.fix(_huge_input_model(), "AM68A", num_samples=1)
+    assert report.parity is not None and "too large for random data" in report.parity["skipped"]
+
+
+def test_parity_refuses_an_input_too_large_to_draw() -> None:
+    from tiexport.errors import UsageError
+
+    model = _huge_input_model()
+    with pytest.raises(UsageError, match="too large for random data"):
+        tiexport.check_parity(model, model, num_samples=1)
+
+
+def test_fix_refuses_a_model_whose_declared_shapes_contradict_shape_inference() -> None:
+    # an input dim of -1 next to stale value_info: fix returned a model ONNX Runtime loads but the full checker
+    # (strict shape inference, what TIDL runs) rejects
+    m = tiny_conv()
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_value = -1
+    with pytest.raises(UnusableInputError, match=r"already fails onnx\.checker"):
+        tiexport.fix(m, "AM68A", num_samples=1)

@@ -31,6 +31,7 @@ def ref(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _matching(case: MalformedCase, findings: list[dict[str, object]]) -> list[dict[str, object]]:
+    assert case.message is not None
     return [f for f in findings if f["rule_id"] == case.rule_id and f["category"] == case.category
             and case.message in str(f["message"])]
 
@@ -113,7 +114,7 @@ def test_snippet_cli(case: MalformedCase, tmp_path: Path) -> None:
         return
     assert rc == 1 and out == ""
     assert err.splitlines()[-1].startswith("tiexport: ") and "not compatible" in err.splitlines()[-1]
-    if any(f.rule_id == case.rule_id for f in errors):
+    if case.rule_id is not None and any(f.rule_id == case.rule_id for f in errors):
         assert case.rule_id in err  # the findings are listed above the verdict
 
 
@@ -134,7 +135,7 @@ def test_api_unusable_file_raises_one_line(case: MalformedCase, entry: str, tmp_
     path = case.make(tmp_path)
     with pytest.raises(UnusableInputError) as info:
         _api(entry, str(path), case, ref)
-    assert case.error in str(info.value) and "\n" not in str(info.value)
+    assert case.error is not None and case.error in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c.unusable], ids=[c.name for c in CASES if not c.unusable])

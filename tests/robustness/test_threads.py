@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +45,32 @@ def _serial_then_concurrent(calls: dict[str, Callable[[], Any]]) -> tuple[dict[s
     return serial, concurrent
 
 
-def _outcome(call: Callable[[], Any]) -> Callable[[], Any]:
-    """The result, or the error as (type, message): refusals must be as deterministic as results."""
+def _outcome(func: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """``func(*args)``'s result, or its error as (type, message): refusals must be as deterministic as results."""
     def run() -> Any:
         try:
-            return call()
+            return func(*args)
         except tiexport.TiexportError as exc:
             return (type(exc).__name__, str(exc))
     return run
 
 
+def _validate(model: onnx.ModelProto) -> str:
+    return tiexport.validate(model, "all").to_json()
+
+
+def _fix(model: onnx.ModelProto) -> tuple[bytes, dict[str, Any]]:
+    fixed, report = tiexport.fix(model, "TDA4VM", num_samples=2)
+    return fixed.SerializeToString(), report.to_dict()
+
+
+def _parity(reference: onnx.ModelProto, model: onnx.ModelProto) -> dict[str, Any]:
+    return tiexport.check_parity(reference, model, num_samples=2, per_layer=True).to_dict()
+
+
 def test_validate_from_threads_gives_the_serial_reports() -> None:
     models = _models()
-    calls = {name: _outcome(lambda m=m: tiexport.validate(m, "all").to_json()) for name, m in models.items()}
+    calls = {name: _outcome(_validate, m) for name, m in models.items()}
     serial, concurrent = _serial_then_concurrent(calls)
     assert len(concurrent) == REPEATS * len(models)
     for name, result in concurrent:
@@ -67,12 +81,7 @@ def test_fix_from_threads_gives_the_serial_models_and_reports() -> None:
     models = _models()
     chosen = ["clean", "cnn_ort_qdq", "TIDL020_not_power_of_two", "TIDL032_concat_scales", "TIDL022_per_channel",
               "scale_nan", "cycle", "ir_newer"]
-
-    def fix(m: onnx.ModelProto) -> tuple[bytes, dict[str, Any]]:
-        fixed, report = tiexport.fix(m, "TDA4VM", num_samples=2)
-        return fixed.SerializeToString(), report.to_dict()
-
-    calls = {name: _outcome(lambda m=models[name]: fix(m)) for name in chosen}
+    calls = {name: _outcome(_fix, models[name]) for name in chosen}
     serial, concurrent = _serial_then_concurrent(calls)
     for name, result in concurrent:
         assert result == serial[name], name
@@ -82,9 +91,7 @@ def test_parity_from_threads_gives_the_serial_reports() -> None:
     models = _models()
     clean = models["clean"]
     chosen = ["clean", "scale_nan", "scale_zero", "opset_newer", "initializer_shadows_input", "cycle"]
-    calls = {name: _outcome(lambda m=models[name]: tiexport.check_parity(clean, m, num_samples=2,
-                                                                         per_layer=True).to_dict())
-             for name in chosen}
+    calls = {name: _outcome(_parity, clean, models[name]) for name in chosen}
     serial, concurrent = _serial_then_concurrent(calls)
     for name, result in concurrent:
         assert result == serial[name], name
@@ -92,7 +99,7 @@ def test_parity_from_threads_gives_the_serial_reports() -> None:
 
 def test_snippet_from_threads_gives_the_serial_snippets() -> None:
     models = _models()
-    calls = {f"{name}/{fmt}": _outcome(lambda m=models[name], fmt=fmt: tiexport.snippet(m, "AM68A", fmt))
+    calls = {f"{name}/{fmt}": _outcome(partial(tiexport.snippet, models[name], "AM68A", fmt))
              for name in ("clean", "cnn_ort_qdq", "TIDL022_per_channel", "scale_nan")
              for fmt in ("benchmark", "tidl-json", "yaml")}
     serial, concurrent = _serial_then_concurrent(calls)

@@ -346,12 +346,19 @@ def _is_sorted(graph: gs.Graph) -> bool:
 
 
 def _unusable_because(model: onnx.ModelProto) -> str:
-    """Why onnx.checker or ONNX Runtime session creation rejects ``model`` ("" when both accept it)."""
+    """Why onnx.checker (with strict shape inference) or ONNX Runtime session creation rejects ``model`` ("" when
+    both accept it)."""
     if model.ByteSize() > _MAX_PROTO:
         log.warning("model over 2 GB: onnx.checker and the ONNX Runtime load check are skipped")
         return ""
+    from tiexport.onnx_io import LoadedModel
+    from tiexport.validators.context import ModelContext
+
     try:
         onnx.checker.check_model(model)
+        # TIDL resolves every shape with ONNX shape inference (tidl.md §2): declared shapes that inference
+        # contradicts make a broken model even where ONNX Runtime loads it. Checked on the weight-free skeleton.
+        onnx.checker.check_model(ModelContext(LoadedModel(model, "", None)).skeleton, full_check=True)
     except Exception as exc:
         return f"onnx.checker: {_first_line(exc)}"
     import onnxruntime as ort
@@ -406,6 +413,7 @@ def _random_inputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, num_s
     """Seeded samples for the candidate's inputs (static after pinning): float inputs uniform over the range of the
     reference's input QuantizeLinear (else [0, 1)), integer inputs in [0, 4). A str says why none can be drawn."""
     from tiexport.validators.context import ModelContext
+    from tiexport.validators.parity import MAX_RANDOM_ELEMENTS
 
     if num_samples < 1:
         raise UsageError(f"num_samples must be >= 1, got {num_samples}")
@@ -417,6 +425,8 @@ def _random_inputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, num_s
         shape = cand_ctx.static_shape(vi.name)
         if shape is None and cand_ctx.shape(vi.name) != ():
             return f"input {vi.name!r} has a dynamic shape; pin it with --input-shape or pass --inputs"
+        if int(np.prod(shape or (), dtype=np.float64)) > MAX_RANDOM_ELEMENTS:
+            return f"input {vi.name!r} has shape {list(shape or ())}: too large for random data; pass --inputs"
         elem = cand_ctx.elem_type(vi.name) or onnx.TensorProto.FLOAT
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
         lo, hi = 0.0, 1.0

@@ -53,6 +53,7 @@ __all__ = [
     "DEFAULT_ATOL",
     "DEFAULT_RTOL",
     "LSB_SLACK",
+    "MAX_RANDOM_ELEMENTS",
     "MIN_FRACTION",
     "InputSpec",
     "LayerResult",
@@ -481,10 +482,17 @@ def _input_specs(ctx: ModelContext) -> list[InputSpec]:
     return specs
 
 
+MAX_RANDOM_ELEMENTS = 2**27
+"""Largest random input generated (elements; 512 MiB of float32): a bigger one is a typo'd dim, or needs --inputs."""
+
+
 def _random_sample(specs: Sequence[InputSpec], ctx: ModelContext, rng: np.random.Generator) -> dict[str, np.ndarray]:
     sample = {}
     for spec in specs:
         shape = tuple(d if isinstance(d, int) else 0 for d in spec.shape or ())  # checked static by the caller
+        if int(np.prod(shape, dtype=np.float64)) > MAX_RANDOM_ELEMENTS:
+            raise UsageError(f"input {spec.name!r} has shape {list(shape)}: too large for random data "
+                             f"(over {MAX_RANDOM_ELEMENTS} elements); pass --inputs FILE.npz")
         if spec.dtype.kind == "f":
             lo, hi = 0.0, 1.0  # image-like: normalized pixels
             q = next((c for c in ctx.consumers_of(spec.name) if c.op_type == "QuantizeLinear"), None)

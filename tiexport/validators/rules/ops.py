@@ -1290,6 +1290,11 @@ def _violations_of(ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfil
     return out
 
 
+_ATTR_TYPES = {getattr(onnx.defs.OpSchema.AttrType, n): int(getattr(onnx.AttributeProto, n))
+               for n in ("FLOAT", "INT", "STRING", "TENSOR", "GRAPH", "SPARSE_TENSOR", "TYPE_PROTO", "FLOATS", "INTS",
+                         "STRINGS", "TENSORS", "GRAPHS", "SPARSE_TENSORS", "TYPE_PROTOS")}
+
+
 def _attributes_match_schema(ctx: ModelContext, node: onnx.NodeProto) -> bool:
     """False when an attribute has another type than the op's schema gives it (an ``axis`` holding a list or a
     string). The constraint rules read attributes as the schema types them; onnx.checker reports such a node (TIDL001),
@@ -1300,7 +1305,7 @@ def _attributes_match_schema(ctx: ModelContext, node: onnx.NodeProto) -> bool:
         return True
     for a in node.attribute:
         spec = schema.attributes.get(a.name)
-        if spec is not None and a.type != spec.type.value:
+        if spec is not None and a.type != _ATTR_TYPES.get(spec.type, a.type):
             return False
     return True
 
