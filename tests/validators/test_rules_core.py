@@ -250,3 +250,16 @@ def test_float_bias_beyond_16_bits_is_also_reported_on_tda4vm() -> None:
     clipped = [f for f in tiexport.validate(model, "TDA4VM").findings if f.rule_id == "TIDL033" and "16 bits" in f.message]
     assert [f.severity for f in clipped] == ["warning"]
     assert not [f for f in tiexport.validate(tiny_conv(bias="float"), "TDA4VM").findings if "16 bits" in f.message]
+
+
+@pytest.mark.parametrize("stem", sorted(RULE_FIXTURES))
+def test_device_independent_rules_really_ignore_the_device(stem: str) -> None:
+    """validate shares these rules' findings across devices; each must give the same findings for every device."""
+    from tiexport.onnx_io import as_model
+    from tiexport.validators.context import ModelContext
+    from tiexport.validators.registry import RULES
+
+    ctx = ModelContext(as_model(RULE_FIXTURES[stem][0]()))
+    for rule in (r for r in RULES if r.device_independent):
+        results = {name: list(rule.check(ctx, p)) for name, p in DEVICES.items() if p.accelerator}
+        assert len({tuple(v) for v in results.values()}) == 1, rule.id

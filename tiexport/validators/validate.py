@@ -34,19 +34,30 @@ def validate(
     ctx = ModelContext(loaded)
     active = rules if rules is not None else RULES
     reports: dict[str, DeviceReport] = {}
+    shared: dict[str, list[Finding]] = {}  # findings of device-independent rules, computed once per model
     for profile in profiles:
         findings: list[Finding] = []
         for rule in active:
             if not rule.applies_to(profile) or (rule.needs_qdq and not ctx.is_quantized):
                 continue
-            try:
-                findings.extend(rule.check(ctx, profile))
-            except Exception as exc:  # a rule bug must not hide the other findings or crash the user's CI
-                log.debug("rule %s failed", rule.id, exc_info=True)
-                findings.append(Finding(
-                    rule_id="TIDL000", category="structure", severity="error", node="", op_type="",
-                    message=f"rule {rule.id} could not check this model ({type(exc).__name__}: {exc})",
-                    hint="the model is probably malformed; please report it if onnx.checker accepts it",
-                ))
+            if rule.device_independent and rule.id in shared:
+                findings.extend(shared[rule.id])
+                continue
+            found = _run_rule(rule, ctx, profile)
+            if rule.device_independent:
+                shared[rule.id] = found
+            findings.extend(found)
         reports[profile.name] = DeviceReport(profile.name, findings)
     return Report(model=loaded.name, devices=reports)
+
+
+def _run_rule(rule: Rule, ctx: ModelContext, profile: DeviceProfile) -> list[Finding]:
+    try:
+        return list(rule.check(ctx, profile))
+    except Exception as exc:  # a rule bug must not hide the other findings or crash the user's CI
+        log.debug("rule %s failed", rule.id, exc_info=True)
+        return [Finding(
+            rule_id="TIDL000", category="structure", severity="error", node="", op_type="",
+            message=f"rule {rule.id} could not check this model ({type(exc).__name__}: {exc})",
+            hint="the model is probably malformed; please report it if onnx.checker accepts it",
+        )]

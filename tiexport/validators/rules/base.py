@@ -29,6 +29,8 @@ class Rule:
     """Skipped on float models (those get one ``not_prequantized`` finding instead)."""
     needs_accelerator: ClassVar[bool] = True
     """Skipped on devices without a TIDL accelerator (AM62), where everything runs in ONNX Runtime on Arm."""
+    device_independent: ClassVar[bool] = False
+    """``check`` ignores its device argument: validate runs it once per model and shares the findings."""
 
     def applies_to(self, device: DeviceProfile) -> bool:
         return device.accelerator or not self.needs_accelerator

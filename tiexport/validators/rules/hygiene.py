@@ -29,6 +29,7 @@ class UnfoldedWeightRule(Rule):
     id = "TIDL030"
     title = "float weight behind a QuantizeLinear (not folded)"
     category = "unfolded_weight"
+    device_independent = True
     severity = "warning"
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
@@ -51,6 +52,7 @@ class RedundantQdqRule(Rule):
     id = "TIDL031"
     title = "redundant, duplicate or dead Q/DQ"
     category = "redundant_qdq"
+    device_independent = True
     severity = "warning"
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:

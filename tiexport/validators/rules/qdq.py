@@ -58,6 +58,7 @@ class NotPrequantizedRule(Rule):
     id = "TIDL010"
     title = "model is not prequantized (no Q/DQ nodes)"
     category = "not_prequantized"
+    device_independent = True
     needs_qdq = False
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
@@ -93,6 +94,7 @@ class InvalidQParamsRule(Rule):
     id = "TIDL011"
     title = "invalid scale or zero point on a Q/DQ node"
     category = "invalid_qparams"
+    device_independent = True
     needs_accelerator = False
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
@@ -232,6 +234,7 @@ class QdqAxisRule(Rule):
     id = "TIDL013"
     title = "per-channel Q/DQ on an unsupported axis"
     category = "qdq_axis"
+    device_independent = True
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
         for node in ctx.nodes:
@@ -357,6 +360,7 @@ class QdqCoverageRule(Rule):
     id = "TIDL014"
     title = "layer without the Q/DQ TIDL needs around it"
     category = "qdq_coverage"
+    device_independent = True
 
     def _quantized_source(self, ctx: ModelContext, tensor: str, depth: int = 0) -> bool:
         if ctx.is_const(tensor):

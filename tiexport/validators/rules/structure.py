@@ -24,6 +24,7 @@ class CheckerRule(Rule):
     id = "TIDL001"
     title = "model fails the ONNX checker"
     category = "structure"
+    device_independent = True
     needs_qdq = False
     needs_accelerator = False
 
@@ -43,6 +44,7 @@ class GraphIntegrityRule(Rule):
     id = "TIDL002"
     title = "graph is not a well-formed DAG"
     category = "structure"
+    device_independent = True
     needs_qdq = False
     needs_accelerator = False
 
@@ -102,6 +104,7 @@ class OpsetRule(Rule):
     id = "TIDL003"
     title = "opset or IR version outside TIDL's supported range"
     category = "opset"
+    device_independent = True
     needs_qdq = False
     needs_accelerator = False
     MIN_OPSET = 13
@@ -140,6 +143,7 @@ class InputShapeRule(Rule):
     id = "TIDL004"
     title = "graph input with a dynamic or non-positive dimension"
     category = "static_shape"
+    device_independent = True
     needs_qdq = False
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
@@ -180,6 +184,7 @@ class ShapeInferenceRule(Rule):
     id = "TIDL005"
     title = "tensor shape not inferable"
     category = "static_shape"
+    device_independent = True
     needs_qdq = False
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
