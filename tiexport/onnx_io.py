@@ -179,7 +179,7 @@ def as_model(model_or_path: Any, *, load_external_data: bool = False) -> LoadedM
     if isinstance(model_or_path, LoadedModel):
         return model_or_path
     if isinstance(model_or_path, onnx.ModelProto):
-        return LoadedModel(model_or_path, model_or_path.graph.name or "<model>", None)
+        return LoadedModel(model_or_path, _text(model_or_path.graph.name) or "<model>", None)
     if isinstance(model_or_path, (str, os.PathLike)):
         p = Path(model_or_path)
         return LoadedModel(load_model(p, load_external_data=load_external_data), str(p), str(p.parent))
@@ -193,6 +193,11 @@ def as_model(model_or_path: Any, *, load_external_data: bool = False) -> LoadedM
             raise UnusableInputError("<bytes>: not an ONNX model (no IR version or graph)")
         return LoadedModel(model, "<bytes>", None)
     raise UsageError(f"expected an onnx.ModelProto or a path to an .onnx file, got {type(model_or_path).__name__}")
+
+
+def _text(name: str | bytes) -> str:
+    """A name as text: protobuf hands out a string field that is not valid UTF-8 as bytes."""
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:

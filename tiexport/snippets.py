@@ -317,7 +317,10 @@ def _no_accelerator(dev: DeviceProfile) -> UsageError:
 
 def _stem(loaded: LoadedModel, model_path: str | None) -> str:
     src = model_path or (loaded.name if loaded.base_dir is not None else "")
-    stem = Path(src).stem if src else (loaded.model.graph.name or "model")
+    name = loaded.model.graph.name
+    if isinstance(name, bytes):  # not valid UTF-8: protobuf hands it out as bytes; the stem only needs text
+        name = name.decode("utf-8", "replace")
+    stem = Path(src).stem if src else (name or "model")
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) or "model"
 
 

@@ -176,3 +176,40 @@ def test_fix_refuses_a_model_whose_declared_shapes_contradict_shape_inference() 
     m.graph.input[0].type.tensor_type.shape.dim[2].dim_value = -1
     with pytest.raises(UnusableInputError, match=r"already fails onnx\.checker"):
         tiexport.fix(m, "AM68A", num_samples=1)
+
+
+def test_bias_rule_takes_a_scalar_float_bias() -> None:
+    # the float-bias clipping check broadcast a [1] scale onto a 0-d bias: "cannot broadcast a non-scalar to a scalar"
+    m = tiny_conv(bias="float")
+    for t in m.graph.initializer:
+        if t.name == "conv_bias":
+            t.CopyFrom(onnx.numpy_helper.from_array(np.array(0.25, np.float32), t.name))
+    assert _crashed(m) == []
+
+
+def test_op_rules_take_a_string_attribute_that_is_not_utf8() -> None:
+    # ResizeRule decoded mode=b"\xad\xff" strictly: UnicodeDecodeError in every op rule
+    b = QdqBuilder(opset=17, name="resize_bad_mode")
+    x = b.qdq(b.input("input", [1, 3, 8, 8]), 2.0**-8, 0, "uint8", name="input")
+    scales = b.const(np.array([1, 1, 2, 2], np.float32), "scales")
+    y = b.node("Resize", [x, "", scales], name="resize", mode=b"\xad\xff")
+    b.output(b.qdq(y, 2.0**-8, 0, "uint8", name="resize"))
+    assert _crashed(b.build(infer=False)) == []
+
+
+def _graph_name_not_utf8() -> bytes:
+    data = tiny_conv().SerializeToString()
+    assert data.count(b"tiny_conv") == 1  # the graph name
+    return data.replace(b"tiny_conv", b"tiny\xffconv")
+
+
+def test_snippet_of_a_model_whose_graph_name_is_not_utf8() -> None:
+    # _stem ran re.sub over the bytes protobuf returns for it: TypeError
+    text = tiexport.snippet(_graph_name_not_utf8(), "AM68A", "benchmark")
+    compile(text, "snippet", "exec")
+
+
+def test_parity_of_a_model_proto_whose_graph_name_is_not_utf8() -> None:
+    # the loaded model's name (graph.name, bytes) went into Path(): TypeError
+    model = onnx.load_model_from_string(_graph_name_not_utf8())
+    assert tiexport.check_parity(model, model, num_samples=1).passed

@@ -167,7 +167,9 @@ class BiasRule(Rule):
                     expected = _expected_bias_scale(ctx, node)
                     values = ctx.const(bias)
                     if expected is not None and values is not None and values.size:
-                        scale = np.broadcast_to(expected, values.shape) if expected.size in (1, values.size) else None
+                        # reshaped, not broadcast: a [1] scale does not broadcast onto a 0-d bias
+                        scale = (expected.reshape(values.shape) if expected.size == values.size
+                                 else np.full(values.shape, expected.ravel()[0]) if expected.size == 1 else None)
                         if scale is not None:
                             yield from self._clipped(ctx, node, device, np.round(values / scale))
                 continue

@@ -607,7 +607,8 @@ class ResizeRule(OpConstraintRule):
 
 
 def _decode(v: object) -> object:
-    return v.decode() if isinstance(v, bytes) else v
+    # "replace": a STRING attribute need not be valid UTF-8, and such a mode is simply not one TIDL knows
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
 
 
 class ConcatAxisRule(OpConstraintRule):
