@@ -14,7 +14,7 @@ RSS: a QDQ MatMul chain whose int8 weights (4 x 16384 x 16384, 1 GiB) live in on
 chunks (never held in memory); ``tiexport validate`` of it runs as a subprocess and its peak RSS is read from the
 rusage of that child (``bench.common.run_once``: a bare launcher forks it and reads ``os.wait4``, i.e. the
 RUSAGE_CHILDREN figure of a process with exactly one child). Target: < 300 MB. For contrast: the same graph with
-1 MiB of weights, and ``onnx.load`` of the 1 GiB model (which reads the weights).
+256 KiB of weights, and ``onnx.load`` of the 1 GiB model (which reads the weights).
 """
 
 from __future__ import annotations
