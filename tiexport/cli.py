@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 2
     except TiexportError as exc:
-        print(f"tiexport: error: {exc}", file=sys.stderr)
+        # one line even when a name inside the message carries a newline
+        print(f"tiexport: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tiexport: interrupted", file=sys.stderr)

@@ -116,35 +116,53 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = False
     return model
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference (no type check, not strict, with data propagation) that cannot abort the process.
+_SHAPE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+_MAX_SHAPE_VALUES = 2**20
+"""Integer tensors with more elements than this are never shape values; data propagation would materialize them."""
 
-    onnx's C++ inference asserts on a negative dimension (Slice clamps its range into ``[0, dim]``: with ``dim = -1``
-    the assertion ``!(hi < lo)`` kills the interpreter, no exception), so negative dims of graph inputs, outputs,
-    value_info and initializers are made unknown first, on a copy (``model`` is never changed).
-    Raises what ``onnx.shape_inference.infer_shapes`` raises for other problems.
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference (no type check, not strict, with data propagation) that cannot take the process down.
+
+    Two inputs make onnx's C++ inference do that rather than raise, so they are made unknown first, on a copy
+    (``model`` is never changed): a negative dimension (Slice clamps its range into ``[0, dim]``: with ``dim = -1`` the
+    assertion ``!(hi < lo)`` aborts the interpreter), and an int64/int32 tensor declared with billions of elements
+    (data propagation allocates a value per element: 24 GB for a Slice ``steps`` declared ``[2**31]``, 16 bytes of
+    data). Raises what ``onnx.shape_inference.infer_shapes`` raises for other problems.
     """
     g = model.graph
-    infos = [vi for vi in (*g.input, *g.output, *g.value_info)
-             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")]
-    if any(d.HasField("dim_value") and d.dim_value < 0 for vi in infos for d in vi.type.tensor_type.shape.dim) \
-            or any(d < 0 for t in g.initializer for d in t.dims):
-        model = _without_negative_dims(model)
+    if any(_hazard(vi) for vi in (*g.input, *g.output, *g.value_info)) or any(_hazard_init(t) for t in g.initializer):
+        model = _without_hazards(model)
     return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
 
 
-def _without_negative_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+def _hazard(vi: onnx.ValueInfoProto) -> bool:
+    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return False
+    dims = vi.type.tensor_type.shape.dim
+    if any(d.HasField("dim_value") and d.dim_value < 0 for d in dims):
+        return True
+    if vi.type.tensor_type.elem_type in _SHAPE_TYPES and dims and all(d.HasField("dim_value") for d in dims):
+        return int(np.prod([d.dim_value for d in dims], dtype=np.float64)) > _MAX_SHAPE_VALUES
+    return False
+
+
+def _hazard_init(t: onnx.TensorProto) -> bool:
+    return any(d < 0 for d in t.dims) or (
+        t.data_type in _SHAPE_TYPES and int(np.prod(list(t.dims), dtype=np.float64)) > _MAX_SHAPE_VALUES)
+
+
+def _without_hazards(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     g = copy.graph
     for vi in (*g.input, *g.output, *g.value_info):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+        if _hazard(vi):
             for d in vi.type.tensor_type.shape.dim:
-                if d.HasField("dim_value") and d.dim_value < 0:
-                    d.Clear()
+                d.Clear()
     declared = {vi.name for vi in g.input}
-    for t in [t for t in g.initializer if any(d < 0 for d in t.dims)]:
-        # an initializer that cannot exist: a typed input of unknown shape stands in for it
+    for t in [t for t in g.initializer if _hazard_init(t)]:
+        # a typed input of unknown dims stands in for it
         g.initializer.remove(t)
         if t.name not in declared:
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, [None] * len(t.dims)))
@@ -196,8 +214,10 @@ def as_model(model_or_path: Any, *, load_external_data: bool = False) -> LoadedM
 
 
 def _text(name: str | bytes) -> str:
-    """A name as text: protobuf hands out a string field that is not valid UTF-8 as bytes."""
-    return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+    """A name to show in one-line messages: protobuf hands out a string field that is not valid UTF-8 as bytes, and
+    a graph name may hold newlines or other control characters."""
+    text = name.decode("utf-8", "replace") if isinstance(name, bytes) else name
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:

@@ -213,3 +213,40 @@ def test_parity_of_a_model_proto_whose_graph_name_is_not_utf8() -> None:
     # the loaded model's name (graph.name, bytes) went into Path(): TypeError
     model = onnx.load_model_from_string(_graph_name_not_utf8())
     assert tiexport.check_parity(model, model, num_samples=1).passed
+
+
+def test_validate_reports_an_initializer_whose_data_is_short_for_its_shape() -> None:
+    # the checker runs on the weight-free skeleton, so a [2**31] int64 tensor holding 16 bytes passed validate (and
+    # its skeleton input made onnx's data propagation allocate 24 GB)
+    m = tiny_conv()
+    steps = onnx.TensorProto(name="huge_steps", data_type=TensorProto.INT64, dims=[2**31])
+    steps.raw_data = bytes(16)
+    m.graph.initializer.append(steps)
+    findings = tiexport.validate(m, "AM68A").findings
+    assert any(f.rule_id == "TIDL001" and "'huge_steps' holds 16 bytes" in f.message for f in findings)
+
+
+def test_shape_inference_treats_a_huge_integer_input_as_unknown() -> None:
+    # data propagation allocated a value per declared element of a Slice `steps` input: 24 GB, or the OOM killer
+    b = QdqBuilder(opset=17, name="huge_steps")
+    x = b.input("x", [1, 4, 8, 8])
+    starts, ends, axes = (b.const(np.array(v, np.int64), n) for v, n in (([0], "s"), ([8], "e"), ([3], "a")))
+    steps = b.input("steps", [2**31], TensorProto.INT64)
+    b.output(b.node("Slice", [x, starts, ends, axes, steps], name="slice"))
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))  # a regression fails fast, not the box\n"
+            "import onnx\n"
+            "from tiexport.onnx_io import infer_shapes\n"
+            "infer_shapes(onnx.load_model_from_string(sys.stdin.buffer.read()))\n")
+    res = subprocess.run([sys.executable, "-c", code], input=b.build(infer=False).SerializeToString(),
+                         capture_output=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
+
+
+def test_messages_stay_on_one_line_when_the_graph_name_has_a_newline(tmp_path: Path) -> None:
+    # fix's error named the ModelProto by its graph name, which held "\n": a multi-line error
+    m = case_by_name("cycle").model()  # type: ignore[misc]
+    m.graph.name = "two\nlines"
+    with pytest.raises(UnusableInputError) as info:
+        tiexport.fix(m, "AM68A", parity=False)
+    assert "\n" not in str(info.value)

@@ -95,6 +95,38 @@ class QParams:
         )
 
 
+# packed types (older onnx releases lack some of them)
+_SUB_BYTE_BITS = {getattr(TensorProto, n): bits for n, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4),
+                                                                  ("INT2", 2), ("UINT2", 2)) if hasattr(TensorProto, n)}
+
+
+def _data_size_error(t: onnx.TensorProto) -> str:
+    """What the checker says about an initializer whose stored bytes do not fit its shape, read from the sizes alone
+    (raw data, or the external-data length); "" when they fit or cannot be told without reading."""
+    if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return ""
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:  # a type numpy cannot hold: the checker on the skeleton judges it
+        return ""
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    bits = _SUB_BYTE_BITS.get(t.data_type, 8 * itemsize)
+    need = (n * bits + 7) // 8
+    if t.data_location == TensorProto.EXTERNAL:
+        length = next((int(e.value) for e in t.external_data if e.key == "length" and e.value.isdigit()), None)
+        have = length
+    elif t.HasField("raw_data"):
+        have = len(t.raw_data)
+    else:
+        return ""  # typed fields: small tensors stay in the skeleton, where the checker counts them
+    if have is None or have == need:
+        return ""
+    return (f"initializer {t.name!r} holds {have} bytes of data, its shape {list(t.dims)} of "
+            f"{dtype_name(t.data_type)} needs {need}")
+
+
 class ModelContext:
     """Indexed, read-only view of a model for rules. Never mutates the model."""
 
@@ -304,6 +336,11 @@ class ModelContext:
             onnx.checker.check_model(self.skeleton, full_check=False)  # the skeleton may fail to build: same message
         except Exception as exc:
             return " ".join(str(exc).split()) or type(exc).__name__
+        # The skeleton leaves large initializers out, so the checker cannot see that their data is short
+        for t in self.graph.initializer:
+            why = _data_size_error(t)
+            if why:
+                return why
         return None
 
     @cached_property
