@@ -250,3 +250,13 @@ def test_messages_stay_on_one_line_when_the_graph_name_has_a_newline(tmp_path: P
     with pytest.raises(UnusableInputError) as info:
         tiexport.fix(m, "AM68A", parity=False)
     assert "\n" not in str(info.value)
+
+
+def test_op_rules_check_attribute_types_of_an_op_newer_than_the_opset() -> None:
+    # DeformConv under opset 10 has no schema at that version, so the type check let an INT kernel_shape through
+    b = QdqBuilder(opset=10, name="deform_conv_opset10")
+    x = b.qdq(b.input("input", [1, 4, 8, 8]), 2.0**-8, 0, "uint8", name="input")
+    w = b.weight(shape=(4, 4, 3, 3), per_channel=False, p2=True, name="deform_weight")
+    offset = b.const(np.zeros((1, 18, 8, 8), np.float32), "offset")
+    b.output(b.node("DeformConv", [x, w, offset], name="deform_conv", kernel_shape=3))
+    assert _crashed(b.build(infer=False)) == []
