@@ -341,3 +341,13 @@ def test_report_dict_and_text() -> None:
     assert all(set(p) == {"name", "changes", "numerics_changed"} for p in d["passes"])
     text = report.to_text()
     assert "EnforcePowerOfTwoScalesPass" in text and "numerics changed" in text and "parity vs input (2 sample(s), tolerance 1 LSB)" in text
+
+
+def test_exact_fix_checks_parity_on_one_sample_numeric_fix_on_all() -> None:
+    from fixtures.rule_fixtures import RULE_FIXTURES
+
+    _, exact = fix(RULE_FIXTURES["TIDL031_dq_q_same_params"][0](), "AM68A")
+    assert not exact.numerics_changed and exact.parity["samples"] == 1 and exact.bit_identical is True
+    assert any("one sample" in n for n in exact.notes)
+    _, rounded = fix(tiny_conv(act_scale=0.03), "TDA4VM", num_samples=3)
+    assert rounded.numerics_changed and rounded.parity["samples"] == 3
