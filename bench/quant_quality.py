@@ -399,11 +399,11 @@ def run(cfg: Config) -> list[Section]:
     am68a = [r for r in bench.rows if r.device == "AM68A" and r.torch_accuracy is not None and r.group != "peer"]
     if tda4vm:
         section.notes.append(
-            "TDA4VM rows: `fix --device TDA4VM` quantizes every bias to int32 at s_in * s_w (the device profile asks "
-            "for it), a numerics change the torch model does not have; it moves outputs by 1-2 steps at a few "
-            f"elements (parity FAIL in {sum(r.parity != 'pass' for r in tda4vm)} of {len(tda4vm)} TDA4VM rows) and "
-            f"the ORT accuracy by up to {max(abs(r.accuracy - (r.torch_accuracy or r.accuracy)) for r in tda4vm):.2f} "
-            f"points. AM68A rows: parity {'pass' if all(r.parity == 'pass' for r in am68a) else 'not all pass'}, "
+            "TDA4VM rows: `fix --device TDA4VM` keeps the float bias (TIDL quantizes it itself; the device profile "
+            "no longer asks fix to, which had moved outputs by 1-2 steps against the torch model); parity FAIL in "
+            f"{sum(r.parity != 'pass' for r in tda4vm)} of {len(tda4vm)} TDA4VM rows, ORT accuracy vs torch up to "
+            f"{max(abs(r.accuracy - (r.torch_accuracy or r.accuracy)) for r in tda4vm):.2f} points. "
+            f"AM68A rows: parity {'pass' if all(r.parity == 'pass' for r in am68a) else 'not all pass'}, "
             f"largest accuracy gap {max((abs(r.accuracy - (r.torch_accuracy or 0)) for r in am68a), default=0):.2f}.")
     if "WT8SYMP2_AT8SYMP2" in ptc and peers:
         section.notes.append(
