@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def ptc_transformer(exporter: str) -> dict[str, Any]:
         model = TransformerBlock().to(dev)
-        q = tiexport.PTCFxModule(model, qconfig_type="MSA_WC8_AT8", example_inputs=(torch.randn(1, 16, 32, device=dev),))
+        q = tiexport.PTCFxModule(model, qconfig_type="MSA_WC8_AT8",
+                                 example_inputs=(torch.randn(1, 16, 32, device=dev),))
         for _ in range(q.total_epochs):
             q.train()
             with torch.no_grad():
