@@ -1,8 +1,11 @@
-"""Validators: TIDL prequantized-model compatibility rules, reports and (ONNX/torch) numeric parity."""
+"""Validators: TIDL prequantized-model compatibility rules (``rules/``, ``registry``, ``validate``), reports
+(``report``) and numeric parity (``parity``, ``torch_parity``).
+
+Import the submodule you need (or use ``tiexport.validate`` / ``tiexport.check_parity``): this package imports
+nothing itself, so that ``tiexport parity`` does not load every rule and ``tiexport validate`` does not load
+ONNX Runtime.
+"""
 
 from __future__ import annotations
 
-from tiexport.validators.report import Finding, Report
-from tiexport.validators.validate import validate
-
-__all__ = ["Finding", "Report", "validate"]
+__all__: list[str] = []
