@@ -17,13 +17,8 @@ def _block(tag: str) -> str:
 
 
 def test_ci_runs_the_readme_test_command() -> None:
-    res = subprocess.run(
-        ["bash", "-c", "sed -n '/<!-- test-command -->/,/<!-- \\/test-command -->/p' README.md "
-                       "| sed -n '/^```bash$/,/^```$/p' | sed '1d;$d'"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )
-    assert res.stdout.strip() == _block("test-command")
-    assert "README.md" in (ROOT / ".ci" / "run").read_text()
+    ci_lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert _block("test-command") in ci_lines
 
 
 def test_commands_pin_the_cpu_torch_and_run_pytest() -> None:

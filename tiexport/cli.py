@@ -210,14 +210,14 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tiexport.progress import ProgressBar
-    from tiexport.validators.parity import run_parity
+    from tiexport.validators.parity import check_parity
     from tiexport.validators.report import use_colour
 
     if Path(args.reference).suffix.lower() in _TORCH_SUFFIXES:
         raise UsageError(f"{args.reference}: the command line takes an .onnx reference; compare against a torch "
                          "module from Python: tiexport.check_parity(module, 'candidate.onnx')")
     with ProgressBar("parity", stream=sys.stderr) as bar:
-        report = run_parity(args.reference, args.candidate, inputs=args.inputs, num_samples=args.num_samples,
+        report = check_parity(args.reference, args.candidate, inputs=args.inputs, num_samples=args.num_samples,
                             seed=args.seed, atol=args.atol, rtol=args.rtol, max_lsb=args.max_lsb,
                             per_layer=args.per_layer, ort_optimizations=args.ort_optimizations, progress=bar)
     if args.format == "json":

@@ -22,7 +22,6 @@ from tiexport.validators.parity import (
     check_parity,
     load_inputs,
     quant_step,
-    run_parity,
     tensor_metrics,
 )
 
@@ -178,7 +177,7 @@ def test_outputs_with_other_names_pair_by_position() -> None:
 def test_progress_callback_reports_each_sample() -> None:
     calls: list[tuple[int, int]] = []
     model = three_layer()
-    run_parity(model, model, num_samples=3, progress=lambda done, total: calls.append((done, total)))
+    check_parity(model, model, num_samples=3, progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
 

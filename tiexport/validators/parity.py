@@ -62,7 +62,6 @@ __all__ = [
     "check_parity",
     "load_inputs",
     "quant_step",
-    "run_parity",
     "tensor_metrics",
 ]
 
@@ -908,6 +907,8 @@ def check_parity(
     max_lsb: float = 1.0,
     per_layer: bool = False,
     ort_optimizations: bool = False,
+    *,
+    progress: ProgressCallback | None = None,
 ) -> ParityReport:
     """Compare ``candidate`` (an ONNX path / ModelProto, run in ONNX Runtime) against ``reference``.
 
@@ -919,26 +920,8 @@ def check_parity(
     ``atol``/``rtol`` apply allclose to every tensor. ``per_layer`` also compares intermediate tensors (ONNX: every
     float tensor both models share by name; torch: activation fake-quant outputs mapped to their DequantizeLinear)
     and names the first over tolerance. ORT graph optimizations are off unless ``ort_optimizations``.
+    ``progress(done, total)`` is called after each sample (the CLI draws its TTY bar with it).
     """
-    return run_parity(reference, candidate, inputs=inputs, num_samples=num_samples, seed=seed, atol=atol, rtol=rtol,
-                      max_lsb=max_lsb, per_layer=per_layer, ort_optimizations=ort_optimizations)
-
-
-def run_parity(
-    reference: Any,
-    candidate: Any,
-    inputs: Any = None,
-    num_samples: int = 8,
-    seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
-    max_lsb: float = 1.0,
-    per_layer: bool = False,
-    ort_optimizations: bool = False,
-    *,
-    progress: ProgressCallback | None = None,
-) -> ParityReport:
-    """:func:`check_parity` with a ``progress(done, total)`` callback, called after each sample (the CLI's bar)."""
     criterion = _check_tolerances(atol, rtol, max_lsb)
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
         raise UsageError(f"num_samples must be an integer, got {num_samples!r}")

@@ -296,7 +296,7 @@ def run_torch_parity(
     progress: Any,
     report_kwargs: dict[str, Any],
 ) -> Any:
-    """check_parity with a torch reference (called by :func:`tiexport.validators.parity.run_parity`)."""
+    """check_parity with a torch reference (called by :func:`tiexport.validators.parity.check_parity`)."""
     from tiexport.validators.parity import (
         LayerResult,
         OnnxRunner,
