@@ -153,12 +153,10 @@ def _sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 def _fix(path: Path, device: str) -> tuple[str, Any]:
     from tiexport import fix
-    from tiexport.onnx_io import save_model
     from tiexport.validators.validate import validate
 
-    fixed, _report = fix(str(path), device=device)
-    save_model(fixed, path)
-    return validate(str(path), device=device).devices[device].verdict, _report
+    _fixed, report = fix(str(path), device=device, output=path, protect=())
+    return validate(str(path), device=device).devices[device].verdict, report
 
 
 class Bench:

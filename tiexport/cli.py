@@ -260,7 +260,7 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from tiexport.onnx_io import same_file, save_model
+    from tiexport.onnx_io import same_file
     from tiexport.passes.fix import fix
     from tiexport.passes.static_shapes import parse_input_shape
 
@@ -286,12 +286,11 @@ def _cmd_fix(args: argparse.Namespace) -> int:
 
     # onnx-graphsurgeon prints its warnings to stdout, where the summary (or the JSON) goes
     G_LOGGER.severity = G_LOGGER.CRITICAL + 1
-    fixed, report = fix(args.model, device=args.device, input_shapes=shapes, power_of_two=args.power_of_two,
-                        quantize_bias=args.quantize_bias, inputs=args.inputs, parity=args.parity,
-                        num_samples=args.num_samples, seed=args.seed, max_lsb=args.max_lsb)
     protect = () if overwrite_input else (args.model,)
-    save_model(fixed, out, protect=(*protect, *((args.inputs,) if args.inputs else ())))
-    report.output = str(out)
+    _fixed, report = fix(args.model, device=args.device, input_shapes=shapes, power_of_two=args.power_of_two,
+                         quantize_bias=args.quantize_bias, inputs=args.inputs, parity=args.parity,
+                         num_samples=args.num_samples, seed=args.seed, max_lsb=args.max_lsb, output=out,
+                         protect=(*protect, *((args.inputs,) if args.inputs else ())))
     _emit(json.dumps(report.to_dict(), indent=2) if args.format == "json" else report.to_text(), None)
     return report.exit_code
 

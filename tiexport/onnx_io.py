@@ -30,6 +30,7 @@ __all__ = [
     "load_model",
     "same_file",
     "save_model",
+    "serialize",
     "tensor_to_array",
     "write_text",
 ]
@@ -231,30 +232,53 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     return pa.resolve() == pb.resolve()
 
 
+MAX_PROTO = 2**31 - 2**20
+"""Largest model kept in one protobuf (onnx.checker, ONNX Runtime and protobuf take in-memory models below 2 GB)."""
+
+
+def serialize(model: onnx.ModelProto) -> bytes | None:
+    """``model`` as protobuf bytes, or None when it is too large for one protobuf (>= :data:`MAX_PROTO`).
+
+    Serializing a ResNet-50-sized model costs as much as ``ByteSize()`` (both walk every weight: 35 ms each,
+    bench/RESULTS.md fix section); a caller that needs the bytes several times (checker, ONNX Runtime, the file)
+    serializes once with this and hands the bytes on.
+    """
+    try:
+        data = model.SerializeToString()
+    except ValueError:  # protobuf refuses messages over 2 GB
+        return None
+    return data if len(data) < MAX_PROTO else None
+
+
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike[str],
     *,
     protect: tuple[str | os.PathLike[str], ...] = (),
-    external_data_threshold: int = 2**31 - 2**20,
+    external_data_threshold: int = MAX_PROTO,
+    serialized: bytes | None = None,
 ) -> None:
     """Write ``model`` to ``path`` atomically (temp file in the same folder, then rename).
 
     ``protect`` lists files that must never be overwritten (the input model); writing onto one is a UsageError.
-    Models too large for one protobuf go to a ``<name>.data`` external-data file beside ``path``.
+    Models too large for one protobuf go to a ``<name>.data`` external-data file beside ``path``. ``serialized``:
+    ``model``'s bytes when the caller already has them (see :func:`serialize`), written as they are.
     """
     out = Path(path)
 
     def write(tmp: str) -> None:
-        if model.ByteSize() > external_data_threshold:
+        if serialized is not None and len(serialized) <= external_data_threshold:
+            with open(tmp, "wb") as f:
+                f.write(serialized)
+        elif serialized is None and model.ByteSize() <= external_data_threshold:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+        else:
             # onnx.save_model moves tensor bytes out of the proto it is given: save a copy, keep the caller's intact
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             onnx.save_model(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=out.name + ".data", size_threshold=1024)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
 
     _atomic_write(out, protect, write)
 

@@ -351,3 +351,112 @@ def test_exact_fix_checks_parity_on_one_sample_numeric_fix_on_all() -> None:
     assert any("one sample" in n for n in exact.notes)
     _, rounded = fix(tiny_conv(act_scale=0.03), "TDA4VM", num_samples=3)
     assert rounded.numerics_changed and rounded.parity["samples"] == 3
+
+
+# ----------------------------------------------------------------------------------------------- unchanged graphs
+def test_an_unchanged_graph_is_identical_by_construction_without_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tiexport.validators.parity as parity_mod
+
+    def no_run(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("parity ran on a graph fix did not change")
+
+    model, _ = fix(tiny_conv(), "AM68A", parity=False)  # already fixed: a second fix has nothing to rewrite
+    monkeypatch.setattr(parity_mod, "check_parity", no_run)
+    _, report = fix(model, "AM68A")
+    assert not report.numerics_changed
+    assert report.parity == {"identical_computation": True, "samples": 0}
+    assert report.parity_passed is True and report.bit_identical is True
+    assert "bit-identical by construction" in report.to_text()
+
+
+def test_given_inputs_still_run_parity_on_an_unchanged_graph() -> None:
+    feed = {"input": np.random.default_rng(1).random((2, 1, 3, 8, 8), dtype=np.float32)}
+    model, _ = fix(tiny_conv(), "AM68A", parity=False)
+    _, report = fix(model, "AM68A", inputs=feed)
+    assert report.parity is not None and report.parity["samples"] == 2 and report.bit_identical is True
+
+
+def _same(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    from tiexport.passes.fix import _same_computation
+
+    return _same_computation(a, b)
+
+
+def test_same_computation_ignores_node_order_and_annotations() -> None:
+    model = tiny_conv()
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    nodes = list(other.graph.node)
+    del other.graph.node[:]
+    other.graph.node.extend(reversed(nodes))
+    other.graph.value_info.add().name = "annotation_only"
+    for n in other.graph.node:
+        n.name = n.name + "_renamed"
+    assert _same(model, other)
+
+
+@pytest.mark.parametrize("change", ["weight_byte", "attribute", "output_order", "input_type", "opset"])
+def test_same_computation_sees_a_change(change: str) -> None:
+    model = tiny_conv(bias="none")
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    g = other.graph
+    if change == "weight_byte":
+        t = next(t for t in g.initializer if len(onnx.numpy_helper.to_array(t).ravel()) > 4)
+        arr = onnx.numpy_helper.to_array(t).copy()
+        arr.ravel()[0] += 1
+        t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    elif change == "attribute":
+        conv = next(n for n in g.node if n.op_type == "Conv")
+        pads = next(a for a in conv.attribute if a.name == "pads")
+        pads.ints[0] += 1
+    elif change == "output_order":
+        g.output.add().CopyFrom(g.output[0])
+        g.output[-1].name = g.node[0].output[0]
+    elif change == "input_type":
+        g.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    else:
+        other.opset_import[0].version += 1
+    assert not _same(model, other)
+
+
+# ----------------------------------------------------------------------------------------------- output
+def test_output_is_written_with_the_checked_bytes(tmp_path: Path) -> None:
+    from tiexport.onnx_io import serialize
+
+    src = tmp_path / "in.onnx"
+    onnx.save(tiny_conv(act_scale=0.03), str(src))
+    out = tmp_path / "out.onnx"
+    fixed, report = fix(str(src), "TDA4VM", num_samples=1, output=out)
+    assert out.read_bytes() == serialize(fixed) and report.output == str(out)
+
+
+def test_output_never_overwrites_the_input_unless_protect_is_empty(tmp_path: Path) -> None:
+    src = tmp_path / "in.onnx"
+    onnx.save(tiny_conv(act_scale=0.03), str(src))
+    data = src.read_bytes()
+    with pytest.raises(UsageError, match="refusing to overwrite"):
+        fix(str(src), "TDA4VM", parity=False, output=src)
+    assert src.read_bytes() == data
+    fixed, _ = fix(str(src), "TDA4VM", parity=False, output=src, protect=())
+    assert onnx.load(str(src)).graph == fixed.graph
+
+
+def test_parity_reuses_the_load_check_session() -> None:
+    from tiexport.validators.parity import check_parity, ort_session
+
+    model = tiny_conv(act_scale=0.03)
+    fixed, _ = fix(model, "TDA4VM", parity=False)
+    session = ort_session(fixed.SerializeToString())
+    calls = []
+    real_run = session.run
+
+    def counting_run(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real_run(*args, **kwargs)
+
+    session.run = counting_run
+    with_session = check_parity(model, fixed, num_samples=2, candidate_session=session)
+    without = check_parity(model, fixed, num_samples=2)
+    assert len(calls) == 2  # both samples ran on the given session
+    assert with_session.to_dict()["outputs"] == without.to_dict()["outputs"]

@@ -504,11 +504,10 @@ class _QuantFxModule(torch.nn.Module):
         )
         fix_report = None
         if device is not None:
-            from tiexport.onnx_io import save_model
             from tiexport.passes.fix import fix
 
-            fixed, fix_report = fix(str(path), device=device, **(fix_options or {}))
-            save_model(fixed, path)
+            # the export is ours to replace: the fixed model is written over it (protect=())
+            _fixed, fix_report = fix(str(path), device=device, output=path, protect=(), **(fix_options or {}))
             log.info("fixed %s for %s", path, device)
         parity_report = None
         if parity:

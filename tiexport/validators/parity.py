@@ -61,6 +61,7 @@ __all__ = [
     "TensorMetrics",
     "check_parity",
     "load_inputs",
+    "ort_session",
     "quant_step",
     "tensor_metrics",
 ]
@@ -671,34 +672,48 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
+def ort_session(source: str | bytes, *, optimizations: bool = False, external_folder: str | None = None) -> Any:
+    """An ONNX Runtime CPU session for a model path or serialized model, made the way every parity run makes it.
+
+    Raises what ``onnxruntime.InferenceSession`` raises; callers turn that into their own one-line error.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimizations
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = 4  # failures come back as exceptions (one line); ORT's own log would add more
+    # Two sessions take turns: an idle one's spinning worker threads would steal the cores the busy one needs
+    # (measured 2x slower on ResNet-50 with 2 cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if external_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", external_folder)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
 class OnnxRunner:
     """An ONNX Runtime session over a model with ``probes`` (intermediate tensors) added as extra outputs.
 
     The probes are appended to a *serialized* copy of the model as a second protobuf message (protobuf merges
     concatenated messages, so repeated ``graph.output`` fields append): no ModelProto copy, weights serialized
-    once. External data is read by ONNX Runtime from the model's folder.
+    once. External data is read by ONNX Runtime from the model's folder. ``session``: one already made by
+    :func:`ort_session` for this model without probes (``fix`` makes it for its load check), used as it is.
     """
 
-    def __init__(self, loaded: LoadedModel, probes: Sequence[str] = (), optimizations: bool = False) -> None:
-        import onnxruntime as ort
-
+    def __init__(self, loaded: LoadedModel, probes: Sequence[str] = (), optimizations: bool = False,
+                 session: Any = None) -> None:
         self.name = loaded.name
         self.output_names = [o.name for o in loaded.model.graph.output]
         declared = set(self.output_names)
         self.probes = [p for p in dict.fromkeys(probes) if p not in declared]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimizations
-                                            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        options.log_severity_level = 4  # failures come back as exceptions (one line); ORT's own log would add more
-        # Two sessions take turns: an idle one's spinning worker threads would steal the cores the busy one needs
-        # (measured 2x slower on ResNet-50 with 2 cores).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if session is not None and not self.probes:
+            self.session = session
+            self.input_names = [i.name for i in session.get_inputs()]
+            return
         source: str | bytes
         has_external = bool(external_data_info(loaded.model))
-        if has_external and loaded.base_dir is not None:
-            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                             loaded.base_dir)
+        folder = loaded.base_dir if has_external and loaded.base_dir is not None else None
         path = Path(loaded.name)
         if not self.probes and loaded.base_dir is not None and path.is_file():
             source = str(path)
@@ -714,7 +729,7 @@ class OnnxRunner:
                 data += extra.SerializeToString()
             source = data
         try:
-            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            self.session = ort_session(source, optimizations=optimizations, external_folder=folder)
         except Exception as exc:
             raise UnusableInputError(f"{loaded.name}: ONNX Runtime cannot load the model: {_first_line(exc)}"
                                      ) from None
@@ -909,6 +924,7 @@ def check_parity(
     ort_optimizations: bool = False,
     *,
     progress: ProgressCallback | None = None,
+    candidate_session: Any = None,
 ) -> ParityReport:
     """Compare ``candidate`` (an ONNX path / ModelProto, run in ONNX Runtime) against ``reference``.
 
@@ -921,6 +937,8 @@ def check_parity(
     float tensor both models share by name; torch: activation fake-quant outputs mapped to their DequantizeLinear)
     and names the first over tolerance. ORT graph optimizations are off unless ``ort_optimizations``.
     ``progress(done, total)`` is called after each sample (the CLI draws its TTY bar with it).
+    ``candidate_session``: an ONNX Runtime session already made for ``candidate`` by :func:`ort_session` (with the
+    same ``ort_optimizations``), reused instead of making a second one (``fix`` makes one for its load check).
     """
     criterion = _check_tolerances(atol, rtol, max_lsb)
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
@@ -934,7 +952,8 @@ def check_parity(
 
         return run_torch_parity(reference, cand_loaded, cand_ctx, inputs=inputs, num_samples=int(num_samples),
                                 seed=seed, criterion=criterion, per_layer=per_layer,
-                                ort_optimizations=ort_optimizations, progress=progress, report_kwargs=report_kwargs)
+                                ort_optimizations=ort_optimizations, progress=progress, report_kwargs=report_kwargs,
+                                candidate_session=candidate_session)
     ref_loaded = as_model(reference)
     ref_ctx = ModelContext(ref_loaded)
     specs = _input_specs(ref_ctx)
@@ -949,7 +968,7 @@ def check_parity(
         cand_tensors = set(_probe_candidates(cand_ctx))
         layer_tensors = [t for t in _probe_candidates(ref_ctx) if t in cand_tensors]
     ref_run = OnnxRunner(ref_loaded, layer_tensors, ort_optimizations)
-    cand_run = OnnxRunner(cand_loaded, layer_tensors, ort_optimizations)
+    cand_run = OnnxRunner(cand_loaded, layer_tensors, ort_optimizations, session=candidate_session)
 
     def step(tensor_ref: str, tensor_cand: str) -> _Step | None:
         return _step_of(ref_ctx, tensor_ref) or _step_of(cand_ctx, tensor_cand)

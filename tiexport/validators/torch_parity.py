@@ -295,6 +295,7 @@ def run_torch_parity(
     ort_optimizations: bool,
     progress: Any,
     report_kwargs: dict[str, Any],
+    candidate_session: Any = None,
 ) -> Any:
     """check_parity with a torch reference (called by :func:`tiexport.validators.parity.check_parity`)."""
     from tiexport.validators.parity import (
@@ -332,7 +333,7 @@ def run_torch_parity(
         else:
             matches = []
         probes = [m.tensor for m in matches]
-        cand_run = OnnxRunner(cand_loaded, probes, ort_optimizations)
+        cand_run = OnnxRunner(cand_loaded, probes, ort_optimizations, session=candidate_session)
         total = len(samples)
 
         def step(tensor: str) -> Any:
