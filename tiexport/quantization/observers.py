@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.ao.quantization import FakeQuantize
@@ -40,6 +40,7 @@ from torch.ao.quantization.observer import ObserverBase
 __all__ = [
     "DEFAULT_RANGE_AGGREGATION",
     "DEFAULT_RANGE_SHRINK_PERCENTILE",
+    "PERCENTILE_SAMPLE_SIZE",
     "ActivationObserver",
     "TidlFakeQuantize",
     "WeightObserver",
@@ -65,6 +66,12 @@ DEFAULT_RANGE_AGGREGATION = "max"
 _MIN_AVERAGING_CONSTANT = 0.01
 
 _EPS = torch.finfo(torch.float32).eps
+
+#: Range shrink reads the percentiles of tensors larger than this from an evenly strided sample of about this many
+#: values (see ``ActivationObserver._batch_range``); smaller tensors, and percentiles too small to leave
+#: :data:`MIN_SAMPLE_TAIL` sample values in each tail, are computed exactly.
+PERCENTILE_SAMPLE_SIZE = 2**17
+MIN_SAMPLE_TAIL = 8
 
 
 def power_of_2_ceil(scale: torch.Tensor) -> torch.Tensor:
@@ -174,6 +181,16 @@ class ActivationObserver(ObserverBase):
         n = flat.numel()
         # whole values only: a tensor of fewer than 100 / p values keeps its full range
         k = math.floor(n * self.range_shrink_percentile / 100.0) if self.range_shrink_percentile > 0 else 0
+        if n > PERCENTILE_SAMPLE_SIZE:
+            # Large tensors: the percentiles of an evenly strided sample (odd stride, so that it walks through
+            # every column of a power-of-two-wide feature map). Selecting the tails of 1M values costs 6.6 ms a
+            # batch on one core, a third of a ResNet-20 QAT step (bench/RESULTS.md, QAT section); the sample's
+            # tails still hold >= MIN_SAMPLE_TAIL values, and TI's own observer estimates them from a histogram.
+            stride = n // PERCENTILE_SAMPLE_SIZE + 1 - (n // PERCENTILE_SAMPLE_SIZE) % 2
+            sample = flat[::stride]
+            k_sample = math.floor(sample.numel() * self.range_shrink_percentile / 100.0)
+            if k_sample >= MIN_SAMPLE_TAIL:
+                flat, n, k = sample, sample.numel(), k_sample
         if k > 0 and 2 * k < n:
             # exactly k values lie beyond each end. k is a tiny share of n, so a partial top-k is much cheaper than
             # a full selection (kthvalue): 3x on CPU and ~28x on CUDA in bench/bench_qat.py's profile
@@ -381,3 +398,66 @@ class TidlFakeQuantize(FakeQuantize):
     @qscheme.setter
     def qscheme(self, value: torch.qscheme) -> None:
         pass
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        # FakeQuantize.forward, with the per-tensor fake-quant of CPU tensors computed by _fake_quantize_cpu
+        if self.observer_enabled[0] == 1:
+            self.activation_post_process(X.detach())
+            scale, zero_point = self.calculate_qparams()
+            scale, zero_point = scale.to(self.scale.device), zero_point.to(self.zero_point.device)
+            if self.scale.shape != scale.shape:
+                self.scale.resize_(scale.shape)
+                self.zero_point.resize_(zero_point.shape)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+        if self.fake_quant_enabled[0] != 1:
+            return X
+        qmin, qmax = self.quant_min, self.quant_max
+        if self.is_per_channel:
+            return torch.fake_quantize_per_channel_affine(X, self.scale, self.zero_point, self.ch_axis, qmin, qmax)
+        if X.device.type == "cpu" and X.dtype == torch.float32:
+            if torch.is_grad_enabled() and X.requires_grad:
+                return cast(torch.Tensor, _FakeQuantizePerTensor.apply(X, self.scale, self.zero_point, qmin, qmax))
+            return _fake_quantize_cpu(X, self.scale, self.zero_point, qmin, qmax)[0]
+        return torch.fake_quantize_per_tensor_affine(X, self.scale, self.zero_point, qmin, qmax)
+
+
+def _fake_quantize_cpu(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, with_mask: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-tensor fake quantization, bit for bit what ``torch.fake_quantize_per_tensor_affine`` computes
+    (``(clamp(nearbyint(x * (1 / scale)) + zp, qmin, qmax) - zp) * scale`` in float32, ties to even), and the
+    in-range mask its backward uses.
+
+    torch 2.13's CPU kernel calls ``std::nearbyint`` per element, unvectorized: 1.6 ms for a 64x32x8x8 activation on
+    one core, against 0.1 ms for these in-place vectorized ops (bench/RESULTS.md, QAT and PTC sections). It was
+    the largest single cost of a QAT step and of PTC calibration on CPU.
+    """
+    # Python scalars: a one-element tensor operand takes torch's slow broadcasting path (mul_: 1.1 ms vs 0.17 ms
+    # per 1M values). Exact: the float32 reciprocal and scale convert to double and back unchanged.
+    s = float(scale.reshape(-1)[0])
+    inv_scale = float(torch.reciprocal(scale.reshape(-1)[:1].float()))
+    z = float(zero_point.reshape(-1)[0])
+    q = torch.mul(x, inv_scale)
+    q.round_().add_(z)
+    # in range <=> |q - mid| <= half: one subtraction and one comparison instead of two comparisons and an and
+    mask = (q - (qmin + qmax) / 2.0).abs_() <= (qmax - qmin) / 2.0 if with_mask else None
+    q.clamp_(qmin, qmax).sub_(z).mul_(s)
+    return q, mask
+
+
+class _FakeQuantizePerTensor(torch.autograd.Function):
+    """:func:`_fake_quantize_cpu` with the straight-through gradient of torch's fake-quant (zero where clipped)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+    ) -> torch.Tensor:
+        out, mask = _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, with_mask=True)
+        ctx.save_for_backward(mask)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None
