@@ -160,3 +160,51 @@ def test_unobserved_gives_unit_scale_and_a_warning(caplog: pytest.LogCaptureFixt
 def test_invalid_percentile_rejected() -> None:
     with pytest.raises(ValueError, match="range_shrink_percentile"):
         ActivationObserver(range_shrink_percentile=60)
+
+
+# ------------------------------------------------------------------------------------------- speed paths, exactness
+@pytest.mark.parametrize("n,m", [(1_048_576, 105), (131_072, 14), (3_003, 2), (1_000, 400), (64, 32), (10, 1)])
+def test_tail_values_equal_full_topk(n: int, m: int) -> None:
+    from tiexport.quantization.observers import _tail_values
+
+    g = torch.Generator().manual_seed(n + m)
+    for flat in (torch.randn(n, generator=g), torch.randint(-3, 4, (n,), generator=g).float(),  # many ties
+                 torch.relu(torch.randn(n, generator=g)).sort().values):  # sorted: the extremes share groups
+        lo, hi = _tail_values(flat, m)
+        assert lo.item() == torch.topk(flat, m, largest=False).values[-1].item()
+        assert hi.item() == torch.topk(flat, m).values[-1].item()
+
+
+def test_range_shrink_of_a_large_tensor_is_the_exact_percentile() -> None:
+    obs = ActivationObserver(range_shrink_percentile=0.01)
+    x = torch.randn(64, 16, 32, 32, generator=torch.Generator().manual_seed(0))
+    obs(x)
+    flat = x.reshape(-1)
+    k = int(flat.numel() * 0.01 / 100)  # exactly k values lie beyond each end
+    assert obs.min_val.item() == torch.topk(flat, k + 1, largest=False).values[-1].item()
+    assert obs.max_val.item() == torch.topk(flat, k + 1).values[-1].item()
+
+
+@pytest.mark.parametrize(("symmetric", "signed_data"), [(False, True), (True, False), (True, True)])
+def test_cpu_fake_quantize_is_torchs_fake_quantize_bit_for_bit(symmetric: bool, signed_data: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    fq = TidlFakeQuantize(observer=ActivationObserver, symmetric=symmetric)
+    x = torch.randn(8, 16, 12, 12, generator=g) * 3
+    if not signed_data:
+        x = x.abs()
+    fq(x)  # observe: sets scale and zero point
+    fq.disable_observer()
+    scale = fq.scale.item()
+    x.view(-1)[:500] = (torch.arange(500) - 250).float() * scale / 2  # exact ties: round half to even
+    x.view(-1)[500:520] = 1e6  # clipped
+    ref_in = x.clone().requires_grad_()
+    ours_in = x.clone().requires_grad_()
+    ref = torch.fake_quantize_per_tensor_affine(ref_in, fq.scale, fq.zero_point, fq.quant_min, fq.quant_max)
+    ours = fq(ours_in)
+    assert torch.equal(ours, ref)
+    weights = torch.randn(x.shape, generator=g)
+    (ref * weights).sum().backward()
+    (ours * weights).sum().backward()
+    assert torch.equal(ours_in.grad, ref_in.grad)  # straight-through inside the range, zero where clipped
+    with torch.no_grad():
+        assert torch.equal(fq(x), ref.detach())
