@@ -435,22 +435,24 @@ def _fake_quantize_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-tensor fake quantization, bit for bit what ``torch.fake_quantize_per_tensor_affine`` computes
     (``(clamp(nearbyint(x * (1 / scale)) + zp, qmin, qmax) - zp) * scale`` in float32, ties to even), and the
-    in-range mask its backward uses.
+    in-range mask its backward uses. ``scale`` and ``zero_point`` are one-element CPU tensors.
 
     torch 2.13's CPU kernel calls ``std::nearbyint`` per element, unvectorized: 1.6 ms for a 64x32x8x8 activation on
     one core, against 0.1 ms for these in-place vectorized ops (bench/RESULTS.md, QAT and PTC sections). It was
     the largest single cost of a QAT step and of PTC calibration on CPU.
     """
     # Python scalars: a one-element tensor operand takes torch's slow broadcasting path (mul_: 1.1 ms vs 0.17 ms
-    # per 1M values). Exact: the float32 reciprocal and scale convert to double and back unchanged.
+    # per 1M values). Exact: a float32 scale converts to double unchanged, and torch rounds the double 1 / scale to
+    # float32 when it multiplies, which gives the float32 reciprocal (double rounding is harmless for a division).
     s = float(scale.reshape(-1)[0])
-    inv_scale = float(torch.reciprocal(scale.reshape(-1)[:1].float()))
     z = float(zero_point.reshape(-1)[0])
-    q = torch.mul(x, inv_scale)
-    q.round_().add_(z)
+    q = torch.mul(x, 1.0 / s)
+    q.round_()
+    # clamp(q + z, qmin, qmax) - z == clamp(q, qmin - z, qmax - z): q and z are small whole numbers, exact in float32
+    lo, hi = qmin - z, qmax - z
     # in range <=> |q - mid| <= half: one subtraction and one comparison instead of two comparisons and an and
-    mask = (q - (qmin + qmax) / 2.0).abs_() <= (qmax - qmin) / 2.0 if with_mask else None
-    q.clamp_(qmin, qmax).sub_(z).mul_(s)
+    mask = (q - (lo + hi) / 2.0).abs_() <= (hi - lo) / 2.0 if with_mask else None
+    q.clamp_(lo, hi).mul_(s)
     return q, mask
 
 
