@@ -460,7 +460,7 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
     """:func:`_fake_quantize_cpu` with the straight-through gradient of torch's fake-quant (zero where clipped)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
     ) -> torch.Tensor:
         out, mask = _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, with_mask=True)
@@ -468,6 +468,6 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (mask,) = ctx.saved_tensors
         return grad * mask, None, None, None, None
