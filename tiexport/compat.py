@@ -13,6 +13,7 @@ import importlib
 import io
 import logging
 import os
+import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
@@ -25,6 +26,7 @@ __all__ = [
     "ao_quantization",
     "export_dynamo",
     "export_torchscript",
+    "fold_frozen_conv_bn",
     "get_ts_custom_symbolic",
     "has_dynamo_exporter",
     "quiet_torch",
@@ -120,6 +122,42 @@ def ao_classes() -> dict[str, Any]:
         "quant_stub": _get(ao, "QuantStub"),
         "dequant_stub": _get(ao, "DeQuantStub"),
     }
+
+
+def fold_frozen_conv_bn(module: Any) -> int:
+    """Make every torch.ao QAT Conv+BN module in ``module`` compute the folded form while its batch norm is frozen.
+
+    torch's ``_ConvBnNd._forward_approximate`` runs ``conv(x, fq(W * g/std)) / (g/std) + b_c``, then the batch norm:
+    three elementwise passes and a batch-norm pass per convolution (a quarter of a ResNet-20 calibration step on CPU,
+    bench/RESULTS.md, PTC section). With running statistics that equals ``conv(x, fq(W * g/std), (b_c - mean) * g/std
+    + beta)``, torch's own "Z_inference" formula and what the exported ONNX (and TIDL) computes. Installed per instance
+    on ``_forward_approximate``, which falls back to torch's method whenever the batch norm updates (training-mode
+    batch statistics). Gradients reach W, g and beta through the same expressions. Returns how many modules it set.
+    """
+    conv_bn = ao_classes()["conv_bn_qat"]
+    count = 0
+    for m in module.modules():
+        if conv_bn and isinstance(m, conv_bn) and callable(getattr(type(m), "_forward_approximate", None)):
+            m._forward_approximate = types.MethodType(_folded_conv_bn_forward, m)
+            count += 1
+    return count
+
+
+def _folded_conv_bn_forward(self: Any, x: Any) -> Any:
+    bn = self.bn
+    if bn.training or bn.running_var is None or bn.running_mean is None or bn.weight is None or bn.bias is None:
+        return type(self)._forward_approximate(self, x)
+    import torch
+
+    # the expressions of torch's method and of the export's folding (tiexport.symbolics.lowering), so that the
+    # weight fake-quant sees the same values and the biases match the exported ones
+    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shape = [1] * self.weight.dim()
+    shape[0] = -1
+    weight = self.weight_fake_quant(self.weight * factor.reshape(shape))
+    conv_bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
+    bias = bn.bias + (conv_bias - bn.running_mean) * factor
+    return self._conv_forward(x, weight, bias.to(x.dtype))
 
 
 # Packages whose modules compute on quantized tensors (after ``convert``/``convert_fx``) and those of torch's

@@ -55,6 +55,7 @@ import torch
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.fx import GraphModule
 
+from tiexport import compat
 from tiexport.errors import UnusableInputError, UsageError
 from tiexport.quantization.bias_calibration import BiasCalibrator
 from tiexport.quantization.equalization import EqualizationReport, equalize_cross_layer
@@ -345,6 +346,7 @@ class _QuantFxModule(torch.nn.Module):
             self.equalization = equalize_cross_layer(
                 prepared, power_of_2_grid=127.0 if spec is not None and spec.weight_power_of_2 else None,
                 headroom=0.95 if self._is_qat else 1.0)
+        compat.fold_frozen_conv_bn(prepared)
         _init_weight_qparams(prepared)
         setattr(prepared, "_tiexport_qconfig_type", self.qconfig_type_name)  # noqa: B010  export writes it to metadata
         self.module = prepared
