@@ -83,12 +83,18 @@ def _world_size() -> int:
 class BiasCalibrator:
     """Runs the two-pass bias correction on a prepared (fake-quant) GraphModule; see the module docstring."""
 
-    def __init__(self, graph_module: GraphModule, factor: float) -> None:
+    def __init__(self, graph_module: GraphModule, factor: float, *, fixed_reference: bool = False) -> None:
         if factor < 0:
             raise ValueError(f"bias calibration factor must be >= 0, got {factor}")
         self.graph_module = graph_module
         self.factor = float(factor)
         self.targets = self._find_targets(graph_module)
+        # PTC: the float pass runs with the biases as they were before any correction, so the reference is the
+        # float model itself; with the corrected biases the reference of every later layer would drift with the
+        # corrections. QAT trains the biases, and its reference is the float form of the current model.
+        self._reference_biases: list[torch.Tensor] | None = (
+            [t.bias.detach().clone() for t in self.targets] if fixed_reference else None
+        )
         self._pending: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         log.debug("bias calibration on %d layer(s): %s", len(self.targets), ", ".join(t.name for t in self.targets))
 
@@ -157,15 +163,23 @@ class BiasCalibrator:
         fake_quants = [m for m in self.graph_module.modules() if isinstance(m, FakeQuantizeBase)]
         saved = [(m.fake_quant_enabled.clone(), m.observer_enabled.clone()) for m in fake_quants]
         float_means, handles = self._record("input")
+        corrected = [t.bias.detach().clone() for t in self.targets] if self._reference_biases is not None else None
         try:
             for m in fake_quants:
                 m.disable_fake_quant()
                 m.disable_observer()
             with torch.no_grad():
+                if self._reference_biases is not None:
+                    for t, b in zip(self.targets, self._reference_biases, strict=True):
+                        t.bias.copy_(b)
                 run()
         finally:
             for h in handles:
                 h.remove()
+            if corrected is not None:
+                with torch.no_grad():
+                    for t, b in zip(self.targets, corrected, strict=True):
+                        t.bias.copy_(b)
             for m, (fq_on, obs_on) in zip(fake_quants, saved, strict=True):
                 m.fake_quant_enabled.copy_(fq_on)
                 m.observer_enabled.copy_(obs_on)

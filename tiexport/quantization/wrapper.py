@@ -352,7 +352,8 @@ class _QuantFxModule(torch.nn.Module):
         self.module = prepared
         self._prepared = True
         if self.bias_calibration_factor > 0:
-            self._bias_calibrator = BiasCalibrator(prepared, self.bias_calibration_factor)
+            self._bias_calibrator = BiasCalibrator(prepared, self.bias_calibration_factor,
+                                                   fixed_reference=not self._is_qat)
         n_fq = sum(1 for m in prepared.modules() if isinstance(m, FakeQuantizeBase))
         log.info(
             "%s prepared %s with %s: %d fake-quant modules, %d made symmetric by graph rules",
