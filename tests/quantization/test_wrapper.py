@@ -307,6 +307,25 @@ def test_bias_calibration_reduces_mean_output_error() -> None:
     assert with_calibration < 0.8 * without
 
 
+def test_ptc_bias_calibration_float_pass_uses_the_uncorrected_biases() -> None:
+    model = seeded(TinyCNN(channels=8, classes=10))
+    data = batches((16, 1, 8, 8), 4, seed=3)
+    w = PTCFxModule(model, qconfig_type="WC8_AT8", example_inputs=data[0], bias_calibration_factor=0.1)
+    calibrator = w._bias_calibrator
+    assert calibrator is not None and calibrator.targets
+    target = calibrator.targets[0]
+    original = target.bias.detach().clone()
+    seen: list[torch.Tensor] = []
+    # the float pass runs with fake-quant disabled: record the bias the layer sees then
+    hook = target.fake_quant.register_forward_pre_hook(
+        lambda m, args: seen.append(target.bias.detach().clone()) if not m.fake_quant_enabled[0] else None)
+    _run_epoch(w, data)
+    hook.remove()
+    assert len(seen) == len(data)
+    assert all(torch.equal(b, original) for b in seen)  # every float pass: the float model's own bias
+    assert not torch.equal(target.bias.detach(), original)  # while the corrections did accumulate
+
+
 # --- transformer block ---------------------------------------------------------------------------------------------
 
 
