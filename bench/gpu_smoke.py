@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed at the start of every case")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -103,10 +104,16 @@ def main(argv: list[str] | None = None) -> int:
                        device="AM68A", exporter=exporter)
         return summary(res, "AM68A")
 
-    _case("ptc_cnn_WC8_AT8_AM68A", ptc_cnn, records)
-    _case("qat_cnn_WT8SYMP2_AT8SYMP2_TDA4VM", qat_cnn_tda4vm, records)
-    _case("ptc_transformer_torchscript", lambda: ptc_transformer("torchscript"), records)
-    _case("ptc_transformer_dynamo", lambda: ptc_transformer("dynamo"), records)
+    def seeded(fn: Any) -> Any:
+        def run() -> Any:
+            torch.manual_seed(args.seed)  # the same random model and data for every exporter and device
+            return fn()
+        return run
+
+    _case("ptc_cnn_WC8_AT8_AM68A", seeded(ptc_cnn), records)
+    _case("qat_cnn_WT8SYMP2_AT8SYMP2_TDA4VM", seeded(qat_cnn_tda4vm), records)
+    _case("ptc_transformer_torchscript", seeded(lambda: ptc_transformer("torchscript")), records)
+    _case("ptc_transformer_dynamo", seeded(lambda: ptc_transformer("dynamo")), records)
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(dev),
            "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None}
     (args.out / "gpu_smoke.json").write_text(json.dumps({"env": env, "cases": records}, indent=2))

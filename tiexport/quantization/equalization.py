@@ -140,21 +140,21 @@ def _scale_outputs(m: Any, factor: torch.Tensor) -> None:
     bn = _bn(m)
     if bn is not None:
         assert bn.weight is not None and bn.bias is not None
-        bn.weight.mul_(factor.to(bn.weight.dtype))
-        bn.bias.mul_(factor.to(bn.bias.dtype))
+        bn.weight.mul_(factor.to(bn.weight))
+        bn.bias.mul_(factor.to(bn.bias))
         return
-    m.weight.mul_(factor.reshape(-1, *([1] * (m.weight.dim() - 1))).to(m.weight.dtype))
+    m.weight.mul_(factor.reshape(-1, *([1] * (m.weight.dim() - 1))).to(m.weight))
     if getattr(m, "bias", None) is not None:
-        m.bias.mul_(factor.to(m.bias.dtype))
+        m.bias.mul_(factor.to(m.bias))
 
 
 @torch.no_grad()
 def _scale_inputs(m: Any, factor: torch.Tensor) -> None:
     w = m.weight
     if _is_depthwise(m):
-        w.mul_(factor.reshape(-1, *([1] * (w.dim() - 1))).to(w.dtype))
+        w.mul_(factor.reshape(-1, *([1] * (w.dim() - 1))).to(w))
     else:
-        w.mul_(factor.reshape(1, -1, *([1] * (w.dim() - 2))).to(w.dtype))
+        w.mul_(factor.reshape(1, -1, *([1] * (w.dim() - 2))).to(w))
 
 
 # ------------------------------------------------------------------------------------------------ pairs
@@ -249,7 +249,7 @@ def equalize_cross_layer(gm: GraphModule, *, max_sweeps: int = 20, tolerance: fl
             s = torch.where(ok, torch.sqrt(r1 / torch.where(ok, r2, 1.0)), torch.ones_like(r1))
             _scale_outputs(a, (1.0 / s).float())
             _scale_inputs(b, s.float())
-            total[pair] *= s
+            total[pair] *= s.cpu()  # the model may live on a GPU; the bookkeeping stays on the host
             moved = max(moved, float(torch.log(s).abs().max()))
         if moved <= math.log1p(tolerance):
             break
