@@ -208,3 +208,35 @@ def test_cpu_fake_quantize_is_torchs_fake_quantize_bit_for_bit(symmetric: bool, 
     assert torch.equal(ours_in.grad, ref_in.grad)  # straight-through inside the range, zero where clipped
     with torch.no_grad():
         assert torch.equal(fq(x), ref.detach())
+
+
+def test_fake_quantize_sees_every_way_its_flags_are_written() -> None:
+    # the flags are read from the tensors only when written since the last read (a host sync on CUDA otherwise)
+    fq = TidlFakeQuantize(observer=ActivationObserver)
+    obs = fq.activation_post_process
+    x = torch.randn(64)
+    fq(x)
+    assert int(obs.num_batches) == 1
+    fq.disable_observer()
+    fq(x)
+    assert int(obs.num_batches) == 1
+    fq.observer_enabled.copy_(torch.ones(1, dtype=torch.uint8))  # as bias calibration restores it
+    fq(x)
+    assert int(obs.num_batches) == 2
+    state = fq.state_dict()
+    state["observer_enabled"] = torch.zeros(1, dtype=torch.uint8)
+    state["fake_quant_enabled"] = torch.zeros(1, dtype=torch.uint8)
+    fq.load_state_dict(state)
+    assert torch.equal(fq(x), x) and int(obs.num_batches) == 2  # neither observes nor quantizes
+
+
+def test_unobserved_check_survives_reset_and_state_dict_load(caplog: pytest.LogCaptureFixture) -> None:
+    obs = ActivationObserver()
+    obs(torch.randn(32))
+    obs.reset_min_max_vals()
+    assert obs.calculate_qparams()[0].item() == 1.0 and "seen no data" in caplog.text
+    caplog.clear()
+    fresh = ActivationObserver()
+    fresh(torch.randn(32))
+    fresh.load_state_dict(ActivationObserver().state_dict())  # an unobserved checkpoint
+    assert fresh.calculate_qparams()[0].item() == 1.0 and "seen no data" in caplog.text

@@ -154,6 +154,7 @@ class ActivationObserver(ObserverBase):
         self.register_buffer("min_val", torch.tensor(float("inf")))
         self.register_buffer("max_val", torch.tensor(float("-inf")))
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.long))
+        self._seen_data = False
 
     # --- what torch's FX prepare/convert read; derived from the data seen so far ------------------------------
     @property
@@ -235,12 +236,15 @@ class ActivationObserver(ObserverBase):
             torch.minimum(self.min_val, lo, out=self.min_val)
             torch.maximum(self.max_val, hi, out=self.max_val)
         self.num_batches.add_(1)
+        self._seen_data = True
         return x
 
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         device = self.min_val.device
-        if int(self.num_batches) == 0:
+        # int(num_batches) is a host sync on CUDA, once per observer per step: asked only while forward() has not
+        # said it saw data (after construction, reset or a state_dict load)
+        if not self._seen_data and int(self.num_batches) == 0:
             log.warning("activation observer has seen no data; using scale 1.0 and zero point 0")
             return torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
         lo = torch.clamp(self.min_val, max=0.0)
@@ -265,6 +269,11 @@ class ActivationObserver(ObserverBase):
         self.min_val.fill_(float("inf"))
         self.max_val.fill_(float("-inf"))
         self.num_batches.zero_()
+        self._seen_data = False
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._seen_data = False  # the loaded num_batches decides
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
@@ -407,9 +416,27 @@ class TidlFakeQuantize(FakeQuantize):
     def qscheme(self, value: torch.qscheme) -> None:
         pass
 
+    def _enabled(self, name: str) -> bool:
+        """``self.<name>[0] == 1`` for the flag buffers, read from the tensor only when it was written since the last
+        read (its version counter moved, or it was replaced): on CUDA every read is a host sync, and FakeQuantize
+        reads both flags in every forward. Every writer (enable_*/disable_*, ``copy_``, ``load_state_dict``, DDP's
+        buffer broadcast) writes in place, which moves the counter."""
+        flag = getattr(self, name)
+        try:
+            key = (id(flag), flag._version)
+        except RuntimeError:  # an inference-mode tensor keeps no version counter
+            return bool(flag[0] == 1)
+        cache = self.__dict__.setdefault("_flag_cache", {})
+        hit = cache.get(name)
+        if hit is not None and hit[0] == key:
+            return bool(hit[1])
+        value = bool(flag[0] == 1)
+        cache[name] = (key, value)
+        return value
+
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         # FakeQuantize.forward, with the per-tensor fake-quant of CPU tensors computed by _fake_quantize_cpu
-        if self.observer_enabled[0] == 1:
+        if self._enabled("observer_enabled"):
             self.activation_post_process(X.detach())
             scale, zero_point = self.calculate_qparams()
             scale, zero_point = scale.to(self.scale.device), zero_point.to(self.zero_point.device)
@@ -418,7 +445,7 @@ class TidlFakeQuantize(FakeQuantize):
                 self.zero_point.resize_(zero_point.shape)
             self.scale.copy_(scale)
             self.zero_point.copy_(zero_point)
-        if self.fake_quant_enabled[0] != 1:
+        if not self._enabled("fake_quant_enabled"):
             return X
         qmin, qmax = self.quant_min, self.quant_max
         if self.is_per_channel:
