@@ -151,3 +151,29 @@ def test_wrapper_default_is_on_for_per_tensor_weights_only() -> None:
 def test_wrapper_rejects_a_non_bool_setting() -> None:
     with pytest.raises(UsageError, match="cross_layer_equalization"):
         PTCFxModule(SmallCNN(1, width=8), cross_layer_equalization="yes")  # type: ignore[arg-type]
+
+
+def test_batch_norm_without_running_statistics_is_a_one_line_error() -> None:
+    # torch.ao refuses to fuse such a batch norm with a bare assert; the wrapper says so in one line
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(1, 4, 3)
+            self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+            self.b = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.bn(self.a(x))))
+
+    with pytest.raises(UsageError, match="tracking_running_stats") as info:
+        PTCFxModule(Net(), "WT8SYMP2_AT8SYMP2", example_inputs=(_inputs(1)[0],))
+    assert "\n" not in str(info.value)
+
+
+def test_first_layer_without_foldable_batch_norm_is_not_equalized() -> None:
+    from tiexport.quantization.equalization import _can_scale_outputs, _out_factor
+
+    conv = nn.Conv2d(1, 4, 3)
+    conv.bn = nn.BatchNorm2d(4, track_running_stats=False)  # what a QAT Conv+BN would hold
+    assert _out_factor(conv) is None
+    assert "running statistics" in _can_scale_outputs(conv)

@@ -240,3 +240,14 @@ def test_unobserved_check_survives_reset_and_state_dict_load(caplog: pytest.LogC
     fresh(torch.randn(32))
     fresh.load_state_dict(ActivationObserver().state_dict())  # an unobserved checkpoint
     assert fresh.calculate_qparams()[0].item() == 1.0 and "seen no data" in caplog.text
+
+
+def test_fake_quantize_reads_a_replaced_flag_buffer() -> None:
+    fq = TidlFakeQuantize(observer=ActivationObserver)
+    x = torch.randn(64)
+    fq(x)  # flags read and cached
+    state = fq.state_dict()
+    state["observer_enabled"] = torch.zeros(1, dtype=torch.uint8)
+    fq.load_state_dict(state, assign=True)  # a new tensor object, version 0 like the cached one
+    fq(x)
+    assert int(fq.activation_post_process.num_batches) == 1

@@ -82,11 +82,9 @@ def _out_factor(m: Any) -> torch.Tensor | None:
     """Per-output-channel factor the module applies to its weight before fake-quant (``gamma / std`` of a fused
     batch norm), or None."""
     bn = _bn(m)
-    if bn is None:
-        return None
-    var = bn.running_var
-    assert var is not None and bn.weight is not None
-    return bn.weight.detach() / torch.sqrt(var + bn.eps)
+    if bn is None or bn.running_var is None or bn.weight is None:
+        return None  # nothing folded into the weight (such a first layer is not equalized: _can_scale_outputs)
+    return bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
 
 
 def _effective_weight(m: Any) -> torch.Tensor:

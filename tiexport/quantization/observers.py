@@ -423,15 +423,17 @@ class TidlFakeQuantize(FakeQuantize):
         buffer broadcast) writes in place, which moves the counter."""
         flag = getattr(self, name)
         try:
-            key = (id(flag), flag._version)
+            version = flag._version
         except RuntimeError:  # an inference-mode tensor keeps no version counter
             return bool(flag[0] == 1)
         cache = self.__dict__.setdefault("_flag_cache", {})
         hit = cache.get(name)
-        if hit is not None and hit[0] == key:
-            return bool(hit[1])
+        # the cache holds the tensor itself: compared by identity, so a replaced buffer (load_state_dict with
+        # assign=True, a deep copy) is read again, and no other tensor can take the cached one's id meanwhile
+        if hit is not None and hit[0] is flag and hit[1] == version:
+            return bool(hit[2])
         value = bool(flag[0] == 1)
-        cache[name] = (key, value)
+        cache[name] = (flag, version, value)
         return value
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:

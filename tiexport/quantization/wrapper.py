@@ -335,6 +335,9 @@ class _QuantFxModule(torch.nn.Module):
                 f"torch.fx cannot trace {type(model).__name__} ({exc}); make data-dependent control flow a leaf "
                 "module or a concrete argument"
             ) from exc
+        except AssertionError as exc:  # torch.ao states what it cannot fuse or prepare with bare asserts
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else "an internal assertion failed"
+            raise UsageError(f"torch.ao cannot prepare {type(model).__name__} for quantization: {text}") from exc
         changed = (
             apply_graph_rules(prepared, align_add_inputs=self._align_add_inputs) if self._apply_rules else {}
         )
