@@ -128,3 +128,42 @@ def test_transformer_block_ptc_export(tmp_path: Path) -> None:
     result = w.export(data[0], tmp_path / "block_ptc.onnx", device="AM68A")
     assert result.parity_passed, result.parity_summary
     assert _metadata(result.path)["qconfig_type"] == "MSA_WC8_AT8"
+
+
+def test_failed_parity_on_a_gpu_module_is_rechecked_on_a_cpu_copy(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: the module reports a CUDA device and its first parity check fails, as a transformer's did on the
+    # H200 (float rounding of CUDA kernels); the CPU copy's check must then run, pass, and be reported
+    import dataclasses
+
+    import tiexport.quantization.wrapper as wrapper_mod
+    import tiexport.validators.parity as parity_mod
+
+    data = batches(SHAPE, 2)
+    w = _calibrated(seeded(TinyCNN()), data[0], data)
+    real = parity_mod.check_parity
+    checked: list[object] = []
+
+    def first_fails(reference: object, candidate: object, **kwargs: object) -> object:
+        report = real(reference, candidate, **kwargs)
+        checked.append(reference)
+        return dataclasses.replace(report, passed=False) if len(checked) == 1 else report
+
+    monkeypatch.setattr(parity_mod, "check_parity", first_fails)
+    monkeypatch.setattr(wrapper_mod, "_device_of", lambda module: torch.device("cuda"))
+    result = w.export(data[0], tmp_path / "cnn.onnx")
+    assert len(checked) == 2 and checked[1] is not w.module  # a copy
+    assert result.parity_passed is False and result.parity_cpu is not None and result.parity_cpu.passed
+    assert any("GPU's float rounding" in n for n in result.notes)
+
+
+def test_cpu_module_parity_is_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tiexport.validators.parity as parity_mod
+
+    data = batches(SHAPE, 2)
+    w = _calibrated(seeded(TinyCNN()), data[0], data)
+    calls: list[object] = []
+    real = parity_mod.check_parity
+    monkeypatch.setattr(parity_mod, "check_parity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = w.export(data[0], tmp_path / "cnn.onnx")
+    assert len(calls) == 1 and result.parity_cpu is None
