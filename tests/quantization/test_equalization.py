@@ -81,6 +81,7 @@ def test_a_non_homogeneous_op_between_layers_breaks_the_pair() -> None:
             return self.b(self.act(self.a(x)))
 
     assert find_pairs(_prepared(Net(nn.MaxPool2d(2)), cross_layer_equalization=False).module) == [("a", "b")]
+    assert find_pairs(_prepared(Net(nn.LeakyReLU(0.1)), cross_layer_equalization=False).module) == [("a", "b")]
     assert find_pairs(_prepared(Net(nn.ReLU6()), cross_layer_equalization=False).module) == []
     assert find_pairs(_prepared(Net(nn.GELU()), cross_layer_equalization=False).module) == []
 

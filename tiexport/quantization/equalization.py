@@ -5,12 +5,13 @@ WT8SYMP2_AT8SYMP2), a layer whose output channels have very different weight ran
 rounding. Depthwise convolutions after batch-norm folding are the usual victims: a channel with range 0.05 next to one
 with range 5 gets two or three levels of the 255. Per-channel weights (the MMAv2 devices) do not have the problem.
 
-What: for two layers A -> B where every op between them is positively homogeneous per channel (ReLU, max/avg pooling,
-dropout, identity, fake-quant; and flatten after a global pooling), scaling A's output channel ``i`` by ``1 / s_i``
-and B's input channel ``i`` by ``s_i`` leaves the float function unchanged. ``s_i = sqrt(r1_i / r2_i)``, with
-``r1_i`` the range of A's (batch-norm folded) weights for output ``i`` and ``r2_i`` that of B's weights for input
-``i``, makes both ranges ``sqrt(r1_i * r2_i)``. Chains (conv -> depthwise -> pointwise) are swept repeatedly until
-the scales settle. A depthwise B takes the factor on its own channel's filter (its output is then unchanged).
+What: for two layers A -> B where every op between them is positively homogeneous per channel (ReLU, LeakyReLU,
+max/avg pooling, dropout, identity, fake-quant; and flatten after a global pooling), scaling A's output channel ``i``
+by ``1 / s_i`` and B's input channel ``i`` by ``s_i`` leaves the float function unchanged.
+``s_i = sqrt(r1_i / r2_i)``, with ``r1_i`` the range of A's (batch-norm folded) weights for output ``i`` and
+``r2_i`` that of B's weights for input ``i``, makes both ranges ``sqrt(r1_i * r2_i)``. Chains (conv -> depthwise ->
+pointwise) are swept repeatedly until the scales settle. A depthwise B takes the factor on its own channel's filter
+(its output is then unchanged).
 
 How the scaling is stored: on a fused Conv+BN module, on the batch norm's affine ``weight`` and ``bias`` (the module
 fake-quantizes ``weight * gamma / std``, so the scaling reaches the quantized weight, and it survives batch-norm
@@ -38,14 +39,16 @@ __all__ = ["EqualizationReport", "equalize_cross_layer", "find_pairs"]
 log = logging.getLogger(__name__)
 
 _PASSTHROUGH_MODULES: tuple[type[nn.Module], ...] = (
-    FakeQuantizeBase, nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    FakeQuantizeBase, nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
 )
 _GLOBAL_POOLS: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )
-_RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu, torch.relu_)
+# positively homogeneous: f(s * x) = s * f(x) for s > 0 (LeakyReLU too: both slopes scale alike)
+_RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu, torch.relu_, torch.nn.functional.leaky_relu)
 _FLATTEN_FUNCTIONS = (torch.flatten,)
 
 
@@ -176,7 +179,7 @@ def _passthrough(node: Node, modules: dict[str, nn.Module], collapsed: bool) -> 
             return ok, collapsed, "" if ok else "flatten that mixes channels with spatial positions"
         return False, collapsed, f"{node.name} ({getattr(node.target, '__name__', node.target)}) is not homogeneous"
     if node.op == "call_method":
-        if node.target in ("relu", "relu_"):
+        if node.target in ("relu", "relu_", "leaky_relu"):
             return True, collapsed, ""
         if node.target == "flatten":
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
