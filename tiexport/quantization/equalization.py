@@ -1,6 +1,6 @@
 """Cross-layer equalization (Nagel et al., "Data-Free Quantization", 2019) on a prepared FX GraphModule.
 
-Why: with one weight scale per tensor (TDA4VM, tidl.md §2: per-channel weights are not supported there; qconfig type
+Why: with one weight scale per tensor (TDA4VM, tidl.md §1: per-channel models fail to compile there; qconfig type
 WT8SYMP2_AT8SYMP2), a layer whose output channels have very different weight ranges loses the small channels to
 rounding. Depthwise convolutions after batch-norm folding are the usual victims: a channel with range 0.05 next to one
 with range 5 gets two or three levels of the 255. Per-channel weights (the MMAv2 devices) do not have the problem.
