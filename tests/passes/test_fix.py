@@ -395,7 +395,8 @@ def test_same_computation_ignores_node_order_and_annotations() -> None:
     assert _same(model, other)
 
 
-@pytest.mark.parametrize("change", ["weight_byte", "attribute", "output_order", "input_type", "opset"])
+@pytest.mark.parametrize("change", ["weight_byte", "attribute", "output_order", "input_type", "opset",
+                                    "duplicate_initializer", "function"])
 def test_same_computation_sees_a_change(change: str) -> None:
     model = tiny_conv(bias="none")
     other = onnx.ModelProto()
@@ -415,6 +416,14 @@ def test_same_computation_sees_a_change(change: str) -> None:
         g.output[-1].name = g.node[0].output[0]
     elif change == "input_type":
         g.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    elif change == "duplicate_initializer":
+        first = g.initializer[0]
+        g.initializer.add().CopyFrom(first)  # one name twice, one other tensor gone: the counts still match
+        del g.initializer[1]
+    elif change == "function":
+        other.functions.add().CopyFrom(onnx.helper.make_function("local", "F", ["x"], ["y"],
+                                                                 [onnx.helper.make_node("Relu", ["x"], ["y"])],
+                                                                 [onnx.helper.make_opsetid("", 17)]))
     else:
         other.opset_import[0].version += 1
     assert not _same(model, other)

@@ -373,7 +373,8 @@ def _same_computation(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     """True when ``a`` and ``b`` compute the same function of the same inputs: same opsets, graph input names and
     element types, output names in order, initializers (name, type, dims, bytes) and nodes (as a multiset, so a
     topological re-sort counts as the same). Shape annotations (``value_info``, pinned input dims) are ignored:
-    they do not enter the computation. False on anything it does not compare exactly (sparse initializers)."""
+    they do not enter the computation. Model-local functions must be identical. False on anything it does not
+    compare exactly (sparse initializers)."""
     ga, gb = a.graph, b.graph
     if {(o.domain, o.version) for o in a.opset_import} != {(o.domain, o.version) for o in b.opset_import}:
         return False
@@ -382,8 +383,13 @@ def _same_computation(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
         return False
     if [o.name for o in ga.output] != [o.name for o in gb.output]:
         return False
-    if ga.sparse_initializer or gb.sparse_initializer or len(ga.initializer) != len(gb.initializer):
+    if ga.sparse_initializer or gb.sparse_initializer:
         return False
+    if sorted(t.name for t in ga.initializer) != sorted(t.name for t in gb.initializer):
+        return False  # also catches a name given twice on one side
+    if [f.SerializeToString(deterministic=True) for f in a.functions] != \
+            [f.SerializeToString(deterministic=True) for f in b.functions]:
+        return False  # model-local functions are part of the computation
     if sorted(_node_key(n) for n in ga.node) != sorted(_node_key(n) for n in gb.node):
         return False
     tensors = {t.name: t for t in ga.initializer}
