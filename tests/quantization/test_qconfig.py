@@ -71,6 +71,14 @@ def test_range_shrink_default_for_non_msa_and_zero_for_msa() -> None:
     assert (full.range_shrink_percentile, full.range_aggregation) == (0.0, "max")
 
 
+@pytest.mark.parametrize(("qconfig_type", "aggregation"), [
+    ("WC8_AT8", "max"), ("MSA_WC8_AT8", "max"), ("MSA_WC8P2_AT8P2", "max"),  # widest range / full range
+    ("WT8SYMP2_AT8SYMP2", "mean"), ("WC8SYMP2_AT8SYMP2", "mean"), ("WC8P2_AT8P2", "mean"),  # power-of-2: averaged
+])
+def test_range_aggregation_of_each_type(qconfig_type: str, aggregation: str) -> None:
+    assert get_qconfig(qconfig_type).activation().activation_post_process.range_aggregation == aggregation
+
+
 def test_msa_and_range_shrink_types_differ_on_data_with_outliers() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(40000, generator=gen)

@@ -14,7 +14,8 @@ What TIDL wants (shared TIDL reference, tidl.md §2), and what these classes pro
 - Range shrink (non-MSA types): each observed batch contributes its ``p``-th and ``(100 - p)``-th percentiles
   (``p`` in percent, :data:`DEFAULT_RANGE_SHRINK_PERCENTILE`) instead of its minimum and maximum: the rare outliers
   of large activation maps are clipped, small tensors (fewer than ``100 / p`` values, such as logits) are not.
-  Per-batch ranges combine as :data:`DEFAULT_RANGE_AGGREGATION` says. MSA types (``p = 0``, aggregation ``max``) keep
+  Per-batch ranges combine as :data:`DEFAULT_RANGE_AGGREGATION` says (:data:`POWER_OF_2_RANGE_AGGREGATION` for
+  power-of-2 types). MSA types (``p = 0``, aggregation ``max``) keep
   the full range, the minimum and maximum over all batches, for attention networks whose rare peaks matter. TI's v2
   wrapper accepted a percentile and then dropped it (see the wrapper reference, "Known defects"); here it decides
   the range, and a test shows the two differ.
@@ -40,6 +41,7 @@ from torch.ao.quantization.observer import ObserverBase
 __all__ = [
     "DEFAULT_RANGE_AGGREGATION",
     "DEFAULT_RANGE_SHRINK_PERCENTILE",
+    "POWER_OF_2_RANGE_AGGREGATION",
     "ActivationObserver",
     "TidlFakeQuantize",
     "WeightObserver",
@@ -58,6 +60,13 @@ DEFAULT_RANGE_SHRINK_PERCENTILE = 0.01
 #: torch's ``MovingAverageMinMaxObserver``), which also clips values that are merely rarer than one batch shows,
 #: e.g. the extreme logits of small batches. Chosen from the benchmark as well.
 DEFAULT_RANGE_AGGREGATION = "max"
+
+#: Aggregation for power-of-2 activation types. Rounding the scale up to a power of two already leaves 0-100 %
+#: headroom above the estimated range, so the widest batch buys little, while one wide batch that pushes the range
+#: across a power of two doubles the step for everything. On the benchmark (bench/RESULTS.md, quality section),
+#: averaging against the widest range: WT8SYMP2_AT8SYMP2 PTC +1.0 dB and QAT +2.0 dB, WC8P2_AT8P2 QAT +0.9 dB,
+#: the others within 0.02 dB; for the non-power-of-2 WC8_AT8 the widest range is 3.6 dB better.
+POWER_OF_2_RANGE_AGGREGATION = "mean"
 
 # Running means of per-batch percentiles: plain cumulative mean at first (calibration sees few batches and an
 # exponential average would stay biased towards the first one), then an exponential average so that QAT can follow

@@ -72,6 +72,7 @@ from tiexport.errors import UsageError
 from tiexport.quantization.observers import (
     DEFAULT_RANGE_AGGREGATION,
     DEFAULT_RANGE_SHRINK_PERCENTILE,
+    POWER_OF_2_RANGE_AGGREGATION,
     ActivationObserver,
     TidlFakeQuantize,
     WeightObserver,
@@ -175,7 +176,10 @@ def get_qconfig(qconfig_type: str = "WC8_AT8", *, range_shrink_percentile: float
         power_of_2=spec.activation_power_of_2,
         range_shrink_percentile=_check_percentile(percentile),
         # full range means the extremes over all batches, not an average of per-batch extremes
-        range_aggregation=DEFAULT_RANGE_AGGREGATION if spec.range_shrink else "max",
+        range_aggregation=(
+            (POWER_OF_2_RANGE_AGGREGATION if spec.activation_power_of_2 else DEFAULT_RANGE_AGGREGATION)
+            if spec.range_shrink else "max"
+        ),
     )
     weight = TidlFakeQuantize.with_args(
         observer=WeightObserver, per_channel=spec.weight_per_channel, ch_axis=0, power_of_2=spec.weight_power_of_2
