@@ -251,3 +251,12 @@ def test_fake_quantize_reads_a_replaced_flag_buffer() -> None:
     fq.load_state_dict(state, assign=True)  # a new tensor object, version 0 like the cached one
     fq(x)
     assert int(fq.activation_post_process.num_batches) == 1
+
+
+def test_power_of_2_ceil_of_a_scale_one_ulp_above_a_power_of_two_is_the_next_power() -> None:
+    powers = torch.tensor([2.0**k for k in range(-30, 10)])
+    above = torch.nextafter(powers, torch.full_like(powers, 1e9))  # one float32 ulp above 2**k
+    assert torch.equal(power_of_2_ceil(above), powers * 2)  # float32 log2 rounded these down to 2**k
+    assert torch.equal(power_of_2_ceil(powers), powers)
+    below = torch.nextafter(powers, torch.zeros_like(powers))
+    assert torch.equal(power_of_2_ceil(below), powers)

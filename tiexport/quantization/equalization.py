@@ -47,6 +47,9 @@ _GLOBAL_POOLS: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )
+# Relative margin below a power-of-2 grid point (2**-16: ~500 float32 ulps, far below a quantization step).
+_GRID_MARGIN = 2.0**-16
+
 # positively homogeneous: f(s * x) = s * f(x) for s > 0 (LeakyReLU too: both slopes scale alike)
 _RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu, torch.relu_, torch.nn.functional.leaky_relu)
 _FLATTEN_FUNCTIONS = (torch.flatten,)
@@ -265,8 +268,11 @@ def equalize_cross_layer(gm: GraphModule, *, max_sweeps: int = 20, tolerance: fl
             top = float(_out_ranges(a).max())
             if not (top > 0 and math.isfinite(top)):
                 continue
-            grid = power_of_2_grid * 2.0 ** math.floor(math.log2(top / (power_of_2_grid * headroom)))
-            c = top / (grid * headroom)
+            # a hair below the grid point: the observer's float32 max|w| / qmax of weights rescaled in float32 lands
+            # within a few ulps of it, and one ulp above 2**k makes the power-of-2 ceiling 2**(k+1), a doubled step
+            target = headroom * (1.0 - _GRID_MARGIN)
+            grid = power_of_2_grid * 2.0 ** math.floor(math.log2(top / (power_of_2_grid * target)))
+            c = top / (grid * target)
             if c > 1.0 + 1e-6:
                 _scale_outputs(a, torch.full((_out_channels(a),), 1.0 / c))
                 _scale_inputs(b, torch.full((_in_channels(b),), c))

@@ -76,10 +76,17 @@ _MIN_AVERAGING_CONSTANT = 0.01
 _EPS = torch.finfo(torch.float32).eps
 
 def power_of_2_ceil(scale: torch.Tensor) -> torch.Tensor:
-    """``2 ** ceil(log2(scale))``, exactly a power of two (TI's rounding; tidl.md §2, "Power-of-2 in TI's wrapper")."""
-    exponent = torch.ceil(torch.log2(scale.float()))
+    """``2 ** ceil(log2(scale))``, exactly a power of two (TI's rounding; tidl.md §2, "Power-of-2 in TI's wrapper").
+
+    From the float's own exponent (``frexp``: ``scale = m * 2**e`` with ``m`` in [0.5, 1)), not from ``log2``: a
+    float32 ``log2`` of a scale one ulp above ``2**k`` rounds to ``k`` and gave ``2**k``, a power of two *below* the
+    scale (32 such exponents between 2**-30 and 2**9, a test holds it).
+    """
+    mantissa, exponent = torch.frexp(scale.float())
+    # m == 0.5: the scale is 2**(e-1) itself; otherwise the next power up is 2**e
+    exponent = exponent - (mantissa == 0.5).to(exponent.dtype)
     # ldexp builds the float from its exponent, so the result is exactly 2**k, with no pow() rounding
-    return torch.ldexp(torch.ones_like(exponent), exponent.to(torch.int32))
+    return torch.ldexp(torch.ones_like(mantissa), exponent)
 
 
 def _tail_values(flat: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
