@@ -64,7 +64,7 @@ DEFAULT_RANGE_AGGREGATION = "max"
 #: Aggregation for power-of-2 activation types. Rounding the scale up to a power of two already leaves 0-100 %
 #: headroom above the estimated range, so the widest batch buys little, while one wide batch that pushes the range
 #: across a power of two doubles the step for everything. On the benchmark (bench/RESULTS.md, quality section),
-#: averaging against the widest range: WT8SYMP2_AT8SYMP2 PTC +1.0 dB and QAT +2.0 dB, WC8P2_AT8P2 QAT +0.9 dB,
+#: averaging against the widest range: WT8SYMP2_AT8SYMP2 PTC +1.2 dB and QAT +2.0 dB, WC8P2_AT8P2 QAT +0.9 dB,
 #: the others within 0.02 dB; for the non-power-of-2 WC8_AT8 the widest range is 3.6 dB better.
 POWER_OF_2_RANGE_AGGREGATION = "mean"
 
