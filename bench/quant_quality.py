@@ -354,7 +354,7 @@ def run(cfg: Config) -> list[Section]:
         for p in (0.0, 0.1, 0.25):
             bench.ours("ablation", t, "PTC", f"{t} PTC, range shrink {p} %", range_shrink_percentile=p)
         # the aggregation the type does not use by default (power-of-2 types average per-batch ranges)
-        other_agg = "max" if QCONFIG_TYPES[t].activation_power_of_2 else "mean"
+        other_agg = other_of(t)
         for mode in ("PTC", "QAT"):
             bench.ours("ablation", t, mode, f"{t} {mode}, per-batch ranges {AGG_LABEL[other_agg]}",
                        aggregation=other_agg)

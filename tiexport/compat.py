@@ -24,11 +24,13 @@ __all__ = [
     "TORCHSCRIPT_MAX_OPSET",
     "ao_classes",
     "ao_quantization",
+    "conv_bn_folding",
     "export_dynamo",
     "export_torchscript",
     "fold_frozen_conv_bn",
     "get_ts_custom_symbolic",
     "has_dynamo_exporter",
+    "module_device",
     "quiet_torch",
     "restore_ts_custom_symbolic",
     "set_ts_custom_symbolic",
@@ -143,20 +145,37 @@ def fold_frozen_conv_bn(module: Any) -> int:
     return count
 
 
-def _folded_conv_bn_forward(self: Any, x: Any) -> Any:
-    bn = self.bn
-    if bn.training or bn.running_var is None or bn.running_mean is None or bn.weight is None or bn.bias is None:
-        return type(self)._forward_approximate(self, x)
+def conv_bn_folding(m: Any) -> tuple[Any, Any]:
+    """``(factor, bias)`` of a QAT Conv+BN module with running statistics: the folded weight is ``weight * factor``
+    per output channel (``gamma / std``, the expression torch's ``_forward_approximate`` fake-quantizes) and the
+    folded bias ``beta + (b_c - mean) * factor``. One definition for the frozen forward below and the export's
+    folding (tiexport.symbolics.lowering), so that both fake-quantize the same values and add the same bias."""
     import torch
 
-    # the expressions of torch's method and of the export's folding (tiexport.symbolics.lowering), so that the
-    # weight fake-quant sees the same values and the biases match the exported ones
-    factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    shape = [1] * self.weight.dim()
-    shape[0] = -1
-    weight = self.weight_fake_quant(self.weight * factor.reshape(shape))
-    conv_bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
-    bias = bn.bias + (conv_bias - bn.running_mean) * factor
+    bn = m.bn
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    factor = gamma / std
+    conv_bias = m.bias if m.bias is not None else torch.zeros_like(std)
+    return factor, beta + (conv_bias - bn.running_mean) * factor
+
+
+def module_device(module: Any) -> Any:
+    """The device of a module's first parameter or buffer (CPU for a module without tensors)."""
+    import torch
+
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _folded_conv_bn_forward(self: Any, x: Any) -> Any:
+    bn = self.bn
+    if bn.training or bn.running_var is None or bn.running_mean is None:
+        return type(self)._forward_approximate(self, x)
+    factor, bias = conv_bn_folding(self)
+    weight = self.weight_fake_quant(self.weight * factor.reshape([-1] + [1] * (self.weight.dim() - 1)))
     return self._conv_forward(x, weight, bias.to(x.dtype))
 
 

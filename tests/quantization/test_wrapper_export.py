@@ -150,7 +150,7 @@ def test_failed_parity_on_a_gpu_module_is_rechecked_on_a_cpu_copy(tmp_path: Path
         return dataclasses.replace(report, passed=False) if len(checked) == 1 else report
 
     monkeypatch.setattr(parity_mod, "check_parity", first_fails)
-    monkeypatch.setattr(wrapper_mod, "_device_of", lambda module: torch.device("cuda"))
+    monkeypatch.setattr(wrapper_mod, "module_device", lambda module: torch.device("cuda"))
     result = w.export(data[0], tmp_path / "cnn.onnx")
     assert len(checked) == 2 and checked[1] is not w.module  # a copy
     assert result.parity_passed is False and result.parity_cpu is not None and result.parity_cpu.passed

@@ -177,19 +177,22 @@ def _passthrough(node: Node, modules: dict[str, nn.Module], collapsed: bool) -> 
         if node.target in _RELU_FUNCTIONS:
             return True, collapsed, ""
         if node.target in _FLATTEN_FUNCTIONS:
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            ok = bool(collapsed and start == 1)
-            return ok, collapsed, "" if ok else "flatten that mixes channels with spatial positions"
+            return _flatten(node, collapsed)
         return False, collapsed, f"{node.name} ({getattr(node.target, '__name__', node.target)}) is not homogeneous"
     if node.op == "call_method":
         if node.target in ("relu", "relu_", "leaky_relu"):
             return True, collapsed, ""
         if node.target == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            ok = bool(collapsed and start == 1)
-            return ok, collapsed, "" if ok else "flatten that mixes channels with spatial positions"
+            return _flatten(node, collapsed)
         return False, collapsed, f"{node.name} (.{node.target}) is not homogeneous"
     return False, collapsed, f"{node.name} ({node.op})"
+
+
+def _flatten(node: Node, collapsed: bool) -> tuple[bool, bool, str]:
+    """``flatten(x, 1)`` keeps channel ``i`` at feature ``i`` only when the spatial dims were pooled to 1."""
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    ok = bool(collapsed and start == 1)
+    return ok, collapsed, "" if ok else "flatten that mixes channels with spatial positions"
 
 
 def find_pairs(gm: GraphModule) -> list[tuple[str, str]]:

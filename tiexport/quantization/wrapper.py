@@ -57,6 +57,7 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.fx import GraphModule
 
 from tiexport import compat
+from tiexport.compat import module_device
 from tiexport.errors import UnusableInputError, UsageError
 from tiexport.quantization.bias_calibration import BiasCalibrator
 from tiexport.quantization.equalization import EqualizationReport, equalize_cross_layer
@@ -545,7 +546,7 @@ class _QuantFxModule(torch.nn.Module):
                 parity_inputs = _parity_batches(path, args)
             parity_report = check_parity(self.module, str(path), inputs=parity_inputs)
             log.info("parity against the torch module: %s", _parity_line(parity_report))
-            where = _device_of(self.module)
+            where = module_device(self.module)
             if not parity_report.passed and where.type != "cpu":
                 # A GPU's float kernels (matmul, softmax, layer norm) round differently from ONNX Runtime's CPU
                 # ones; one ulp at a rounding boundary moves a quantized value by a step, and attention carries
@@ -593,12 +594,6 @@ def _positional_inputs(module: torch.nn.Module, example_inputs: Any) -> tuple[tu
     if skipped:
         raise UsageError(f"example_inputs misses {', '.join(skipped)}: ONNX inputs are positional")
     return tuple(kwargs[p.name] for p in ordered), [p.name for p in ordered]
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _parity_batches(path: Path, args: tuple[Any, ...]) -> list[dict[str, Any]]:

@@ -724,13 +724,8 @@ class ExportLowering:
             if bn.running_var is None or bn.running_mean is None:
                 continue  # no running statistics to fold: keep the module's own forward
             with torch.no_grad():
-                std = torch.sqrt(bn.running_var + bn.eps)
-                gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
-                beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
-                factor = gamma / std
+                factor, bias = compat.conv_bn_folding(m)
                 weight = m.weight * factor.reshape([-1] + [1] * (m.weight.dim() - 1))
-                bias0 = m.bias if m.bias is not None else torch.zeros_like(std)
-                bias = beta + (bias0 - bn.running_mean) * factor
             for buf_name, value in (("folded_weight", weight), ("folded_bias", bias)):
                 if hasattr(m, buf_name):
                     raise UsageError(f"{name}: {type(m).__name__} already has an attribute {buf_name!r}")

@@ -264,10 +264,9 @@ class TorchReference:
         """Outputs (flattened, in order) and the recorded fake-quant points of one forward pass."""
         import torch
 
-        try:
-            device = next(self.module.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
+        from tiexport import compat
+
+        device = compat.module_device(self.module)
         args = [torch.from_numpy(np.ascontiguousarray(feed[n])).to(device) for n in self.input_names]
         self._events = []
         self._calls = {}
