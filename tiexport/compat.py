@@ -27,7 +27,7 @@ __all__ = [
     "conv_bn_folding",
     "export_dynamo",
     "export_torchscript",
-    "fold_frozen_conv_bn",
+    "install_conv_bn_forward",
     "get_ts_custom_symbolic",
     "has_dynamo_exporter",
     "module_device",
@@ -126,21 +126,29 @@ def ao_classes() -> dict[str, Any]:
     }
 
 
-def fold_frozen_conv_bn(module: Any) -> int:
-    """Make every torch.ao QAT Conv+BN module in ``module`` compute the folded form while its batch norm is frozen.
+def install_conv_bn_forward(module: Any) -> int:
+    """Give every torch.ao QAT Conv+BN module in ``module`` a cheaper forward of the same function.
 
-    torch's ``_ConvBnNd._forward_approximate`` runs ``conv(x, fq(W * g/std)) / (g/std) + b_c``, then the batch norm:
-    three elementwise passes and a batch-norm pass per convolution (a quarter of a ResNet-20 calibration step on CPU,
-    bench/RESULTS.md, PTC section). With running statistics that equals ``conv(x, fq(W * g/std), (b_c - mean) * g/std
-    + beta)``, torch's own "Z_inference" formula and what the exported ONNX (and TIDL) computes. Installed per instance
-    on ``_forward_approximate``, which falls back to torch's method whenever the batch norm updates (training-mode
-    batch statistics). Gradients reach W, g and beta through the same expressions. Returns how many modules it set.
+    torch's ``_ConvBnNd._forward_approximate`` runs ``bn(conv(x, fq(W * f)) / f + b_c)`` with ``f = g/std`` per
+    output channel: the division and the bias add are passes over the whole activation, forward and backward
+    (``DivBackward`` alone was 12 % of a ResNet-20 QAT step on CPU, bench/RESULTS.md, QAT section). Installed per
+    instance on ``_forward_approximate``:
+
+    - batch norm updating (training-mode statistics): ``bn(conv(x, fq(W * f) / f, b_c))``. Convolution is linear
+      in its weight per output channel, so dividing the fake-quantized weight by ``f`` is the same function as
+      dividing the output, on a tensor the size of the weight; the conv adds ``b_c`` itself. Gradients reach
+      ``W``, ``g`` and ``b_c`` through the same expressions (equal up to float rounding, a test holds it).
+    - batch norm frozen (running statistics): ``conv(x, fq(W * f), (b_c - mean) * f + beta)``, torch's own
+      "Z_inference" formula and what the exported ONNX (and TIDL) computes.
+
+    Falls back to torch's method where it would not apply (no running statistics, a batch norm without affine
+    weight). Returns how many modules it set.
     """
     conv_bn = ao_classes()["conv_bn_qat"]
     count = 0
     for m in module.modules():
         if conv_bn and isinstance(m, conv_bn) and callable(getattr(type(m), "_forward_approximate", None)):
-            m._forward_approximate = types.MethodType(_folded_conv_bn_forward, m)
+            m._forward_approximate = types.MethodType(_conv_bn_forward, m)
             count += 1
     return count
 
@@ -170,13 +178,43 @@ def module_device(module: Any) -> Any:
     return torch.device("cpu")
 
 
-def _folded_conv_bn_forward(self: Any, x: Any) -> Any:
+def _conv_bn_forward(self: Any, x: Any) -> Any:
+    import torch
+
     bn = self.bn
-    if bn.training or bn.running_var is None or bn.running_mean is None:
+    if bn.running_var is None or bn.running_mean is None or bn.weight is None:
         return type(self)._forward_approximate(self, x)
+    if bn.training:
+        factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape([-1] + [1] * (self.weight.dim() - 1))
+        weight = self.weight_fake_quant(self.weight * factor) / factor
+        return bn(self._conv_forward(x, weight.to(x.dtype), self.bias))
     factor, bias = conv_bn_folding(self)
-    weight = self.weight_fake_quant(self.weight * factor.reshape([-1] + [1] * (self.weight.dim() - 1)))
+    weight = self.weight_fake_quant(_folded_weight(self, factor))
     return self._conv_forward(x, weight, bias.to(x.dtype))
+
+
+def _folded_weight(m: Any, factor: Any) -> Any:
+    """``m.weight * factor`` per output channel; without autograd, the same tensor object as long as the weight,
+    gamma and running variance are unchanged (identity and version counters), so that the weight fake-quant can
+    reuse its output (``TidlFakeQuantize``: PTC calibration and evaluation quantize each weight once)."""
+    import torch
+
+    shape = [-1] + [1] * (m.weight.dim() - 1)
+    sources = (m.weight, m.bn.weight, m.bn.running_var)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
+        m.__dict__.pop("_folded_weight_cache", None)
+        return m.weight * factor.reshape(shape)
+    try:
+        key = (float(m.bn.eps), tuple(-1 if t is None else t._version for t in sources))
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        return m.weight * factor.reshape(shape)
+    hit = m.__dict__.get("_folded_weight_cache")
+    if hit is not None and all(a is b for a, b in zip(hit[0], sources, strict=True)) and hit[1] == key \
+            and hit[2]._version == hit[3]:
+        return hit[2]
+    weight = m.weight * factor.reshape(shape)
+    m.__dict__["_folded_weight_cache"] = (sources, key, weight, weight._version)
+    return weight
 
 
 # Packages whose modules compute on quantized tensors (after ``convert``/``convert_fx``) and those of torch's

@@ -1,5 +1,5 @@
-"""compat.fold_frozen_conv_bn: a frozen QAT Conv+BN computes the folded form (what the export computes), an
-updating one keeps torch's batch-statistics path, and gradients still reach the conv and batch-norm parameters."""
+"""compat.install_conv_bn_forward: a frozen QAT Conv+BN computes the folded form (what the export computes), an
+updating one torch's batch-statistics function with the 1/f on the weight, and gradients reach the same parameters."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _conv_bn(relu: bool) -> nn.Module:
 def test_frozen_module_computes_the_folded_form(relu: bool) -> None:
     ref = _conv_bn(relu)
     folded = copy.deepcopy(ref)
-    assert compat.fold_frozen_conv_bn(folded) == 1
+    assert compat.install_conv_bn_forward(folded) == 1
     for m in (ref, folded):
         m.train()
         m.freeze_bn_stats()
@@ -52,12 +52,42 @@ def test_frozen_module_computes_the_folded_form(relu: bool) -> None:
     assert folded.bias.grad is not None
 
 
-def test_updating_batch_norm_keeps_torchs_path() -> None:
-    ref = _conv_bn(False)
-    folded = copy.deepcopy(ref)
-    compat.fold_frozen_conv_bn(folded)
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_updating_batch_norm_is_torchs_function(relu: bool, bias: bool) -> None:
+    import torch.ao.nn.intrinsic.qat as nniqat
+    from torch.ao.quantization import get_default_qat_qconfig
+
+    torch.manual_seed(0)
+    cls = nniqat.ConvBnReLU2d if relu else nniqat.ConvBn2d
+    ref = cls(4, 6, 3, padding=1, bias=bias, qconfig=get_default_qat_qconfig("qnnpack"))
+    with torch.no_grad():
+        ref.bn.running_var.uniform_(0.5, 2.0)
+        ref.bn.weight.uniform_(-1.5, 1.5)  # negative gammas too: f = g/std changes sign
+        if bias:
+            ref.bias.uniform_(-0.5, 0.5)
+    ours = copy.deepcopy(ref)
+    assert compat.install_conv_bn_forward(ours) == 1
     ref.train()
-    folded.train()  # batch norm updating: batch statistics, running stats change
-    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(ref(x), folded(x))
-    assert torch.equal(ref.bn.running_mean, folded.bn.running_mean)
+    ours.train()  # batch norm updating: batch statistics, running stats change
+    x = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    a, b = ref(x), ours(x)
+    assert ours.weight_fake_quant.scale.max() < 0.1  # a real 8-bit weight grid took part
+    assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(ref.bn.running_mean, ours.bn.running_mean, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(ref.bn.running_var, ours.bn.running_var, atol=1e-6, rtol=1e-5)
+    g = torch.randn(a.shape, generator=torch.Generator().manual_seed(3))
+    (a * g).sum().backward()
+    (b * g).sum().backward()
+    for name, p in ref.named_parameters():
+        q = dict(ours.named_parameters())[name]
+        assert q.grad is not None, name
+        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3), name
+    # the division is on the weight: no activation-sized division, forward or backward
+    from torch.profiler import ProfilerActivity, profile
+
+    ours.zero_grad()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        ours(x).sum().backward()
+    div_shapes = {tuple(e.input_shapes[0]) for e in prof.events() if e.name == "aten::div" and e.input_shapes}
+    assert div_shapes and all(shape != tuple(a.shape) for shape in div_shapes), div_shapes

@@ -260,3 +260,107 @@ def test_power_of_2_ceil_of_a_scale_one_ulp_above_a_power_of_two_is_the_next_pow
     assert torch.equal(power_of_2_ceil(powers), powers)
     below = torch.nextafter(powers, torch.zeros_like(powers))
     assert torch.equal(power_of_2_ceil(below), powers)
+
+
+# ------------------------------------------------------------------------- scalar CPU path == tensor path, bit for bit
+@pytest.mark.parametrize("aggregation", ["max", "mean"])
+@pytest.mark.parametrize(("symmetric", "power_of_2", "force_signed"),
+                         [(False, False, False), (False, True, False), (True, False, False), (True, True, False),
+                          (True, False, True)])
+@pytest.mark.parametrize("percentile", [0.0, 0.01, 1.0])
+def test_scalar_observer_path_equals_the_tensor_path(aggregation: str, symmetric: bool, power_of_2: bool,
+                                                      force_signed: bool, percentile: float) -> None:
+    kwargs = dict(symmetric=symmetric, power_of_2=power_of_2, force_signed=force_signed,
+                  range_shrink_percentile=percentile, range_aggregation=aggregation)
+    scalar, tensor = ActivationObserver(**kwargs), ActivationObserver(**kwargs)
+    g = torch.Generator().manual_seed(int(percentile * 100) + 7 * symmetric + 3 * power_of_2)
+    for step in range(40):
+        # ranges that drift, positive-only batches, one-sided batches, tiny tensors
+        x = torch.randn(int(torch.randint(1, 3000, (1,), generator=g)), generator=g) * (0.1 + step / 7)
+        if step % 3 == 0:
+            x = x.abs()
+        if step % 5 == 0:
+            x = x + 0.5 * step
+        assert scalar._scalar_path(x)
+        scalar(x)
+        # the tensor path, as on CUDA
+        stats = tensor._batch_range(x)
+        lo, hi = stats[0], stats[1]
+        if aggregation == "mean":
+            first = tensor.num_batches == 0
+            weight = torch.clamp(1.0 / (tensor.num_batches.to(lo.dtype) + 1.0), min=0.01)
+            tensor.min_val.copy_(torch.where(first, lo, tensor.min_val + weight * (lo - tensor.min_val)))
+            tensor.max_val.copy_(torch.where(first, hi, tensor.max_val + weight * (hi - tensor.max_val)))
+        else:
+            torch.minimum(tensor.min_val, lo, out=tensor.min_val)
+            torch.maximum(tensor.max_val, hi, out=tensor.max_val)
+        tensor.num_batches.add_(1)
+        assert torch.equal(scalar.min_val, tensor.min_val) and torch.equal(scalar.max_val, tensor.max_val), step
+        s_scale, s_zp = scalar.calculate_qparams()
+        t_scale, t_zp = tensor._qparams_tensor()
+        assert torch.equal(s_scale, t_scale) and torch.equal(s_zp, t_zp), (step, s_scale, t_scale, s_zp, t_zp)
+        assert s_scale.dtype == torch.float32 and s_zp.dtype == torch.int32
+
+
+def test_scalar_qparams_of_extreme_ranges_equal_the_tensor_path() -> None:
+    for lo, hi in [(-3e38, 3e38), (0.0, 0.0), (-1e-30, 1e-30), (5.0, 7.0), (-7.0, -5.0), (float("nan"), 1.0)]:
+        for symmetric in (False, True):
+            obs = ActivationObserver(symmetric=symmetric, power_of_2=True)
+            obs(torch.tensor([lo, hi]))
+            s_scale, s_zp = obs.calculate_qparams()
+            t_scale, t_zp = obs._qparams_tensor()
+            assert torch.equal(s_scale, t_scale) or (s_scale.isnan().all() and t_scale.isnan().all()), (lo, hi)
+            assert torch.equal(s_zp, t_zp) or s_scale.isnan().all(), (lo, hi)
+
+
+def test_fake_quantize_scalar_path_writes_the_observers_qparams() -> None:
+    fq = TidlFakeQuantize(observer=ActivationObserver, symmetric=True, range_shrink_percentile=0.01)
+    x = torch.randn(16, 8, 10, 10, generator=torch.Generator().manual_seed(0))
+    out = fq(x)
+    scale, zp = fq.activation_post_process._qparams_tensor()
+    assert torch.equal(fq.scale, scale) and torch.equal(fq.zero_point, zp)
+    assert torch.equal(out, torch.fake_quantize_per_tensor_affine(x, scale, zp, -128, 127))
+
+
+# ---------------------------------------------------------------------------- weight fake-quant output reuse
+def _weight_fq() -> TidlFakeQuantize:
+    return TidlFakeQuantize(observer=WeightObserver, per_channel=True, ch_axis=0, dtype=torch.qint8,
+                            quant_min=-128, quant_max=127, qscheme=torch.per_channel_symmetric)
+
+
+def test_weight_fake_quant_reuses_its_output_only_while_nothing_changed() -> None:
+    fq = _weight_fq()
+    w = torch.nn.Parameter(torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        first = fq(w)
+        assert fq(w) is first  # same weight, same buffers: the cached output
+        w.mul_(2.0)  # an in-place update (an optimizer step) moves the version counter
+        second = fq(w)
+        assert second is not first and torch.allclose(second, 2 * first)
+        assert torch.equal(fq.scale, fq.activation_post_process.calculate_qparams()[0])
+        fq.scale.mul_(2.0)
+        fq.disable_observer()  # the scale now comes from the buffer, changed in place
+        third = fq(w)
+        assert third is not second
+        assert torch.equal(third, torch.fake_quantize_per_channel_affine(w, fq.scale, fq.zero_point, 0, -128, 127))
+        fq.disable_fake_quant()
+        assert fq(w) is w
+        other = w.detach().clone()
+        fq.enable_fake_quant()
+        assert fq(other) is not third  # another tensor with equal values is not the cached one
+        out = fq(other)
+        out.add_(1.0)  # the caller changed the output in place: not handed out again
+        assert not torch.equal(fq(other), out)
+    # autograd wanted: computed every time, with a graph, and the cache dropped
+    a = fq(w)
+    assert a.requires_grad and "_output_cache" not in fq.__dict__
+
+
+def test_activation_fake_quant_keeps_no_output_cache() -> None:
+    fq = TidlFakeQuantize(observer=ActivationObserver)
+    x = torch.randn(64)
+    with torch.no_grad():
+        fq(x)
+        fq(x)
+    assert int(fq.activation_post_process.num_batches) == 2  # observed twice: activations are never reused
+    assert "_output_cache" not in fq.__dict__

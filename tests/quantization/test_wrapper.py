@@ -316,9 +316,9 @@ def test_ptc_bias_calibration_float_pass_uses_the_uncorrected_biases() -> None:
     target = calibrator.targets[0]
     original = target.bias.detach().clone()
     seen: list[torch.Tensor] = []
-    # the float pass runs with fake-quant disabled: record the bias the layer sees then
+    # the float pass runs with the fake-quants bypassed: record the bias the layer sees then
     hook = target.fake_quant.register_forward_pre_hook(
-        lambda m, args: seen.append(target.bias.detach().clone()) if not m.fake_quant_enabled[0] else None)
+        lambda m, args: seen.append(target.bias.detach().clone()) if m.bypass else None)
     _run_epoch(w, data)
     hook.remove()
     assert len(seen) == len(data)

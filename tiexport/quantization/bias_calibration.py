@@ -33,6 +33,8 @@ import torch
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.fx import GraphModule, Node
 
+from tiexport.quantization.observers import TidlFakeQuantize
+
 __all__ = ["BiasCalibrator"]
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,8 @@ def _channel_dim(module: torch.nn.Module) -> int | None:
 def _channel_mean(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     x = x.detach().float()
     dim = channel_dim % x.dim()
-    return x.transpose(0, dim).reshape(x.shape[dim], -1).mean(dim=1)
+    # a reduction over the other dims: no transposed copy of the activation
+    return x.mean(dim=[d for d in range(x.dim()) if d != dim])
 
 
 def _world_size() -> int:
@@ -96,6 +99,11 @@ class BiasCalibrator:
             [t.bias.detach().clone() for t in self.targets] if fixed_reference else None
         )
         self._pending: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        # the float pass bypasses tiexport's fake-quants by a plain attribute; others (user qconfigs) by their flag
+        # buffers, saved and restored (a flag write is a tensor op, and on CUDA its next read a host sync)
+        fake_quants = [m for m in graph_module.modules() if isinstance(m, FakeQuantizeBase)]
+        self._bypassed = [m for m in fake_quants if isinstance(m, TidlFakeQuantize)]
+        self._toggled = [m for m in fake_quants if not isinstance(m, TidlFakeQuantize)]
         log.debug("bias calibration on %d layer(s): %s", len(self.targets), ", ".join(t.name for t in self.targets))
 
     @staticmethod
@@ -160,12 +168,14 @@ class BiasCalibrator:
         self.apply_pending()
         if not self.targets or self.factor == 0.0:
             return run()
-        fake_quants = [m for m in self.graph_module.modules() if isinstance(m, FakeQuantizeBase)]
-        saved = [(m.fake_quant_enabled.clone(), m.observer_enabled.clone()) for m in fake_quants]
+        bypassed, toggled = self._bypassed, self._toggled
+        saved = [(m.fake_quant_enabled.clone(), m.observer_enabled.clone()) for m in toggled]
         float_means, handles = self._record("input")
         corrected = [t.bias.detach().clone() for t in self.targets] if self._reference_biases is not None else None
         try:
-            for m in fake_quants:
+            for m in bypassed:
+                m.bypass = True
+            for m in toggled:
                 m.disable_fake_quant()
                 m.disable_observer()
             with torch.no_grad():
@@ -180,7 +190,9 @@ class BiasCalibrator:
                 with torch.no_grad():
                     for t, b in zip(self.targets, corrected, strict=True):
                         t.bias.copy_(b)
-            for m, (fq_on, obs_on) in zip(fake_quants, saved, strict=True):
+            for m in bypassed:
+                m.bypass = False
+            for m, (fq_on, obs_on) in zip(toggled, saved, strict=True):
                 m.fake_quant_enabled.copy_(fq_on)
                 m.observer_enabled.copy_(obs_on)
         quant_means, handles = self._record("output")

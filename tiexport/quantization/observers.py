@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from typing import Any, cast
 
 import torch
@@ -74,6 +75,39 @@ POWER_OF_2_RANGE_AGGREGATION = "mean"
 _MIN_AVERAGING_CONSTANT = 0.01
 
 _EPS = torch.finfo(torch.float32).eps
+
+_FLOAT32 = struct.Struct("f")
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to float32 (to nearest, ties to even), as a Python float.
+
+    A float32 ``+ - * /`` computed in double and rounded once to float32 is the correctly rounded float32 result
+    (double carries more than 2 * 24 + 2 bits), so Python arithmetic on float32 values followed by this rounding is
+    bit for bit what a float32 tensor op computes. The scalar observer path below relies on it.
+    """
+    try:
+        return float(_FLOAT32.unpack(_FLOAT32.pack(value))[0])
+    except OverflowError:  # beyond float32's range: torch gives inf
+        return math.copysign(math.inf, value)
+
+
+def _nan_min(a: float, b: float) -> float:
+    """``torch.minimum`` of two floats: NaN if either is NaN (Python's ``min`` would drop a NaN silently)."""
+    return math.nan if a != a or b != b else min(a, b)
+
+
+def _nan_max(a: float, b: float) -> float:
+    return math.nan if a != a or b != b else max(a, b)
+
+
+def _power_of_2_ceil_scalar(scale: float) -> float:
+    """:func:`power_of_2_ceil` of one positive float, the same frexp rule."""
+    if not math.isfinite(scale) or scale <= 0.0:
+        return float(power_of_2_ceil(torch.tensor([scale]))[0])  # inf / NaN / 0: whatever the tensor rule gives
+    mantissa, exponent = math.frexp(scale)
+    return math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
+
 
 def power_of_2_ceil(scale: torch.Tensor) -> torch.Tensor:
     """``2 ** ceil(log2(scale))``, exactly a power of two (TI's rounding; tidl.md §2, "Power-of-2 in TI's wrapper").
@@ -225,8 +259,17 @@ class ActivationObserver(ObserverBase):
             lo, hi = torch.aminmax(flat)
         return torch.stack([lo, hi]).to(self.min_val.dtype)
 
+    def _scalar_path(self, x: torch.Tensor) -> bool:
+        """Whether this observation can take the Python-scalar path (:meth:`_observe_scalar`): a float32 CPU tensor,
+        float32 CPU buffers, one process (DDP reduces tensors)."""
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and self.min_val.device.type == "cpu"
+                and self.min_val.dtype == torch.float32 and (not self.sync_distributed or _distributed_world() == 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
+            return x
+        if self._scalar_path(x):
+            self._observe_scalar(x)
             return x
         stats = self._batch_range(x)
         averaged = self.range_aggregation == "mean"
@@ -255,6 +298,56 @@ class ActivationObserver(ObserverBase):
         self._seen_data = True
         return x
 
+    def _observe_scalar(self, x: torch.Tensor) -> None:
+        """:meth:`forward`'s update with Python scalars: the same float32 results (see :func:`_f32`), a tenth of the
+        tensor ops. On CPU each small tensor op costs microseconds of dispatch, and an observer issued ~35 of them
+        per batch: most of a QAT step of a small network (bench/RESULTS.md, QAT section). A test holds both paths
+        equal bit for bit."""
+        lo, hi = self._batch_range(x).tolist()
+        cur_lo, cur_hi = self.min_val.item(), self.max_val.item()
+        if self.range_aggregation == "mean":
+            n = int(self.num_batches)
+            if n == 0:
+                new_lo, new_hi = lo, hi
+            else:
+                # torch: clamp(1 / (float32(n) + 1), min=0.01), then min + w * (lo - min), each op in float32
+                weight = max(_f32(1.0 / _f32(_f32(n) + 1.0)), _f32(_MIN_AVERAGING_CONSTANT))
+                new_lo = _f32(cur_lo + _f32(weight * _f32(lo - cur_lo)))
+                new_hi = _f32(cur_hi + _f32(weight * _f32(hi - cur_hi)))
+        else:
+            new_lo, new_hi = _nan_min(cur_lo, lo), _nan_max(cur_hi, hi)
+        if new_lo != cur_lo:  # a NaN compares unequal and is written, as torch.minimum would
+            self.min_val.fill_(new_lo)
+        if new_hi != cur_hi:
+            self.max_val.fill_(new_hi)
+        self.num_batches.add_(1)
+        self._seen_data = True
+
+    def _qparams_scalar(self) -> tuple[float, int] | None:
+        """:meth:`calculate_qparams` as ``(scale, zero_point)`` Python numbers from the CPU buffers (the scale a
+        float32 value), or None before any data was seen. Bit for bit the tensor formula (a test holds it)."""
+        if not self._seen_data and int(self.num_batches) == 0:
+            return None
+        min_val, max_val = self.min_val.item(), self.max_val.item()
+        if not (math.isfinite(min_val) and math.isfinite(max_val)):  # inf / NaN: exactly what the tensors give
+            scale_t, zero_point_t = self._qparams_tensor()
+            return scale_t.item(), int(zero_point_t.item())
+        lo, hi = min(min_val, 0.0), max(max_val, 0.0)
+        eps = self.eps.item()
+        if self.symmetric:
+            signed = self.force_signed or min_val < 0
+            scale = max(_f32(hi / 127.0), _f32(-lo / 128.0)) if signed else _f32(hi / 255.0)
+            scale = max(scale, eps)
+            if self.power_of_2:
+                scale = _power_of_2_ceil_scalar(scale)
+            return _f32(scale), 0  # float32 already; rounding again is a no-op that keeps it so
+        scale = max(_f32(_f32(hi - lo) / 255.0), eps)
+        if self.power_of_2:
+            scale = _power_of_2_ceil_scalar(scale)
+        scale = _f32(scale)
+        # torch.round and Python's round both round half to even
+        return scale, min(max(round(_f32(-lo / scale)), 0), 255)
+
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         device = self.min_val.device
@@ -263,6 +356,16 @@ class ActivationObserver(ObserverBase):
         if not self._seen_data and int(self.num_batches) == 0:
             log.warning("activation observer has seen no data; using scale 1.0 and zero point 0")
             return torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+        if device.type == "cpu" and self.min_val.dtype == torch.float32:
+            qparams = self._qparams_scalar()
+            assert qparams is not None  # data was seen
+            return (torch.tensor([qparams[0]], dtype=torch.float32),
+                    torch.tensor([qparams[1]], dtype=torch.int32))
+        return self._qparams_tensor()
+
+    def _qparams_tensor(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The qparams from the buffers by tensor ops, without host syncs (CUDA; the reference of the scalar path)."""
+        device = self.min_val.device
         lo = torch.clamp(self.min_val, max=0.0)
         hi = torch.clamp(self.max_val, min=0.0)
         eps = self.eps.to(device)
@@ -452,67 +555,136 @@ class TidlFakeQuantize(FakeQuantize):
         cache[name] = (flag, version, value)
         return value
 
+    #: Set on an instance (a plain attribute, no tensor write) while bias calibration runs its float pass: the
+    #: module then returns its input untouched, neither observing nor quantizing (see bias_calibration).
+    bypass = False
+
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        # FakeQuantize.forward, with the per-tensor fake-quant of CPU tensors computed by _fake_quantize_cpu
+        # FakeQuantize.forward, plus: a bypass for bias calibration's float pass, the Python-scalar observer path,
+        # CPU per-tensor fake-quant by _fake_quantize_cpu, and a reused output for an unchanged weight
+        if self.bypass:
+            return X
+        key = self._output_cache_key(X)
+        if key is not None:
+            hit = self.__dict__.get("_output_cache")
+            if (hit is not None and all(a is b for a, b in zip(hit[0], key[0], strict=True)) and hit[1] == key[1]
+                    and hit[2]._version == hit[3]):
+                return cast(torch.Tensor, hit[2])
+        out = self._forward(X)
+        if key is not None:
+            try:
+                # the versions after this call: observing wrote scale and zero point
+                self.__dict__["_output_cache"] = (key[0], tuple(t._version for t in key[0]), out, out._version)
+            except RuntimeError:  # an inference-mode result keeps no version counter
+                pass
+        return out
+
+    def _output_cache_key(self, X: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]] | None:
+        """What the output of this call depends on, when it may be reused: a weight fake-quant (its observer, a
+        :class:`WeightObserver`, keeps the range of the last weight seen, so observing the same weight again changes
+        nothing), no autograd graph wanted, and identities and version counters of the input and of every buffer the
+        result depends on. PTC calibration and evaluation forwards then fake-quantize each weight once instead of
+        once per batch (per-channel aminmax, qparams and fake-quant). A forward that needs gradients drops the cache,
+        so training holds no second copy of the weights."""
+        if torch.is_grad_enabled() and X.requires_grad:
+            self.__dict__.pop("_output_cache", None)
+            return None
+        if not isinstance(self.activation_post_process, WeightObserver):
+            return None
+        buffers = (X, self.scale, self.zero_point, self.fake_quant_enabled, self.observer_enabled)
+        try:
+            versions = tuple(t._version for t in buffers)
+        except RuntimeError:  # inference-mode tensors keep no version counter
+            return None
+        # compared by identity: the cache entry holds the tensors, so no other tensor can reuse their ids meanwhile
+        return buffers, versions
+
+    def _forward(self, X: torch.Tensor) -> torch.Tensor:
+        observer = self.activation_post_process
+        cpu = X.device.type == "cpu" and X.dtype == torch.float32 and self.scale.device.type == "cpu"
+        qparams: tuple[float, int] | None = None
         if self._enabled("observer_enabled"):
-            self.activation_post_process(X.detach())
-            scale, zero_point = self.calculate_qparams()
-            scale, zero_point = scale.to(self.scale.device), zero_point.to(self.zero_point.device)
-            if self.scale.shape != scale.shape:
-                self.scale.resize_(scale.shape)
-                self.zero_point.resize_(zero_point.shape)
-            self.scale.copy_(scale)
-            self.zero_point.copy_(zero_point)
+            if cpu and isinstance(observer, ActivationObserver) and X.numel() > 0 and observer._scalar_path(X):
+                observer._observe_scalar(X)
+                qparams = observer._qparams_scalar()
+                assert qparams is not None  # it has just seen data
+                if self.scale.shape != (1,):
+                    self.scale.resize_(1)
+                    self.zero_point.resize_(1)
+                self.scale.fill_(qparams[0])
+                self.zero_point.fill_(qparams[1])
+            else:
+                observer(X.detach())
+                scale, zero_point = self.calculate_qparams()
+                scale, zero_point = scale.to(self.scale.device), zero_point.to(self.zero_point.device)
+                if self.scale.shape != scale.shape:
+                    self.scale.resize_(scale.shape)
+                    self.zero_point.resize_(zero_point.shape)
+                self.scale.copy_(scale)
+                self.zero_point.copy_(zero_point)
         if not self._enabled("fake_quant_enabled"):
             return X
         qmin, qmax = self.quant_min, self.quant_max
         if self.is_per_channel:
             return torch.fake_quantize_per_channel_affine(X, self.scale, self.zero_point, self.ch_axis, qmin, qmax)
-        if X.device.type == "cpu" and X.dtype == torch.float32:
+        if cpu:
+            if qparams is None:
+                qparams = (self.scale.reshape(-1)[0].item(), int(self.zero_point.reshape(-1)[0].item()))
             if torch.is_grad_enabled() and X.requires_grad:
-                return cast(torch.Tensor, _FakeQuantizePerTensor.apply(X, self.scale, self.zero_point, qmin, qmax))
-            return _fake_quantize_cpu(X, self.scale, self.zero_point, qmin, qmax)[0]
+                return cast(torch.Tensor, _FakeQuantizePerTensor.apply(X, *qparams, qmin, qmax))
+            return _fake_quantize_cpu(X, *qparams, qmin, qmax)
         return torch.fake_quantize_per_tensor_affine(X, self.scale, self.zero_point, qmin, qmax)
 
 
-def _fake_quantize_cpu(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, with_mask: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fake_quantize_cpu(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
     """Per-tensor fake quantization, bit for bit what ``torch.fake_quantize_per_tensor_affine`` computes
-    (``(clamp(nearbyint(x * (1 / scale)) + zp, qmin, qmax) - zp) * scale`` in float32, ties to even), and the
-    in-range mask its backward uses. ``scale`` and ``zero_point`` are one-element CPU tensors.
+    (``(clamp(nearbyint(x * (1 / scale)) + zp, qmin, qmax) - zp) * scale`` in float32, ties to even). ``scale`` is a
+    float32 value, ``zero_point`` a whole number.
 
     torch 2.13's CPU kernel calls ``std::nearbyint`` per element, unvectorized: 1.6 ms for a 64x32x8x8 activation on
     one core, against 0.1 ms for these in-place vectorized ops (bench/RESULTS.md, QAT and PTC sections). It was
     the largest single cost of a QAT step and of PTC calibration on CPU.
     """
+    q = _rounded(x, scale)
+    lo, hi = _grid_bounds(zero_point, qmin, qmax)
+    return q.clamp_(lo, hi).mul_(float(scale))
+
+
+def _rounded(x: torch.Tensor, scale: float) -> torch.Tensor:
     # Python scalars: a one-element tensor operand takes torch's slow broadcasting path (mul_: 1.1 ms vs 0.17 ms
     # per 1M values). Exact: a float32 scale converts to double unchanged, and torch rounds the double 1 / scale to
     # float32 when it multiplies, which gives the float32 reciprocal (double rounding is harmless for a division).
-    s = float(scale.reshape(-1)[0])
-    z = float(zero_point.reshape(-1)[0])
-    q = torch.mul(x, 1.0 / s)
-    q.round_()
+    return torch.mul(x, 1.0 / float(scale)).round_()
+
+
+def _grid_bounds(zero_point: int, qmin: int, qmax: int) -> tuple[float, float]:
     # clamp(q + z, qmin, qmax) - z == clamp(q, qmin - z, qmax - z): q and z are small whole numbers, exact in float32
-    lo, hi = qmin - z, qmax - z
-    # in range <=> |q - mid| <= half: one subtraction and one comparison instead of two comparisons and an and
-    mask = (q - (lo + hi) / 2.0).abs_() <= (hi - lo) / 2.0 if with_mask else None
-    q.clamp_(lo, hi).mul_(s)
-    return q, mask
+    z = float(zero_point)
+    return qmin - z, qmax - z
 
 
 class _FakeQuantizePerTensor(torch.autograd.Function):
-    """:func:`_fake_quantize_cpu` with the straight-through gradient of torch's fake-quant (zero where clipped)."""
+    """:func:`_fake_quantize_cpu` with the straight-through gradient of torch's fake-quant: the incoming gradient
+    where the rounded value lies on the grid, zero where it was clipped.
+
+    torch saves a bool mask and multiplies; on torch 2.13's CPU, bool comparisons and bool-times-float run 3-7x
+    slower than float ops (1.2 ms for the comparison and 3.1 ms for the multiply per 1M values, against 0.5 ms for
+    the whole backward here). This saves the rounded, unclipped values instead (float32: four bytes per element
+    where the mask takes one) and passes the gradient with ``hardtanh_backward``, one vectorized pass:
+    ``lo <= q <= hi`` for whole numbers ``q`` is ``lo - 0.5 < q < hi + 0.5``. The gradient is torch's bit for bit
+    for finite inputs (a test holds it); a NaN input, which torch's mask zeroes, passes its gradient here.
+    """
 
     @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
-    ) -> torch.Tensor:
-        out, mask = _fake_quantize_cpu(x, scale, zero_point, qmin, qmax, with_mask=True)
-        ctx.save_for_backward(mask)
-        return out
+    def forward(ctx: Any, x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+        q = _rounded(x, scale)
+        lo, hi = _grid_bounds(zero_point, qmin, qmax)
+        ctx.save_for_backward(q)
+        ctx.bounds = (lo - 0.5, hi + 0.5)
+        return q.clamp(lo, hi).mul_(float(scale))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None
+        (q,) = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        return torch.ops.aten.hardtanh_backward(grad, q, lo, hi), None, None, None, None

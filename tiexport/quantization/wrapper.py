@@ -351,7 +351,7 @@ class _QuantFxModule(torch.nn.Module):
             self.equalization = equalize_cross_layer(
                 prepared, power_of_2_grid=127.0 if spec is not None and spec.weight_power_of_2 else None,
                 headroom=0.95 if self._is_qat else 1.0)
-        compat.fold_frozen_conv_bn(prepared)
+        compat.install_conv_bn_forward(prepared)
         _init_weight_qparams(prepared)
         setattr(prepared, "_tiexport_qconfig_type", self.qconfig_type_name)  # noqa: B010  export writes it to metadata
         self.module = prepared
