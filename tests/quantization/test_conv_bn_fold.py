@@ -91,3 +91,32 @@ def test_updating_batch_norm_is_torchs_function(relu: bool, bias: bool) -> None:
         ours(x).sum().backward()
     div_shapes = {tuple(e.input_shapes[0]) for e in prof.events() if e.name == "aten::div" and e.input_shapes}
     assert div_shapes and all(shape != tuple(a.shape) for shape in div_shapes), div_shapes
+
+
+def test_frozen_folded_weight_is_reused_only_while_its_sources_are_unchanged() -> None:
+    m = _conv_bn(False)
+    compat.install_conv_bn_forward(m)
+    m.train()
+    m.freeze_bn_stats()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        m(x)  # observe the weight once; torch's moving-average observer would move on every call
+    m.weight_fake_quant.disable_observer()
+
+    def fresh() -> torch.Tensor:  # the folded form computed from scratch
+        factor, bias = compat.conv_bn_folding(m)
+        w = m.weight_fake_quant(m.weight * factor.reshape(-1, 1, 1, 1))
+        return torch.nn.functional.conv2d(x, w, bias, padding=1)
+
+    with torch.no_grad():
+        first = compat._folded_weight(m, compat.conv_bn_folding(m)[0])
+        assert compat._folded_weight(m, compat.conv_bn_folding(m)[0]) is first
+        for change in (lambda: m.bn.running_var.mul_(1.5), lambda: m.weight.add_(0.1),
+                       lambda: m.bn.weight.mul_(0.5)):
+            change()
+            assert torch.equal(m(x), fresh())
+            assert compat._folded_weight(m, compat.conv_bn_folding(m)[0]) is not first
+            first = compat._folded_weight(m, compat.conv_bn_folding(m)[0])
+    out = m(x)  # with autograd: computed afresh, gradients reach the weight
+    out.sum().backward()
+    assert m.weight.grad is not None and "_folded_weight_cache" not in m.__dict__
