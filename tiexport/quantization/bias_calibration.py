@@ -173,11 +173,11 @@ class BiasCalibrator:
         float_means, handles = self._record("input")
         corrected = [t.bias.detach().clone() for t in self.targets] if self._reference_biases is not None else None
         try:
-            for m in bypassed:
-                m.bypass = True
-            for m in toggled:
-                m.disable_fake_quant()
-                m.disable_observer()
+            for fq in bypassed:
+                fq.bypass = True
+            for other in toggled:
+                other.disable_fake_quant()
+                other.disable_observer()
             with torch.no_grad():
                 if self._reference_biases is not None:
                     for t, b in zip(self.targets, self._reference_biases, strict=True):
@@ -190,11 +190,11 @@ class BiasCalibrator:
                 with torch.no_grad():
                     for t, b in zip(self.targets, corrected, strict=True):
                         t.bias.copy_(b)
-            for m in bypassed:
-                m.bypass = False
-            for m, (fq_on, obs_on) in zip(toggled, saved, strict=True):
-                m.fake_quant_enabled.copy_(fq_on)
-                m.observer_enabled.copy_(obs_on)
+            for fq in bypassed:
+                fq.bypass = False
+            for other, (fq_on, obs_on) in zip(toggled, saved, strict=True):
+                other.fake_quant_enabled.copy_(fq_on)
+                other.observer_enabled.copy_(obs_on)
         quant_means, handles = self._record("output")
         try:
             result = run()

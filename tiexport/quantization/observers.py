@@ -30,6 +30,7 @@ updating, so every rank holds the same ranges, hence the same scales, at every s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import struct
@@ -127,27 +128,35 @@ def _tail_values(flat: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor
     """The ``m``-th smallest and ``m``-th largest value of the 1-D tensor ``flat`` (exact; ``2 * m <= numel``).
 
     ``torch.topk`` over the whole tensor costs 6.6 ms for 1M values on one core (both ends), a third of a ResNet-20
-    QAT step (bench/RESULTS.md, QAT section). Instead: view the values as ``depth x width`` groups (group ``j`` holds
-    every ``width``-th value), take each group's maximum (one vectorized pass), keep the ``m`` groups with the largest
-    maxima and select among their values only: 0.7 ms. Exact: if ``t`` is the ``m``-th largest group maximum, at
-    least ``m`` values are >= ``t``, so the ``m``-th largest value ``v`` is >= ``t``; every value above ``t`` lies in a
-    group whose maximum is above ``t``, which is one of the ``m`` kept; and if ``v == t`` the kept groups hold ``m``
-    values >= ``t`` already. Likewise for the minimum. Fixed shapes throughout: no host sync on CUDA.
+    QAT step (bench/RESULTS.md, QAT section). Instead: cut the values into ``width`` contiguous groups of ``depth``,
+    take each group's maximum (one vectorized pass), keep the ``m`` groups with the largest maxima and select among
+    their values only: 0.7 ms. Exact: if ``t`` is the ``m``-th largest group maximum, at least ``m`` values are
+    >= ``t``, so the ``m``-th largest value ``v`` is >= ``t``; every value above ``t`` lies in a group whose maximum
+    is above ``t``, which is one of the ``m`` kept; and if ``v == t`` the kept groups hold ``m`` values >= ``t``
+    already. Likewise for the minimum. Fixed shapes throughout: no host sync on CUDA.
     """
     n = flat.numel()
     depth = max(1, int(math.sqrt(n / m)))  # values per group: the kept groups hold about sqrt(n * m) values
+    # a power of two near that which divides n leaves no remainder to append (activation sizes have factors of 2)
+    power = 1 << (depth.bit_length() - 1)
+    for candidate in (2 * power, power):
+        if n % candidate == 0:
+            depth = candidate
+            break
     width = n // depth
     if width <= m:
-        return (torch.topk(flat, m, largest=False, sorted=True).values[-1],
-                torch.topk(flat, m, largest=True, sorted=True).values[-1])
-    main = flat[: depth * width].view(depth, width)
-    rest = flat[depth * width:]  # fewer than depth values: always candidates
-    # amax and amin separately: torch.aminmax(dim=0) is 9x slower than either on CPU
-    top = torch.topk(torch.amax(main, dim=0), m).indices
-    bottom = torch.topk(torch.amin(main, dim=0), m, largest=False).indices
-    hi = torch.topk(torch.cat([main.index_select(1, top).reshape(-1), rest]), m, sorted=True).values[-1]
-    lo = torch.topk(torch.cat([main.index_select(1, bottom).reshape(-1), rest]), m, largest=False,
-                    sorted=True).values[-1]
+        return (torch.topk(flat, m, largest=False, sorted=False).values.max(),
+                torch.topk(flat, m, largest=True, sorted=False).values.min())
+    main = flat[: depth * width].view(width, depth)
+    # amax and amin separately: torch.aminmax(dim=...) is 9x slower than either on CPU
+    top = torch.topk(torch.amax(main, dim=1), m, sorted=False).indices
+    bottom = torch.topk(torch.amin(main, dim=1), m, largest=False, sorted=False).indices
+    high, low = main.index_select(0, top).reshape(-1), main.index_select(0, bottom).reshape(-1)
+    if depth * width < n:  # fewer than depth values left over: always candidates
+        rest = flat[depth * width:]
+        high, low = torch.cat([high, rest]), torch.cat([low, rest])
+    hi = torch.topk(high, m, sorted=False).values.min()
+    lo = torch.topk(low, m, largest=False, sorted=False).values.max()
     return lo, hi
 
 
@@ -242,10 +251,19 @@ class ActivationObserver(ObserverBase):
     @property
     def _signed(self) -> bool:
         # only symmetric quantization switches to int8; affine keeps uint8 with a zero point
-        return self.symmetric and (self.force_signed or bool(self.min_val < 0))
+        if not self.symmetric:
+            return False
+        if self.force_signed:
+            return True
+        # .item() on CPU (0.2 us) rather than a comparison op; on CUDA either is a host sync
+        return (self.min_val.item() < 0) if self.min_val.device.type == "cpu" else bool(self.min_val < 0)
 
     # --- observation -----------------------------------------------------------------------------------------
     def _batch_range(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self._batch_ends(x)
+        return torch.stack([lo, hi]).to(self.min_val.dtype)
+
+    def _batch_ends(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = x.detach().reshape(-1)
         if not flat.is_floating_point():
             flat = flat.float()
@@ -257,7 +275,7 @@ class ActivationObserver(ObserverBase):
             lo, hi = _tail_values(flat, k + 1)
         else:
             lo, hi = torch.aminmax(flat)
-        return torch.stack([lo, hi]).to(self.min_val.dtype)
+        return lo, hi
 
     def _scalar_path(self, x: torch.Tensor) -> bool:
         """Whether this observation can take the Python-scalar path (:meth:`_observe_scalar`): a float32 CPU tensor,
@@ -303,7 +321,8 @@ class ActivationObserver(ObserverBase):
         tensor ops. On CPU each small tensor op costs microseconds of dispatch, and an observer issued ~35 of them
         per batch: most of a QAT step of a small network (bench/RESULTS.md, QAT section). A test holds both paths
         equal bit for bit."""
-        lo, hi = self._batch_range(x).tolist()
+        lo_t, hi_t = self._batch_ends(x)  # float32 (the scalar path takes float32 input only)
+        lo, hi = lo_t.item(), hi_t.item()
         cur_lo, cur_hi = self.min_val.item(), self.max_val.item()
         if self.range_aggregation == "mean":
             n = int(self.num_batches)
@@ -467,11 +486,16 @@ class WeightObserver(ObserverBase):
         if self.min_val.numel() == 0:
             log.warning("weight observer has seen no weights; using scale 1.0 and zero point 0")
             return torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
-        amax = torch.maximum(-self.min_val, self.max_val)
-        scale = torch.maximum(amax / float(self.quant_max), self.eps.to(device))
+        scale = self._scale()
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+
+    def _scale(self) -> torch.Tensor:
+        """The float32 scale(s) of the observed weight, ``max(|min|, |max|) / quant_max`` (at least eps)."""
+        amax = torch.maximum(self.min_val.neg(), self.max_val)
+        scale = torch.maximum(amax.div_(float(self.quant_max)), self.eps)
         if self.power_of_2:
             scale = power_of_2_ceil(scale)
-        return scale.float(), torch.zeros_like(scale, dtype=torch.int32)
+        return scale.float()
 
     def _load_from_state_dict(
         self,
@@ -572,11 +596,9 @@ class TidlFakeQuantize(FakeQuantize):
                 return cast(torch.Tensor, hit[2])
         out = self._forward(X)
         if key is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # an inference-mode result keeps no version counter
                 # the versions after this call: observing wrote scale and zero point
                 self.__dict__["_output_cache"] = (key[0], tuple(t._version for t in key[0]), out, out._version)
-            except RuntimeError:  # an inference-mode result keeps no version counter
-                pass
         return out
 
     def _output_cache_key(self, X: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]] | None:
@@ -613,6 +635,16 @@ class TidlFakeQuantize(FakeQuantize):
                     self.zero_point.resize_(1)
                 self.scale.fill_(qparams[0])
                 self.zero_point.fill_(qparams[1])
+            elif isinstance(observer, WeightObserver) and X.numel() > 0:
+                # the generic path below, minus the zero-point tensor and the device moves: a weight's zero point
+                # is 0, and observer and buffers live on the weight's device
+                observer(X.detach())
+                scale = observer._scale()
+                if self.scale.shape != scale.shape:
+                    self.scale.resize_(scale.shape)
+                    self.zero_point.resize_(scale.shape)
+                self.scale.copy_(scale)
+                self.zero_point.zero_()
             else:
                 observer(X.detach())
                 scale, zero_point = self.calculate_qparams()
