@@ -364,3 +364,34 @@ def test_activation_fake_quant_keeps_no_output_cache() -> None:
         fq(x)
     assert int(fq.activation_post_process.num_batches) == 2  # observed twice: activations are never reused
     assert "_output_cache" not in fq.__dict__
+
+
+@pytest.mark.parametrize("ch_axis", [0, 1])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpu_per_channel_fake_quantize_is_torchs_bit_for_bit(ch_axis: int, bits: int) -> None:
+    g = torch.Generator().manual_seed(11 + ch_axis + bits)
+    fq = TidlFakeQuantize(observer=WeightObserver, per_channel=True, ch_axis=ch_axis, bits=bits, dtype=torch.qint8,
+                          quant_min=-(2 ** (bits - 1)), quant_max=2 ** (bits - 1) - 1,
+                          qscheme=torch.per_channel_symmetric)
+    w = torch.randn(6, 5, 3, 3, generator=g)
+    fq(w)  # observe: per-channel scales
+    fq.disable_observer()
+    scale = fq.scale.clone()
+    shape = [1] * 4
+    shape[ch_axis] = -1
+    w.view(-1)[:90] = (torch.arange(90) - 45).float() * scale.reshape(shape).expand_as(w).reshape(-1)[:90] / 2
+    w.view(-1)[90:100] = 1e4  # clipped
+    ref_in, ours_in = w.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = torch.fake_quantize_per_channel_affine(ref_in, fq.scale, fq.zero_point, ch_axis, fq.quant_min, fq.quant_max)
+    ours = fq(ours_in)
+    assert torch.equal(ours, ref)
+    weights = torch.randn(w.shape, generator=g)
+    (ref * weights).sum().backward()
+    (ours * weights).sum().backward()
+    assert torch.equal(ours_in.grad, ref_in.grad)
+    with torch.no_grad():
+        assert torch.equal(fq(w), ref.detach())
+    fq.zero_point.fill_(1)  # not symmetric: torch's kernel, which knows zero points
+    with torch.no_grad():
+        assert torch.equal(fq(w), torch.fake_quantize_per_channel_affine(w, fq.scale, fq.zero_point, ch_axis,
+                                                                         fq.quant_min, fq.quant_max))
