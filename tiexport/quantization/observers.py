@@ -466,10 +466,12 @@ class WeightObserver(ObserverBase):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if w.numel() == 0:
             return w
-        detached = w.detach().float()
+        detached = w.detach()
+        if detached.dtype != torch.float32:
+            detached = detached.float()
         if self.per_channel:
-            moved = detached.transpose(0, self.ch_axis).reshape(detached.shape[self.ch_axis], -1)
-            lo, hi = torch.aminmax(moved, dim=1)
+            moved = detached if self.ch_axis == 0 else detached.transpose(0, self.ch_axis)
+            lo, hi = torch.aminmax(moved.reshape(detached.shape[self.ch_axis], -1), dim=1)
         else:
             lo, hi = torch.aminmax(detached)
             lo, hi = lo.reshape(1), hi.reshape(1)
@@ -564,7 +566,7 @@ class TidlFakeQuantize(FakeQuantize):
         read (its version counter moved, or it was replaced): on CUDA every read is a host sync, and FakeQuantize
         reads both flags in every forward. Every writer (enable_*/disable_*, ``copy_``, ``load_state_dict``, DDP's
         buffer broadcast) writes in place, which moves the counter."""
-        flag = getattr(self, name)
+        flag = self._buffers[name]  # not getattr: nn.Module.__getattr__ costs ~0.5 us, and forward reads many
         try:
             version = flag._version
         except RuntimeError:  # an inference-mode tensor keeps no version counter
@@ -611,9 +613,10 @@ class TidlFakeQuantize(FakeQuantize):
         if torch.is_grad_enabled() and X.requires_grad:
             self.__dict__.pop("_output_cache", None)
             return None
-        if not isinstance(self.activation_post_process, WeightObserver):
+        if not isinstance(self._modules["activation_post_process"], WeightObserver):
             return None
-        buffers = (X, self.scale, self.zero_point, self.fake_quant_enabled, self.observer_enabled)
+        b = self._buffers
+        buffers = (X, b["scale"], b["zero_point"], b["fake_quant_enabled"], b["observer_enabled"])
         try:
             versions = tuple(t._version for t in buffers)
         except RuntimeError:  # inference-mode tensors keep no version counter
@@ -622,8 +625,12 @@ class TidlFakeQuantize(FakeQuantize):
         return buffers, versions
 
     def _forward(self, X: torch.Tensor) -> torch.Tensor:
-        observer = self.activation_post_process
-        cpu = X.device.type == "cpu" and X.dtype == torch.float32 and self.scale.device.type == "cpu"
+        # buffers and the observer from the module's dicts: nn.Module.__getattr__ costs ~0.5 us a lookup, and this
+        # runs for every fake-quant point in every step
+        observer = self._modules["activation_post_process"]
+        scale_buf = cast(torch.Tensor, self._buffers["scale"])
+        zero_point_buf = cast(torch.Tensor, self._buffers["zero_point"])
+        cpu = X.device.type == "cpu" and X.dtype == torch.float32 and scale_buf.device.type == "cpu"
         qparams: tuple[float, int] | None = None
         weight_observed = False  # True once this call wrote the (all-zero) weight zero points
         if self._enabled("observer_enabled"):
@@ -631,51 +638,51 @@ class TidlFakeQuantize(FakeQuantize):
                 observer._observe_scalar(X)
                 qparams = observer._qparams_scalar()
                 assert qparams is not None  # it has just seen data
-                if self.scale.shape != (1,):
-                    self.scale.resize_(1)
-                    self.zero_point.resize_(1)
-                self.scale.fill_(qparams[0])
-                self.zero_point.fill_(qparams[1])
+                if scale_buf.shape != (1,):
+                    scale_buf.resize_(1)
+                    zero_point_buf.resize_(1)
+                scale_buf.fill_(qparams[0])
+                zero_point_buf.fill_(qparams[1])
             elif isinstance(observer, WeightObserver) and X.numel() > 0:
                 # the generic path below, minus the zero-point tensor and the device moves: a weight's zero point
                 # is 0, and observer and buffers live on the weight's device
                 observer(X.detach())
                 scale = observer._scale()
-                if self.scale.shape != scale.shape:
-                    self.scale.resize_(scale.shape)
-                    self.zero_point.resize_(scale.shape)
-                self.scale.copy_(scale)
-                self.zero_point.zero_()
+                if scale_buf.shape != scale.shape:
+                    scale_buf.resize_(scale.shape)
+                    zero_point_buf.resize_(scale.shape)
+                scale_buf.copy_(scale)
+                zero_point_buf.zero_()
                 weight_observed = True
             else:
                 observer(X.detach())
                 scale, zero_point = self.calculate_qparams()
-                scale, zero_point = scale.to(self.scale.device), zero_point.to(self.zero_point.device)
-                if self.scale.shape != scale.shape:
-                    self.scale.resize_(scale.shape)
-                    self.zero_point.resize_(zero_point.shape)
-                self.scale.copy_(scale)
-                self.zero_point.copy_(zero_point)
+                scale, zero_point = scale.to(scale_buf.device), zero_point.to(zero_point_buf.device)
+                if scale_buf.shape != scale.shape:
+                    scale_buf.resize_(scale.shape)
+                    zero_point_buf.resize_(zero_point.shape)
+                scale_buf.copy_(scale)
+                zero_point_buf.copy_(zero_point)
         if not self._enabled("fake_quant_enabled"):
             return X
-        qmin, qmax = self.quant_min, self.quant_max
+        qmin, qmax = int(observer.quant_min), int(observer.quant_max)
         if self.is_per_channel:
-            if cpu and X.dim() > self.ch_axis and (weight_observed or not bool(self.zero_point.any())):
+            if cpu and X.dim() > self.ch_axis and (weight_observed or not bool(zero_point_buf.any())):
                 # zero points 0 (symmetric weights): the clamp bounds are the same for every channel
                 shape = [1] * X.dim()
                 shape[self.ch_axis] = -1
-                scale_t = self.scale.reshape(shape)
+                scale_t = scale_buf.reshape(shape)
                 if torch.is_grad_enabled() and X.requires_grad:
                     return cast(torch.Tensor, _FakeQuantizePerChannel.apply(X, scale_t, qmin, qmax))
                 return _rounded_per_channel(X, scale_t).clamp_(qmin, qmax).mul_(scale_t)
-            return torch.fake_quantize_per_channel_affine(X, self.scale, self.zero_point, self.ch_axis, qmin, qmax)
+            return torch.fake_quantize_per_channel_affine(X, scale_buf, zero_point_buf, self.ch_axis, qmin, qmax)
         if cpu:
             if qparams is None:
-                qparams = (self.scale.reshape(-1)[0].item(), int(self.zero_point.reshape(-1)[0].item()))
+                qparams = (scale_buf.reshape(-1)[0].item(), int(zero_point_buf.reshape(-1)[0].item()))
             if torch.is_grad_enabled() and X.requires_grad:
                 return cast(torch.Tensor, _FakeQuantizePerTensor.apply(X, *qparams, qmin, qmax))
             return _fake_quantize_cpu(X, *qparams, qmin, qmax)
-        return torch.fake_quantize_per_tensor_affine(X, self.scale, self.zero_point, qmin, qmax)
+        return torch.fake_quantize_per_tensor_affine(X, scale_buf, zero_point_buf, qmin, qmax)
 
 
 def _fake_quantize_cpu(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
