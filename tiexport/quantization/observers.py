@@ -566,7 +566,7 @@ class TidlFakeQuantize(FakeQuantize):
         read (its version counter moved, or it was replaced): on CUDA every read is a host sync, and FakeQuantize
         reads both flags in every forward. Every writer (enable_*/disable_*, ``copy_``, ``load_state_dict``, DDP's
         buffer broadcast) writes in place, which moves the counter."""
-        flag = self._buffers[name]  # not getattr: nn.Module.__getattr__ costs ~0.5 us, and forward reads many
+        flag = cast(torch.Tensor, self._buffers[name])  # not getattr: nn.Module.__getattr__ costs ~0.5 us, and forward reads many
         try:
             version = flag._version
         except RuntimeError:  # an inference-mode tensor keeps no version counter
@@ -615,7 +615,7 @@ class TidlFakeQuantize(FakeQuantize):
             return None
         if not isinstance(self._modules["activation_post_process"], WeightObserver):
             return None
-        b = self._buffers
+        b = cast(dict[str, torch.Tensor], self._buffers)
         buffers = (X, b["scale"], b["zero_point"], b["fake_quant_enabled"], b["observer_enabled"])
         try:
             versions = tuple(t._version for t in buffers)
@@ -627,7 +627,7 @@ class TidlFakeQuantize(FakeQuantize):
     def _forward(self, X: torch.Tensor) -> torch.Tensor:
         # buffers and the observer from the module's dicts: nn.Module.__getattr__ costs ~0.5 us a lookup, and this
         # runs for every fake-quant point in every step
-        observer = self._modules["activation_post_process"]
+        observer = cast(Any, self._modules["activation_post_process"])
         scale_buf = cast(torch.Tensor, self._buffers["scale"])
         zero_point_buf = cast(torch.Tensor, self._buffers["zero_point"])
         cpu = X.device.type == "cpu" and X.dtype == torch.float32 and scale_buf.device.type == "cpu"
