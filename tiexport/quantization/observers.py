@@ -566,7 +566,8 @@ class TidlFakeQuantize(FakeQuantize):
         read (its version counter moved, or it was replaced): on CUDA every read is a host sync, and FakeQuantize
         reads both flags in every forward. Every writer (enable_*/disable_*, ``copy_``, ``load_state_dict``, DDP's
         buffer broadcast) writes in place, which moves the counter."""
-        flag = cast(torch.Tensor, self._buffers[name])  # not getattr: nn.Module.__getattr__ costs ~0.5 us, and forward reads many
+        # not getattr: nn.Module.__getattr__ costs ~0.5 us, and forward reads many
+        flag = cast(torch.Tensor, self._buffers[name])
         try:
             version = flag._version
         except RuntimeError:  # an inference-mode tensor keeps no version counter
