@@ -168,6 +168,11 @@ def _run(cfg: Config) -> list[Section]:
             frozen.train()
             frozen.freeze(freeze_bn=True, freeze_observers=True)
             funcs["QATFxModule step, BN+observers frozen"] = _train_steps(frozen, batches, k, dev)
+            # the cost of the exact per-batch percentile (range shrink), which torch.ao's observers do not compute
+            no_shrink = QATFxModule(_fresh(factory, dev), total_epochs=10, example_inputs=(example,),
+                                    range_shrink_percentile=0.0)
+            no_shrink.train()
+            funcs["QATFxModule step, range shrink off"] = _train_steps(no_shrink, batches, k, dev)
         if peers:
             funcs["torch.ao prepare_qat_fx step"] = _train_steps(_torch_ao_qat(_fresh(factory, dev), example),
                                                                  batches, k, dev)
@@ -196,6 +201,9 @@ def _run(cfg: Config) -> list[Section]:
             no_bc = PTCFxModule(_fresh(factory, dev), example_inputs=(example,), bias_calibration_factor=0.0)
             no_bc.train()
             pfuncs["PTCFxModule calibration, bias_calibration_factor=0"] = _infer_steps(no_bc, batches, k, dev)
+            no_shrink_ptc = PTCFxModule(_fresh(factory, dev), example_inputs=(example,), range_shrink_percentile=0.0)
+            no_shrink_ptc.train()
+            pfuncs["PTCFxModule calibration, range shrink off"] = _infer_steps(no_shrink_ptc, batches, k, dev)
         if peers:
             pfuncs["torch.ao prepare_fx calibration"] = _infer_steps(_torch_ao_ptq(_fresh(factory, dev), example),
                                                                      batches, k, dev)

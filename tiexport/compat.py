@@ -213,7 +213,10 @@ def _folded_weight(m: Any, factor: Any) -> Any:
             and hit[2]._version == hit[3]:
         return hit[2]
     weight = m.weight * factor.reshape(shape)
-    m.__dict__["_folded_weight_cache"] = (sources, key, weight, weight._version)
+    try:
+        m.__dict__["_folded_weight_cache"] = (sources, key, weight, weight._version)
+    except RuntimeError:  # computed under inference_mode: an inference tensor keeps no version counter
+        m.__dict__.pop("_folded_weight_cache", None)
     return weight
 
 

@@ -326,6 +326,29 @@ def test_ptc_bias_calibration_float_pass_uses_the_uncorrected_biases() -> None:
     assert not torch.equal(target.bias.detach(), original)  # while the corrections did accumulate
 
 
+def test_ptc_and_qat_run_under_inference_mode_as_under_no_grad() -> None:
+    # inference tensors keep no version counters, which the weight and folded-weight reuse reads
+    data = batches((16, 1, 8, 8), 3, seed=5)
+    outs = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        w = PTCFxModule(seeded(TinyCNN(channels=8, classes=10)), example_inputs=data[0])
+        w.train()
+        with mode():
+            for x in data:
+                w(x)
+        w.eval()
+        with mode():
+            outs.append(w(data[0]).clone())
+    assert torch.equal(outs[0], outs[1])
+    q = QATFxModule(seeded(TinyCNN(channels=8, classes=10)), total_epochs=2, example_inputs=data[0])
+    q.train()
+    with torch.inference_mode():
+        q(data[0])  # batch norm updating
+    q.freeze()
+    with torch.inference_mode():
+        assert q(data[0]).shape == outs[0].shape
+
+
 # --- transformer block ---------------------------------------------------------------------------------------------
 
 
