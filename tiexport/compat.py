@@ -195,8 +195,8 @@ def _conv_bn_forward(self: Any, x: Any) -> Any:
 
 def _folded_weight(m: Any, factor: Any) -> Any:
     """``m.weight * factor`` per output channel; without autograd, the same tensor object as long as the weight,
-    gamma and running variance are unchanged (identity and version counters), so that the weight fake-quant can
-    reuse its output (``TidlFakeQuantize``: PTC calibration and evaluation quantize each weight once)."""
+    gamma, running variance and eps are unchanged (:func:`reuse_result`), so that the weight fake-quant can reuse
+    its output (``TidlFakeQuantize``: PTC calibration and evaluation quantize each weight once)."""
     import torch
 
     shape = [-1] + [1] * (m.weight.dim() - 1)
@@ -204,20 +204,38 @@ def _folded_weight(m: Any, factor: Any) -> Any:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
         m.__dict__.pop("_folded_weight_cache", None)
         return m.weight * factor.reshape(shape)
+    return reuse_result(m, "_folded_weight_cache", sources, float(m.bn.eps), lambda: m.weight * factor.reshape(shape))
+
+
+def _contents(tensors: tuple[Any, ...]) -> tuple[Any, ...]:
+    # version counter, storage address, dtype, device, shape: assigning ``.data`` (what Module.to/.double/.cuda do
+    # to parameters) keeps the object and its version counter but not the storage
+    return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in tensors)
+
+
+def reuse_result(owner: Any, slot: str, sources: tuple[Any, ...], extra: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()``, or the tensor it returned last time (kept in ``owner.__dict__[slot]``) if every tensor in
+    ``sources`` is the same object with the same contents, ``extra`` is equal, and that result was not modified in
+    place since. Contents are judged by version counter (moved by every in-place write), storage address, dtype,
+    device and shape; the entry holds detached aliases of the sources, so a replaced storage cannot come back at
+    the old address. ``compute`` may write the sources (an observer updating its buffers): the entry records their
+    state after it. Inference-mode tensors keep no version counter: no reuse, nothing kept."""
     try:
-        key = (float(m.bn.eps), tuple(-1 if t is None else t._version for t in sources))
-    except RuntimeError:  # inference-mode tensors keep no version counter
-        return m.weight * factor.reshape(shape)
-    hit = m.__dict__.get("_folded_weight_cache")
-    if hit is not None and all(a is b for a, b in zip(hit[0], sources, strict=True)) and hit[1] == key \
-            and hit[2]._version == hit[3]:
-        return hit[2]
-    weight = m.weight * factor.reshape(shape)
+        state = _contents(sources)
+    except RuntimeError:
+        owner.__dict__.pop(slot, None)
+        return compute()
+    hit = owner.__dict__.get(slot)
+    if (hit is not None and hit[1] == state and hit[2] == extra
+            and all(a is b for a, b in zip(hit[0], sources, strict=True)) and hit[4]._version == hit[5]):
+        return hit[4]
+    out = compute()
     try:
-        m.__dict__["_folded_weight_cache"] = (sources, key, weight, weight._version)
-    except RuntimeError:  # computed under inference_mode: an inference tensor keeps no version counter
-        m.__dict__.pop("_folded_weight_cache", None)
-    return weight
+        aliases = tuple(t.detach() for t in sources if t is not None)
+        owner.__dict__[slot] = (sources, _contents(sources), extra, aliases, out, out._version)
+    except RuntimeError:  # an inference-mode result keeps no version counter
+        owner.__dict__.pop(slot, None)
+    return out
 
 
 # Packages whose modules compute on quantized tensors (after ``convert``/``convert_fx``) and those of torch's

@@ -120,3 +120,15 @@ def test_frozen_folded_weight_is_reused_only_while_its_sources_are_unchanged() -
     out = m(x)  # with autograd: computed afresh, gradients reach the weight
     out.sum().backward()
     assert m.weight.grad is not None and "_folded_weight_cache" not in m.__dict__
+
+
+def test_folded_weight_reuse_sees_a_replaced_data() -> None:
+    m = _conv_bn(False)
+    compat.install_conv_bn_forward(m)
+    m.train()
+    m.freeze_bn_stats()
+    with torch.no_grad():
+        first = compat._folded_weight(m, compat.conv_bn_folding(m)[0])
+        m.weight.data = m.weight.data * 2.0  # a new storage, the same Parameter and version counter
+        second = compat._folded_weight(m, compat.conv_bn_folding(m)[0])
+        assert second is not first and torch.allclose(second, 2 * first)

@@ -395,3 +395,17 @@ def test_cpu_per_channel_fake_quantize_is_torchs_bit_for_bit(ch_axis: int, bits:
     with torch.no_grad():
         assert torch.equal(fq(w), torch.fake_quantize_per_channel_affine(w, fq.scale, fq.zero_point, ch_axis,
                                                                          fq.quant_min, fq.quant_max))
+
+
+def test_weight_fake_quant_reuse_sees_a_replaced_data() -> None:
+    # assigning .data (what Module.to/.double do to parameters) keeps the object and its version counter
+    fq = _weight_fq()
+    w = torch.nn.Parameter(torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        first = fq(w)
+        version = w._version
+        w.data = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+        assert w._version == version  # the hazard: same object, same version, other values
+        second = fq(w)
+        assert torch.equal(second, torch.fake_quantize_per_channel_affine(w, fq.scale, fq.zero_point, 0, -128, 127))
+        assert not torch.equal(second, first)

@@ -30,7 +30,6 @@ updating, so every rank holds the same ranges, hence the same scales, at every s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import struct
@@ -39,6 +38,8 @@ from typing import Any, cast
 import torch
 from torch.ao.quantization import FakeQuantize
 from torch.ao.quantization.observer import ObserverBase
+
+from tiexport.compat import reuse_result
 
 __all__ = [
     "DEFAULT_RANGE_AGGREGATION",
@@ -591,39 +592,17 @@ class TidlFakeQuantize(FakeQuantize):
         # CPU per-tensor fake-quant by _fake_quantize_cpu, and a reused output for an unchanged weight
         if self.bypass:
             return X
-        key = self._output_cache_key(X)
-        if key is not None:
-            hit = self.__dict__.get("_output_cache")
-            if (hit is not None and all(a is b for a, b in zip(hit[0], key[0], strict=True)) and hit[1] == key[1]
-                    and hit[2]._version == hit[3]):
-                return cast(torch.Tensor, hit[2])
-        out = self._forward(X)
-        if key is not None:
-            with contextlib.suppress(RuntimeError):  # an inference-mode result keeps no version counter
-                # the versions after this call: observing wrote scale and zero point
-                self.__dict__["_output_cache"] = (key[0], tuple(t._version for t in key[0]), out, out._version)
-        return out
-
-    def _output_cache_key(self, X: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]] | None:
-        """What the output of this call depends on, when it may be reused: a weight fake-quant (its observer, a
-        :class:`WeightObserver`, keeps the range of the last weight seen, so observing the same weight again changes
-        nothing), no autograd graph wanted, and identities and version counters of the input and of every buffer the
-        result depends on. PTC calibration and evaluation forwards then fake-quantize each weight once instead of
-        once per batch (per-channel aminmax, qparams and fake-quant). A forward that needs gradients drops the cache,
-        so training holds no second copy of the weights."""
         if torch.is_grad_enabled() and X.requires_grad:
-            self.__dict__.pop("_output_cache", None)
-            return None
-        if not isinstance(self._modules["activation_post_process"], WeightObserver):
-            return None
-        b = cast(dict[str, torch.Tensor], self._buffers)
-        buffers = (X, b["scale"], b["zero_point"], b["fake_quant_enabled"], b["observer_enabled"])
-        try:
-            versions = tuple(t._version for t in buffers)
-        except RuntimeError:  # inference-mode tensors keep no version counter
-            return None
-        # compared by identity: the cache entry holds the tensors, so no other tensor can reuse their ids meanwhile
-        return buffers, versions
+            self.__dict__.pop("_output_cache", None)  # training holds no second copy of the weights
+            return self._forward(X)
+        if isinstance(self._modules["activation_post_process"], WeightObserver):
+            # A weight's fake-quant output depends on the weight and the module's buffers only (a WeightObserver
+            # keeps the range of the last weight seen: observing the same weight again changes nothing). PTC
+            # calibration and evaluation then fake-quantize each weight once instead of once per batch.
+            b = cast(dict[str, torch.Tensor], self._buffers)
+            sources = (X, b["scale"], b["zero_point"], b["fake_quant_enabled"], b["observer_enabled"])
+            return cast(torch.Tensor, reuse_result(self, "_output_cache", sources, None, lambda: self._forward(X)))
+        return self._forward(X)
 
     def _forward(self, X: torch.Tensor) -> torch.Tensor:
         # buffers and the observer from the module's dicts: nn.Module.__getattr__ costs ~0.5 us a lookup, and this
