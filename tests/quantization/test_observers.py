@@ -409,3 +409,14 @@ def test_weight_fake_quant_reuse_sees_a_replaced_data() -> None:
         second = fq(w)
         assert torch.equal(second, torch.fake_quantize_per_channel_affine(w, fq.scale, fq.zero_point, 0, -128, 127))
         assert not torch.equal(second, first)
+
+
+def test_fake_quantize_reads_a_flag_whose_data_was_replaced() -> None:
+    fq = TidlFakeQuantize(observer=ActivationObserver)
+    x = torch.randn(64)
+    fq(x)  # flags read and cached
+    version = fq.observer_enabled._version
+    fq.observer_enabled.data = torch.zeros(1, dtype=torch.uint8)  # same object, same version counter
+    assert fq.observer_enabled._version == version
+    fq(x)
+    assert int(fq.activation_post_process.num_batches) == 1

@@ -575,12 +575,14 @@ class TidlFakeQuantize(FakeQuantize):
             return bool(flag[0] == 1)
         cache = self.__dict__.setdefault("_flag_cache", {})
         hit = cache.get(name)
-        # the cache holds the tensor itself: compared by identity, so a replaced buffer (load_state_dict with
-        # assign=True, a deep copy) is read again, and no other tensor can take the cached one's id meanwhile
-        if hit is not None and hit[0] is flag and hit[1] == version:
-            return bool(hit[2])
+        # the cache holds the tensor itself, compared by identity (a replaced buffer, from load_state_dict with
+        # assign=True or a deep copy, is read again), and an alias of its storage, compared by address (assigning
+        # .data keeps object and version counter; the alias keeps the old storage from being reused at that address)
+        address = flag.data_ptr()
+        if hit is not None and hit[0] is flag and hit[1] == version and hit[2] == address:
+            return bool(hit[4])
         value = bool(flag[0] == 1)
-        cache[name] = (flag, version, value)
+        cache[name] = (flag, version, address, flag.detach(), value)
         return value
 
     #: Set on an instance (a plain attribute, no tensor write) while bias calibration runs its float pass: the
