@@ -168,6 +168,11 @@ def _run(cfg: Config) -> list[Section]:
             frozen.train()
             frozen.freeze(freeze_bn=True, freeze_observers=True)
             funcs["QATFxModule step, BN+observers frozen"] = _train_steps(frozen, batches, k, dev)
+            # the floor of the first epoch: batch norm updating, observers free
+            obs_frozen = QATFxModule(_fresh(factory, dev), total_epochs=10, example_inputs=(example,))
+            obs_frozen.train()
+            obs_frozen.freeze(freeze_bn=False, freeze_observers=True)
+            funcs["QATFxModule step, observers frozen (BN updating)"] = _train_steps(obs_frozen, batches, k, dev)
             # the cost of the exact per-batch percentile (range shrink), which torch.ao's observers do not compute
             no_shrink = QATFxModule(_fresh(factory, dev), total_epochs=10, example_inputs=(example,),
                                     range_shrink_percentile=0.0)
