@@ -420,3 +420,18 @@ def test_fake_quantize_reads_a_flag_whose_data_was_replaced() -> None:
     assert fq.observer_enabled._version == version
     fq(x)
     assert int(fq.activation_post_process.num_batches) == 1
+
+
+def test_weight_fake_quant_reuse_sees_its_observers_buffers() -> None:
+    fq = _weight_fq()
+    w = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        first = fq(w)
+        fq.activation_post_process.eps.fill_(1.0)  # every scale now at least 1: the output changes
+        second = fq(w)
+        assert second is not first and torch.equal(fq.scale, torch.ones(6))
+        state = fq.activation_post_process.state_dict()
+        state["max_val"] = state["max_val"] * 3
+        fq.activation_post_process.load_state_dict(state)
+        fq(w)  # observed again: the observer holds this weight's range, not the loaded one
+        assert torch.equal(fq.activation_post_process.max_val, w.reshape(6, -1).amax(dim=1))

@@ -597,12 +597,15 @@ class TidlFakeQuantize(FakeQuantize):
         if torch.is_grad_enabled() and X.requires_grad:
             self.__dict__.pop("_output_cache", None)  # training holds no second copy of the weights
             return self._forward(X)
-        if isinstance(self._modules["activation_post_process"], WeightObserver):
-            # A weight's fake-quant output depends on the weight and the module's buffers only (a WeightObserver
-            # keeps the range of the last weight seen: observing the same weight again changes nothing). PTC
-            # calibration and evaluation then fake-quantize each weight once instead of once per batch.
+        observer = self._modules["activation_post_process"]
+        if isinstance(observer, WeightObserver):
+            # A weight's fake-quant output depends on the weight and the buffers of this module and its observer
+            # only (a WeightObserver keeps the range of the last weight seen: observing the same weight again
+            # changes nothing). PTC calibration and evaluation then fake-quantize each weight once, not per batch.
             b = cast(dict[str, torch.Tensor], self._buffers)
-            sources = (X, b["scale"], b["zero_point"], b["fake_quant_enabled"], b["observer_enabled"])
+            o = cast(dict[str, torch.Tensor], observer._buffers)
+            sources = (X, b["scale"], b["zero_point"], b["fake_quant_enabled"], b["observer_enabled"],
+                       o["min_val"], o["max_val"], o["eps"])
             return cast(torch.Tensor, reuse_result(self, "_output_cache", sources, None, lambda: self._forward(X)))
         return self._forward(X)
 
