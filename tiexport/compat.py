@@ -187,7 +187,8 @@ def _conv_bn_forward(self: Any, x: Any) -> Any:
     if bn.training:
         factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape([-1] + [1] * (self.weight.dim() - 1))
         weight = self.weight_fake_quant(self.weight * factor) / factor
-        return bn(self._conv_forward(x, weight.to(x.dtype), self.bias))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return bn(self._conv_forward(x, weight.to(x.dtype), bias))
     factor, bias = conv_bn_folding(self)
     weight = self.weight_fake_quant(_folded_weight(self, factor))
     return self._conv_forward(x, weight, bias.to(x.dtype))
