@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
@@ -81,6 +81,20 @@ def _world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return int(torch.distributed.get_world_size())
     return 1
+
+
+class _Removable(Protocol):
+    def remove(self) -> None: ...
+
+
+class _ProbeHandle:
+    """Removes a probe set on a TidlFakeQuantize (the counterpart of a hook's RemovableHandle)."""
+
+    def __init__(self, module: TidlFakeQuantize) -> None:
+        self.module = module
+
+    def remove(self) -> None:
+        self.module.probe = None
 
 
 class BiasCalibrator:
@@ -140,27 +154,39 @@ class BiasCalibrator:
                 bias.add_(delta)
         self._pending.clear()
 
-    def _record(self, which: str) -> tuple[dict[int, torch.Tensor], list[torch.utils.hooks.RemovableHandle]]:
+    def _record(self, which: str) -> tuple[dict[int, torch.Tensor], list[_Removable]]:
+        """Per-channel means of each target's fake-quant input (``which="input"``, the float pass) or output (the
+        quantized pass), by target index, filled while the caller runs one pass; remove the handles afterwards.
+
+        tiexport's fake-quants take a probe (a plain attribute their forward calls); other fake-quants get a forward
+        hook. Registering and removing hooks twice per batch, and the slow module-call path hooks force, cost more
+        than the means themselves on a small network (0.46 ms of a 6.1 ms digits-CNN PTC batch)."""
         means: dict[int, torch.Tensor] = {}
-        handles = []
-        seen: dict[int, int] = {}  # id(fake-quant module) -> calls in this pass
-        for module in {id(t.fake_quant): t.fake_quant for t in self.targets}.values():
-            def count(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-                seen[id(module)] = seen.get(id(module), 0) + 1
-            handles.append(module.register_forward_hook(count))
+        handles: list[_Removable] = []
+        by_module: dict[int, tuple[FakeQuantizeBase, list[tuple[int, _Target]]]] = {}
         for index, target in enumerate(self.targets):
-            def hook(
-                module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor,
-                index: int = index, target: _Target = target,
-            ) -> None:
-                # a shared fake-quant module runs once per use; only the call after this layer counts
-                if seen.get(id(module), 0) - 1 != target.call_index:
-                    return
-                value = inputs[0] if which == "input" else output
-                if value.dim() == 0 or value.shape[target.channel_dim] != target.bias.numel():
-                    return
-                means[index] = _channel_mean(value, target.channel_dim)
-            handles.append(target.fake_quant.register_forward_hook(hook))
+            by_module.setdefault(id(target.fake_quant), (target.fake_quant, []))[1].append((index, target))
+        for module, entries in by_module.values():
+            calls = [0]  # calls of this module in this pass: a shared fake-quant runs once per use
+
+            def record(inputs: torch.Tensor, output: torch.Tensor,
+                       entries: list[tuple[int, _Target]] = entries, calls: list[int] = calls) -> None:
+                call = calls[0]
+                calls[0] += 1
+                value = inputs if which == "input" else output
+                for index, target in entries:
+                    if target.call_index != call:
+                        continue  # only the call after this target's layer counts
+                    if value.dim() == 0 or value.shape[target.channel_dim] != target.bias.numel():
+                        continue
+                    means[index] = _channel_mean(value, target.channel_dim)
+
+            if isinstance(module, TidlFakeQuantize):
+                module.probe = record
+                handles.append(_ProbeHandle(module))
+            else:
+                handles.append(module.register_forward_hook(
+                    lambda m, inputs, output, record=record: record(inputs[0], output)))
         return means, handles
 
     def step(self, run: Callable[[], T]) -> T:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
@@ -588,12 +589,19 @@ class TidlFakeQuantize(FakeQuantize):
     #: Set on an instance (a plain attribute, no tensor write) while bias calibration runs its float pass: the
     #: module then returns its input untouched, neither observing nor quantizing (see bias_calibration).
     bypass = False
+    #: Set on an instance while bias calibration records: called with each call's input and output (a forward hook
+    #: without hook registration and the slower module-call path hooks take).
+    probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         # FakeQuantize.forward, plus: a bypass for bias calibration's float pass, the Python-scalar observer path,
         # CPU per-tensor fake-quant by _fake_quantize_cpu, and a reused output for an unchanged weight
-        if self.bypass:
-            return X
+        out = X if self.bypass else self._output(X)
+        if self.probe is not None:
+            self.probe(X, out)
+        return out
+
+    def _output(self, X: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and X.requires_grad:
             self.__dict__.pop("_output_cache", None)  # training holds no second copy of the weights
             return self._forward(X)
