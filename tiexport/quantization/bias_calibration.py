@@ -159,8 +159,8 @@ class BiasCalibrator:
         quantized pass), by target index, filled while the caller runs one pass; remove the handles afterwards.
 
         tiexport's fake-quants take a probe (a plain attribute their forward calls); other fake-quants get a forward
-        hook. Registering and removing hooks twice per batch, and the slow module-call path hooks force, cost more
-        than the means themselves on a small network (0.46 ms of a 6.1 ms digits-CNN PTC batch)."""
+        hook. With hooks, registered and removed twice per batch and forcing the slower module-call path, recording
+        cost 0.46 ms of a 6.1 ms digits-CNN PTC batch (the means another 0.3 ms); probes made the batch 5.9 ms."""
         means: dict[int, torch.Tensor] = {}
         handles: list[_Removable] = []
         by_module: dict[int, tuple[FakeQuantizeBase, list[tuple[int, _Target]]]] = {}
