@@ -79,6 +79,10 @@ _MIN_AVERAGING_CONSTANT = 0.01
 
 _EPS = torch.finfo(torch.float32).eps
 
+#: The CPU-only fast paths (Python-scalar observer and qparams, vectorized fake-quant). Tests turn them off to run
+#: the device-generic tensor path, the one CUDA takes, on CPU.
+_CPU_FAST_PATHS = True
+
 _FLOAT32 = struct.Struct("f")
 
 
@@ -260,6 +264,12 @@ class ActivationObserver(ObserverBase):
         # .item() on CPU (0.2 us) rather than a comparison op; on CUDA either is a host sync
         return (self.min_val.item() < 0) if self.min_val.device.type == "cpu" else bool(self.min_val < 0)
 
+    def _signed_tensor(self) -> torch.Tensor:
+        """:attr:`_signed` for a symmetric observer as a bool tensor on the buffers' device (no host sync)."""
+        if self.force_signed:
+            return torch.ones((), dtype=torch.bool, device=self.min_val.device)
+        return self.min_val < 0
+
     # --- observation -----------------------------------------------------------------------------------------
     def _batch_range(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = self._batch_ends(x)
@@ -282,7 +292,8 @@ class ActivationObserver(ObserverBase):
     def _scalar_path(self, x: torch.Tensor) -> bool:
         """Whether this observation can take the Python-scalar path (:meth:`_observe_scalar`): a float32 CPU tensor,
         float32 CPU buffers, one process (DDP reduces tensors)."""
-        return (x.dtype == torch.float32 and x.device.type == "cpu" and self.min_val.device.type == "cpu"
+        return (_CPU_FAST_PATHS and x.dtype == torch.float32 and x.device.type == "cpu"
+                and self.min_val.device.type == "cpu"
                 and self.min_val.dtype == torch.float32 and (not self.sync_distributed or _distributed_world() == 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -377,7 +388,7 @@ class ActivationObserver(ObserverBase):
         if not self._seen_data and int(self.num_batches) == 0:
             log.warning("activation observer has seen no data; using scale 1.0 and zero point 0")
             return torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
-        if device.type == "cpu" and self.min_val.dtype == torch.float32:
+        if _CPU_FAST_PATHS and device.type == "cpu" and self.min_val.dtype == torch.float32:
             qparams = self._qparams_scalar()
             assert qparams is not None  # data was seen
             return (torch.tensor([qparams[0]], dtype=torch.float32),
@@ -391,8 +402,9 @@ class ActivationObserver(ObserverBase):
         hi = torch.clamp(self.max_val, min=0.0)
         eps = self.eps.to(device)
         if self.symmetric:
-            # int8: the tightest scale that covers both ends of -128..127 without clipping either
-            scale = torch.maximum(hi / 127.0, -lo / 128.0) if self._signed else hi / 255.0
+            # int8: the tightest scale that covers both ends of -128..127 without clipping either; the sign decided
+            # on the device (reading it, as _signed does, is a host sync on CUDA)
+            scale = torch.where(self._signed_tensor(), torch.maximum(hi / 127.0, -lo / 128.0), hi / 255.0)
             scale = torch.maximum(scale.reshape(1), eps)
             if self.power_of_2:
                 scale = power_of_2_ceil(scale)
@@ -623,7 +635,8 @@ class TidlFakeQuantize(FakeQuantize):
         observer = cast(Any, self._modules["activation_post_process"])
         scale_buf = cast(torch.Tensor, self._buffers["scale"])
         zero_point_buf = cast(torch.Tensor, self._buffers["zero_point"])
-        cpu = X.device.type == "cpu" and X.dtype == torch.float32 and scale_buf.device.type == "cpu"
+        cpu = (_CPU_FAST_PATHS and X.device.type == "cpu" and X.dtype == torch.float32
+               and scale_buf.device.type == "cpu")
         qparams: tuple[float, int] | None = None
         weight_observed = False  # True once this call wrote the (all-zero) weight zero points
         if self._enabled("observer_enabled"):
@@ -658,6 +671,12 @@ class TidlFakeQuantize(FakeQuantize):
                 zero_point_buf.copy_(zero_point)
         if not self._enabled("fake_quant_enabled"):
             return X
+        if not cpu and isinstance(observer, ActivationObserver) and observer.symmetric and not observer.force_signed:
+            # int8 or uint8 by the data's sign, which is a host sync to read on CUDA: int8 -128..127 with zero point
+            # 0 is uint8 0..255 with zero point 128 (the same grid shifted by a whole number: identical results and
+            # gradients), so the kernel gets 0..255 and a zero point chosen on the device
+            zero_point_t = torch.where(observer._signed_tensor(), 128, 0).to(torch.int32).reshape(zero_point_buf.shape)
+            return torch.fake_quantize_per_tensor_affine(X, scale_buf, zero_point_t + zero_point_buf, 0, 255)
         qmin, qmax = int(observer.quant_min), int(observer.quant_max)
         if self.is_per_channel:
             if cpu and X.dim() > self.ch_axis and (weight_observed or not bool(zero_point_buf.any())):
