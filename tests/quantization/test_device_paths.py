@@ -90,3 +90,60 @@ def test_generic_path_ptc_calibration_and_evaluation_read_nothing_back(monkeypat
         generic(data[0])  # flags changed by eval(): read once
         with _no_host_reads(monkeypatch):
             assert torch.equal(generic(data[0]), expected)
+
+
+def _host_reads(run: object) -> list[str]:
+    """Ops that read a tensor value back to the host (``aten::_local_scalar_dense``) while ``run()`` runs, each as
+    the chain of ops above it. CPU kernels that read their scalar parameters on the host, where the CUDA kernel
+    reads them on the device, are left out: torch's per-tensor fake-quant with tensor qparams."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()  # type: ignore[operator]
+    reads = []
+    for event in prof.profiler.function_events:
+        if event.name != "aten::_local_scalar_dense":
+            continue
+        chain, parent = [], event.cpu_parent
+        while parent is not None:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        if "aten::_fake_quantize_per_tensor_affine_cachemask_tensor_qparams" in chain:
+            continue
+        reads.append(" < ".join(chain[:4]))
+    return reads
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_generic_path_training_step_has_no_host_reads_in_torch_kernels(
+    freeze: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch's per-channel fake-quant reads min and max of the zero points on the host (a range check): two CUDA
+    # syncs per weight per step, which the weight path avoids; with observers frozen too
+    data = batches((16, 1, 8, 8), 3, seed=9)
+    labels = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(9))
+    monkeypatch.setattr(observers, "_CPU_FAST_PATHS", False)
+    w = QATFxModule(seeded(TinyCNN(channels=8, classes=10)), total_epochs=4, qconfig_type="WC8SYMP2_AT8SYMP2",
+                    example_inputs=data[0])
+    w.train()
+    _step(w, data[0], labels)  # observe once, read the flags once
+    if freeze:
+        w.freeze(freeze_bn=True, freeze_observers=True)
+        _step(w, data[1], labels)
+    assert _host_reads(lambda: _step(w, data[2], labels)) == []
+
+
+@pytest.mark.parametrize("qconfig_type", ["WC8_AT8", "WT8SYMP2_AT8SYMP2"])
+def test_generic_path_ptc_step_has_no_host_reads_in_torch_kernels(
+    qconfig_type: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tiexport.quantization.wrapper import PTCFxModule
+
+    data = batches((16, 1, 8, 8), 2, seed=10)
+    monkeypatch.setattr(observers, "_CPU_FAST_PATHS", False)
+    w = PTCFxModule(seeded(TinyCNN(channels=8, classes=10)), qconfig_type=qconfig_type, example_inputs=data[0],
+                    bias_calibration_factor=0.01)
+    w.train()
+    with torch.no_grad():
+        w(data[0])
+        assert _host_reads(lambda: w(data[1])) == []

@@ -629,6 +629,22 @@ class TidlFakeQuantize(FakeQuantize):
             return cast(torch.Tensor, reuse_result(self, "_output_cache", sources, None, lambda: self._forward(X)))
         return self._forward(X)
 
+    def _zero_points_zero(self, just_zeroed: bool) -> bool:
+        """Whether every zero point is 0, read from the tensor only when it changed since it was last known to be
+        (on CUDA a read is a host sync): ``just_zeroed`` when this call wrote them."""
+        zero_point = cast(torch.Tensor, self._buffers["zero_point"])
+        try:
+            state = (zero_point._version, zero_point.data_ptr())
+        except RuntimeError:  # an inference-mode tensor keeps no version counter
+            return just_zeroed or not bool(zero_point.any())
+        hit = self.__dict__.get("_zero_points_known_zero")
+        known = just_zeroed or (hit is not None and hit[0] is zero_point and hit[1] == state)
+        if not known and bool(zero_point.any()):
+            return False
+        # the entry holds the tensor (compared by identity) and an alias of its storage (compared by address)
+        self.__dict__["_zero_points_known_zero"] = (zero_point, state, zero_point.detach())
+        return True
+
     def _forward(self, X: torch.Tensor) -> torch.Tensor:
         # buffers and the observer from the module's dicts: nn.Module.__getattr__ costs ~0.5 us a lookup, and this
         # runs for every fake-quant point in every step
@@ -679,8 +695,10 @@ class TidlFakeQuantize(FakeQuantize):
             return torch.fake_quantize_per_tensor_affine(X, scale_buf, zero_point_t + zero_point_buf, 0, 255)
         qmin, qmax = int(observer.quant_min), int(observer.quant_max)
         if self.is_per_channel:
-            if cpu and X.dim() > self.ch_axis and (weight_observed or not bool(zero_point_buf.any())):
-                # zero points 0 (symmetric weights): the clamp bounds are the same for every channel
+            if X.dtype == torch.float32 and X.dim() > self.ch_axis and self._zero_points_zero(weight_observed):
+                # zero points 0 (symmetric weights): the clamp bounds are the same for every channel. Every device:
+                # on CUDA, torch's per-channel kernel reads min and max of the zero points back to the host (a
+                # range check, two syncs per weight per step)
                 shape = [1] * X.dim()
                 shape[self.ch_axis] = -1
                 scale_t = scale_buf.reshape(shape)
