@@ -13,6 +13,7 @@ machine is shared, and one thread keeps the ratios from depending on what else r
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 from collections.abc import Callable
@@ -95,6 +96,28 @@ def _infer_steps(model: Any, batches: list[tuple[Any, Any]], k: int, device: str
     return steps
 
 
+def _qat_steps(factory: Callable[[], Any], batches: list[tuple[Any, Any]], k: int, dev: str,
+               freeze: tuple[bool, bool] | None = None, **kwargs: Any) -> Callable[[], None]:
+    """Training steps of a fresh QATFxModule in its first epoch; ``freeze``: (batch norm, observers) frozen."""
+    from tiexport.quantization.wrapper import QATFxModule
+
+    w = QATFxModule(_fresh(factory, dev), total_epochs=10, example_inputs=(batches[0][0],), **kwargs)
+    w.train()
+    if freeze is not None:
+        w.freeze(freeze_bn=freeze[0], freeze_observers=freeze[1])
+    return _train_steps(w, batches, k, dev)
+
+
+def _calibration_steps(factory: Callable[[], Any], batches: list[tuple[Any, Any]], k: int, dev: str,
+                       **kwargs: Any) -> Callable[[], None]:
+    """Calibration forwards of a fresh PTCFxModule in its first epoch (training mode, no backward)."""
+    from tiexport.quantization.wrapper import PTCFxModule
+
+    w = PTCFxModule(_fresh(factory, dev), example_inputs=(batches[0][0],), **kwargs)
+    w.train()
+    return _infer_steps(w, batches, k, dev)
+
+
 def _torch_ao_qat(model: Any, example: Any) -> Any:
     import warnings
 
@@ -143,8 +166,6 @@ def _run(cfg: Config) -> list[Section]:
             s.status = "skipped"
             s.notes.append("not run: tiexport.quantization.wrapper does not exist yet")
         return [qat.finish(), ptc.finish()]
-    from tiexport.quantization.wrapper import PTCFxModule, QATFxModule
-
     peers = cfg.peers and have_module("torch.ao.quantization.quantize_fx")
     k = 2 if cfg.quick else 5  # steps per timed block
     models = ("digits CNN", "ResNet-20 32x32")
@@ -153,31 +174,21 @@ def _run(cfg: Config) -> list[Section]:
         batches = _batches(name, batch, 4, dev)
         example = batches[0][0]
         factory = _factory(name)
+        qat_steps = functools.partial(_qat_steps, factory, batches, k, dev)
+        calibration = functools.partial(_calibration_steps, factory, batches, k, dev)
 
         # ---- QAT step
-        float_model = _fresh(factory, dev).train()
-        wrapped = QATFxModule(_fresh(factory, dev), total_epochs=10, example_inputs=(example,))
-        wrapped.train()
         funcs: dict[str, Callable[[], None]] = {
-            "float step": _train_steps(float_model, batches, k, dev),
-            "QATFxModule step": _train_steps(wrapped, batches, k, dev),
+            "float step": _train_steps(_fresh(factory, dev).train(), batches, k, dev),
+            "QATFxModule step": qat_steps(),
         }
-        # for attribution, not a target: the late-epoch state, batch norm and observers frozen
-        if not cfg.quick:
-            frozen = QATFxModule(_fresh(factory, dev), total_epochs=10, example_inputs=(example,))
-            frozen.train()
-            frozen.freeze(freeze_bn=True, freeze_observers=True)
-            funcs["QATFxModule step, BN+observers frozen"] = _train_steps(frozen, batches, k, dev)
+        if not cfg.quick:  # for attribution, not targets
+            # the late-epoch state: batch norm and observers frozen
+            funcs["QATFxModule step, BN+observers frozen"] = qat_steps(freeze=(True, True))
             # the floor of the first epoch: batch norm updating, observers free
-            obs_frozen = QATFxModule(_fresh(factory, dev), total_epochs=10, example_inputs=(example,))
-            obs_frozen.train()
-            obs_frozen.freeze(freeze_bn=False, freeze_observers=True)
-            funcs["QATFxModule step, observers frozen (BN updating)"] = _train_steps(obs_frozen, batches, k, dev)
+            funcs["QATFxModule step, observers frozen (BN updating)"] = qat_steps(freeze=(False, True))
             # the cost of the exact per-batch percentile (range shrink), which torch.ao's observers do not compute
-            no_shrink = QATFxModule(_fresh(factory, dev), total_epochs=10, example_inputs=(example,),
-                                    range_shrink_percentile=0.0)
-            no_shrink.train()
-            funcs["QATFxModule step, range shrink off"] = _train_steps(no_shrink, batches, k, dev)
+            funcs["QATFxModule step, range shrink off"] = qat_steps(range_shrink_percentile=0.0)
         if peers:
             funcs["torch.ao prepare_qat_fx step"] = _train_steps(_torch_ao_qat(_fresh(factory, dev), example),
                                                                  batches, k, dev)
@@ -194,21 +205,14 @@ def _run(cfg: Config) -> list[Section]:
                                       t["torch.ao prepare_qat_fx step"].median, 1.0))
 
         # ---- PTC calibration throughput
-        float_eval = _fresh(factory, dev).eval()
-        calib = PTCFxModule(_fresh(factory, dev), example_inputs=(example,))
-        calib.train()  # calibration epoch: training-mode forwards, no backward
         pfuncs: dict[str, Callable[[], None]] = {
-            "float inference": _infer_steps(float_eval, batches, k, dev),
-            "PTCFxModule calibration": _infer_steps(calib, batches, k, dev),
+            "float inference": _infer_steps(_fresh(factory, dev).eval(), batches, k, dev),
+            "PTCFxModule calibration": calibration(),
         }
-        # for attribution, not a target: calibration without bias calibration (one forward instead of two)
-        if not cfg.quick:
-            no_bc = PTCFxModule(_fresh(factory, dev), example_inputs=(example,), bias_calibration_factor=0.0)
-            no_bc.train()
-            pfuncs["PTCFxModule calibration, bias_calibration_factor=0"] = _infer_steps(no_bc, batches, k, dev)
-            no_shrink_ptc = PTCFxModule(_fresh(factory, dev), example_inputs=(example,), range_shrink_percentile=0.0)
-            no_shrink_ptc.train()
-            pfuncs["PTCFxModule calibration, range shrink off"] = _infer_steps(no_shrink_ptc, batches, k, dev)
+        if not cfg.quick:  # for attribution, not targets
+            # without bias calibration: one forward instead of two
+            pfuncs["PTCFxModule calibration, bias_calibration_factor=0"] = calibration(bias_calibration_factor=0.0)
+            pfuncs["PTCFxModule calibration, range shrink off"] = calibration(range_shrink_percentile=0.0)
         if peers:
             pfuncs["torch.ao prepare_fx calibration"] = _infer_steps(_torch_ao_ptq(_fresh(factory, dev), example),
                                                                      batches, k, dev)

@@ -6,6 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tiexport.quantization import observers  # noqa: E402
 from tiexport.quantization.observers import (  # noqa: E402
     ActivationObserver,
     TidlFakeQuantize,
@@ -283,18 +284,12 @@ def test_scalar_observer_path_equals_the_tensor_path(aggregation: str, symmetric
             x = x + 0.5 * step
         assert scalar._scalar_path(x)
         scalar(x)
-        # the tensor path, as on CUDA
-        stats = tensor._batch_range(x)
-        lo, hi = stats[0], stats[1]
-        if aggregation == "mean":
-            first = tensor.num_batches == 0
-            weight = torch.clamp(1.0 / (tensor.num_batches.to(lo.dtype) + 1.0), min=0.01)
-            tensor.min_val.copy_(torch.where(first, lo, tensor.min_val + weight * (lo - tensor.min_val)))
-            tensor.max_val.copy_(torch.where(first, hi, tensor.max_val + weight * (hi - tensor.max_val)))
-        else:
-            torch.minimum(tensor.min_val, lo, out=tensor.min_val)
-            torch.maximum(tensor.max_val, hi, out=tensor.max_val)
-        tensor.num_batches.add_(1)
+        observers._CPU_FAST_PATHS = False  # the tensor path, as on CUDA
+        try:
+            assert not tensor._scalar_path(x)
+            tensor(x)
+        finally:
+            observers._CPU_FAST_PATHS = True
         assert torch.equal(scalar.min_val, tensor.min_val) and torch.equal(scalar.max_val, tensor.max_val), step
         s_scale, s_zp = scalar.calculate_qparams()
         t_scale, t_zp = tensor._qparams_tensor()

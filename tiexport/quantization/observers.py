@@ -536,6 +536,26 @@ class WeightObserver(ObserverBase):
         return f"per_channel={self.per_channel}, ch_axis={self.ch_axis}, power_of_2={self.power_of_2}, bits={self.bits}"
 
 
+def _host_read(owner: torch.nn.Module, slot: str, tensor: torch.Tensor, read: Callable[[torch.Tensor], Any],
+               known: Any = None) -> Any:
+    """``read(tensor)``, a value read back to the host (on CUDA a sync), or the value recorded under ``slot`` while
+    ``tensor`` is unchanged: the same object (a replaced buffer, from ``load_state_dict(assign=True)`` or a deep
+    copy, is read again), version counter (every in-place write moves it) and storage address (assigning ``.data``
+    keeps object and counter; the entry holds an alias, so the old storage cannot come back at that address).
+    ``known``: the caller has just written the tensor and knows the value; it is recorded without a read."""
+    try:
+        state = (tensor._version, tensor.data_ptr())
+    except RuntimeError:  # an inference-mode tensor keeps no version counter
+        return read(tensor) if known is None else known
+    cache = owner.__dict__.setdefault("_host_reads", {})
+    hit = cache.get(slot)
+    if known is None and hit is not None and hit[0] is tensor and hit[1] == state:
+        return hit[3]
+    value = read(tensor) if known is None else known
+    cache[slot] = (tensor, state, tensor.detach(), value)
+    return value
+
+
 class TidlFakeQuantize(FakeQuantize):
     """A plain FakeQuantize whose dtype, range and qscheme follow its observer.
 
@@ -576,27 +596,13 @@ class TidlFakeQuantize(FakeQuantize):
         pass
 
     def _enabled(self, name: str) -> bool:
-        """``self.<name>[0] == 1`` for the flag buffers, read from the tensor only when it was written since the last
-        read (its version counter moved, or it was replaced): on CUDA every read is a host sync, and FakeQuantize
-        reads both flags in every forward. Every writer (enable_*/disable_*, ``copy_``, ``load_state_dict``, DDP's
-        buffer broadcast) writes in place, which moves the counter."""
+        """``self.<name>[0] == 1`` for the flag buffers, read from the tensor only when it changed since the last
+        read (:func:`_host_read`): on CUDA every read is a host sync, and FakeQuantize reads both flags in every
+        forward. Every writer (enable_*/disable_*, ``copy_``, ``load_state_dict``, DDP's buffer broadcast) writes in
+        place or replaces the tensor, which the check sees."""
         # not getattr: nn.Module.__getattr__ costs ~0.5 us, and forward reads many
         flag = cast(torch.Tensor, self._buffers[name])
-        try:
-            version = flag._version
-        except RuntimeError:  # an inference-mode tensor keeps no version counter
-            return bool(flag[0] == 1)
-        cache = self.__dict__.setdefault("_flag_cache", {})
-        hit = cache.get(name)
-        # the cache holds the tensor itself, compared by identity (a replaced buffer, from load_state_dict with
-        # assign=True or a deep copy, is read again), and an alias of its storage, compared by address (assigning
-        # .data keeps object and version counter; the alias keeps the old storage from being reused at that address)
-        address = flag.data_ptr()
-        if hit is not None and hit[0] is flag and hit[1] == version and hit[2] == address:
-            return bool(hit[4])
-        value = bool(flag[0] == 1)
-        cache[name] = (flag, version, address, flag.detach(), value)
-        return value
+        return bool(_host_read(self, name, flag, lambda t: bool(t[0] == 1)))
 
     #: Set on an instance (a plain attribute, no tensor write) while bias calibration runs its float pass: the
     #: module then returns its input untouched, neither observing nor quantizing (see bias_calibration).
@@ -630,20 +636,11 @@ class TidlFakeQuantize(FakeQuantize):
         return self._forward(X)
 
     def _zero_points_zero(self, just_zeroed: bool) -> bool:
-        """Whether every zero point is 0, read from the tensor only when it changed since it was last known to be
-        (on CUDA a read is a host sync): ``just_zeroed`` when this call wrote them."""
+        """Whether every zero point is 0, read from the tensor only when it changed since the last read
+        (:func:`_host_read`; on CUDA a read is a host sync): ``just_zeroed`` when this call wrote them."""
         zero_point = cast(torch.Tensor, self._buffers["zero_point"])
-        try:
-            state = (zero_point._version, zero_point.data_ptr())
-        except RuntimeError:  # an inference-mode tensor keeps no version counter
-            return just_zeroed or not bool(zero_point.any())
-        hit = self.__dict__.get("_zero_points_known_zero")
-        known = just_zeroed or (hit is not None and hit[0] is zero_point and hit[1] == state)
-        if not known and bool(zero_point.any()):
-            return False
-        # the entry holds the tensor (compared by identity) and an alias of its storage (compared by address)
-        self.__dict__["_zero_points_known_zero"] = (zero_point, state, zero_point.detach())
-        return True
+        return bool(_host_read(self, "zero_points_zero", zero_point, lambda t: not bool(t.any()),
+                               True if just_zeroed else None))
 
     def _forward(self, X: torch.Tensor) -> torch.Tensor:
         # buffers and the observer from the module's dicts: nn.Module.__getattr__ costs ~0.5 us a lookup, and this
@@ -747,6 +744,14 @@ def _grid_bounds(zero_point: int, qmin: int, qmax: int) -> tuple[float, float]:
     return qmin - z, qmax - z
 
 
+def _passed_gradient(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    """The straight-through gradient of both fake-quant Functions: ``grad`` where the saved rounded value lies in
+    the bounds saved with it (``lo - 0.5 < q < hi + 0.5``, i.e. ``lo <= q <= hi`` for whole numbers), else 0."""
+    (q,) = ctx.saved_tensors
+    lo, hi = ctx.bounds
+    return cast(torch.Tensor, torch.ops.aten.hardtanh_backward(grad, q, lo, hi))
+
+
 class _FakeQuantizePerTensor(torch.autograd.Function):
     """:func:`_fake_quantize_cpu` with the straight-through gradient of torch's fake-quant: the incoming gradient
     where the rounded value lies on the grid, zero where it was clipped.
@@ -769,9 +774,7 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (q,) = ctx.saved_tensors
-        lo, hi = ctx.bounds
-        return torch.ops.aten.hardtanh_backward(grad, q, lo, hi), None, None, None, None
+        return _passed_gradient(ctx, grad), None, None, None, None
 
 
 class _FakeQuantizePerChannel(torch.autograd.Function):
@@ -790,6 +793,4 @@ class _FakeQuantizePerChannel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (q,) = ctx.saved_tensors
-        lo, hi = ctx.bounds
-        return torch.ops.aten.hardtanh_backward(grad, q, lo, hi), None, None, None
+        return _passed_gradient(ctx, grad), None, None, None
