@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from tiexport import __version__
-from tiexport.errors import TiexportError, UsageError
+from tiexport.errors import TiexportError, UsageError, first_line
 
 __all__ = ["main"]
 
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a traceback reaching a user is a bug: one line, details on request
         if os.environ.get("TIEXPORT_DEBUG"):
             raise
-        print(f"tiexport: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+        print(f"tiexport: internal error: {type(exc).__name__}: {first_line(exc, default='')} "
               "(set TIEXPORT_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
         return 2
 

@@ -1,7 +1,9 @@
 """TI device profiles as data: what each SoC's TIDL accepts for prequantized (QDQ) models.
 
 Source: ``shared/reference/tidl.md`` §1 (device table), §2 (quantization rules), §3 (compile limits) and §4
-(``quantization_scale_type``). Rules and passes read these fields; none of them hard-code a device name.
+(``quantization_scale_type``). Rules and passes read these fields; none of them hard-code a device name. What does
+not differ between devices (operator tables, opset limits) is in :mod:`tiexport.tidl_spec`, reached through
+:attr:`DeviceProfile.spec` for the profile's SDK release.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tiexport.errors import UsageError
+from tiexport.tidl_spec import DEFAULT_SDK, TidlSpec, get_spec
 
 __all__ = ["DEVICES", "DeviceProfile", "device_names", "get_device", "resolve_devices"]
 
@@ -44,8 +47,17 @@ class DeviceProfile:
     quantization_scale_type: int = 4
     """``advanced_options:quantization_scale_type`` for prequantized models on this device (tidl.md §4)."""
     max_num_subgraphs: int = 16
+    """Compile option ``max_num_subgraphs`` (its default; tidl.md §3 "Other compile limits")."""
     max_num_subgraph_nodes: int = 2048
+    """Node limit per TIDL subgraph that rule TIDL041 applies (tidl.md §3 "Other compile limits")."""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    sdk: str = DEFAULT_SDK
+    """The TIDL SDK release whose facts (:attr:`spec`) the rules and passes apply."""
+
+    @property
+    def spec(self) -> TidlSpec:
+        """The TIDL facts of :attr:`sdk` (operator tables, op sets, opset and IR limits)."""
+        return get_spec(self.sdk)
 
     @property
     def accelerator(self) -> bool:

@@ -20,13 +20,12 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from tiexport.errors import UnusableInputError, UsageError
+from tiexport.errors import UnusableInputError, UsageError, first_line
 
 __all__ = [
     "LoadedModel",
     "as_model",
     "external_data_info",
-    "infer_shapes",
     "load_model",
     "same_file",
     "save_model",
@@ -105,7 +104,7 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = False
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise UnusableInputError(
-            f"{p}: not a valid ONNX protobuf (truncated or not ONNX): {_first_line(exc)}") from None
+            f"{p}: not a valid ONNX protobuf (truncated or not ONNX): {first_line(exc)}") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise UnusableInputError(f"{p}: not an ONNX model (no IR version, graph or opset import)")
     _check_external_data(model, p.parent, p)
@@ -113,61 +112,8 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = False
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
         except (OSError, ValueError) as exc:
-            raise UnusableInputError(f"{p}: cannot read external data: {_first_line(exc)}") from None
+            raise UnusableInputError(f"{p}: cannot read external data: {first_line(exc)}") from None
     return model
-
-
-_SHAPE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
-_MAX_SHAPE_VALUES = 2**20
-"""Integer tensors with more elements than this are never shape values; data propagation would materialize them."""
-
-
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference (no type check, not strict, with data propagation) that cannot take the process down.
-
-    Two inputs make onnx's C++ inference do that rather than raise, so they are made unknown first, on a copy
-    (``model`` is never changed): a negative dimension (Slice clamps its range into ``[0, dim]``: with ``dim = -1`` the
-    assertion ``!(hi < lo)`` aborts the interpreter), and an int64/int32 tensor declared with billions of elements
-    (data propagation allocates a value per element: 24 GB for a Slice ``steps`` declared ``[2**31]``, 16 bytes of
-    data). Raises what ``onnx.shape_inference.infer_shapes`` raises for other problems.
-    """
-    g = model.graph
-    if any(_hazard(vi) for vi in (*g.input, *g.output, *g.value_info)) or any(_hazard_init(t) for t in g.initializer):
-        model = _without_hazards(model)
-    return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-
-
-def _hazard(vi: onnx.ValueInfoProto) -> bool:
-    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-        return False
-    dims = vi.type.tensor_type.shape.dim
-    if any(d.HasField("dim_value") and d.dim_value < 0 for d in dims):
-        return True
-    if vi.type.tensor_type.elem_type in _SHAPE_TYPES and dims and all(d.HasField("dim_value") for d in dims):
-        return int(np.prod([d.dim_value for d in dims], dtype=np.float64)) > _MAX_SHAPE_VALUES
-    return False
-
-
-def _hazard_init(t: onnx.TensorProto) -> bool:
-    return any(d < 0 for d in t.dims) or (
-        t.data_type in _SHAPE_TYPES and int(np.prod(list(t.dims), dtype=np.float64)) > _MAX_SHAPE_VALUES)
-
-
-def _without_hazards(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    g = copy.graph
-    for vi in (*g.input, *g.output, *g.value_info):
-        if _hazard(vi):
-            for d in vi.type.tensor_type.shape.dim:
-                d.Clear()
-    declared = {vi.name for vi in g.input}
-    for t in [t for t in g.initializer if _hazard_init(t)]:
-        # a typed input of unknown dims stands in for it
-        g.initializer.remove(t)
-        if t.name not in declared:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, [None] * len(t.dims)))
-    return copy
 
 
 def tensor_to_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndarray:
@@ -181,7 +127,7 @@ def tensor_to_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np
     except UnusableInputError:
         raise
     except Exception as exc:  # numpy_helper raises a mix of ValueError/TypeError/OSError on bad tensors
-        raise UnusableInputError(f"tensor {tensor.name!r} cannot be decoded: {_first_line(exc)}") from None
+        raise UnusableInputError(f"tensor {tensor.name!r} cannot be decoded: {first_line(exc)}") from None
 
 
 @dataclass(frozen=True)
@@ -207,7 +153,7 @@ def as_model(model_or_path: Any, *, load_external_data: bool = False) -> LoadedM
         try:
             model.ParseFromString(bytes(model_or_path))
         except DecodeError as exc:
-            raise UnusableInputError(f"<bytes>: not a valid ONNX protobuf: {_first_line(exc)}") from None
+            raise UnusableInputError(f"<bytes>: not a valid ONNX protobuf: {first_line(exc)}") from None
         if model.ir_version <= 0 or not model.HasField("graph"):
             raise UnusableInputError("<bytes>: not an ONNX model (no IR version or graph)")
         return LoadedModel(model, "<bytes>", None)
@@ -320,11 +266,6 @@ def _umask() -> int:
     except (OSError, ValueError):
         pass
     return 0o022
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def write_text(path: str | os.PathLike[str], text: str, *, protect: tuple[str | os.PathLike[str], ...] = ()) -> None:

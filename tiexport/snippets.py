@@ -49,9 +49,9 @@ from onnx import TensorProto
 from tiexport.devices import DeviceProfile, get_device
 from tiexport.errors import TiexportError, UsageError
 from tiexport.onnx_io import LoadedModel, as_model
-from tiexport.validators.context import QDQ_OPS, ModelContext, dtype_name
+from tiexport.tidl_spec import get_spec, is_power_of_two
+from tiexport.validators.context import ModelContext, dtype_name
 from tiexport.validators.report import DeviceReport, Finding, Report
-from tiexport.validators.rules.device_quant import InputQuantizationRule, is_power_of_two
 from tiexport.validators.rules.qdq import NotPrequantizedRule
 
 __all__ = [
@@ -193,9 +193,7 @@ def _analyze(ctx: ModelContext) -> ModelAnalysis:
     symmetric = True
     symmetric_w = True
     count = 0
-    for node in ctx.nodes:
-        if node.op_type not in QDQ_OPS:
-            continue
+    for node in ctx.qdq_nodes():
         count += 1
         qp = ctx.qparams(node)
         if qp is None:  # non-constant qparams: validate reports them (TIDL011); nothing to read here
@@ -228,8 +226,8 @@ def _input_info(ctx: ModelContext, name: str) -> InputInfo:
     elem = ctx.elem_type(name)
     q_dtype: str | None = None
     q_range: tuple[float, float] | None = None
-    # The input rule already knows how to find the input's quantizer through Cast/Reshape-like ops.
-    quantizers = list(InputQuantizationRule()._input_quantizers(ctx, name))
+    # the same search as rule TIDL023: through Cast and the ops quantization passes through
+    quantizers = list(ctx.input_quantizers(name, get_spec().pass_through | {"Cast"}))
     if quantizers:
         qp = ctx.qparams(quantizers[0])
         if qp is not None:
@@ -245,7 +243,7 @@ def _input_info(ctx: ModelContext, name: str) -> InputInfo:
 def analyze_model(model: Any) -> ModelAnalysis:
     """Read the facts the snippets depend on from a model (ModelProto, path, bytes or LoadedModel).
 
-    Power-of-2 uses the same test as rule TIDL020 (:func:`~tiexport.validators.rules.device_quant.is_power_of_two`);
+    Power-of-2 uses the same test as rule TIDL020 (:func:`tiexport.tidl_spec.is_power_of_two`);
     per-channel weights the same test as TIDL022; the input quantizer the same search as TIDL023.
     """
     return _analyze(ModelContext(as_model(model)))

@@ -9,8 +9,11 @@ from fixtures.builders import QdqBuilder
 from fixtures.models import tiny_conv
 from tests.passes.helpers import apply, assert_valid, const, node, outputs_of, random_feed
 from tiexport.passes.graph import dequantize
-from tiexport.passes.per_tensor import PER_TENSOR_WEIGHT_OPS, ConvertPerChannelToPerTensorPass
+from tiexport.passes.per_tensor import ConvertPerChannelToPerTensorPass
+from tiexport.tidl_spec import get_spec
 from tiexport.validators.validate import validate
+
+PER_TENSOR_WEIGHT_OPS = get_spec().per_tensor_weight_ops
 
 
 def _pointwise(scales_equal: bool = False) -> onnx.ModelProto:

@@ -11,7 +11,9 @@ from fixtures.models import tiny_conv
 from tests.passes.helpers import apply, assert_valid, const, node, outputs_of, random_feed
 from tiexport.errors import UsageError
 from tiexport.passes.graph import dequantize
-from tiexport.passes.power_of_two import EnforcePowerOfTwoScalesPass, is_power_of_two, power_of_two
+from tiexport.passes.power_of_two import EnforcePowerOfTwoScalesPass
+from tiexport.tidl_spec import is_power_of_two
+from tiexport.tidl_spec import round_to_power_of_two as power_of_two
 from tiexport.validators.validate import validate
 
 S = 0.0123

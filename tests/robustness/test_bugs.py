@@ -91,7 +91,7 @@ def test_negative_input_dim_does_not_abort_shape_inference() -> None:
 
 
 def test_infer_shapes_leaves_the_callers_negative_dims_alone() -> None:
-    from tiexport.onnx_io import infer_shapes
+    from tiexport.shapes import infer_shapes
 
     m = tiny_conv(bias="none")
     m.graph.input[0].type.tensor_type.shape.dim[3].dim_value = -1
@@ -238,7 +238,7 @@ def test_shape_inference_treats_a_huge_integer_input_as_unknown() -> None:
     code = ("import resource, sys\n"
             "resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))  # a regression fails fast, not the box\n"
             "import onnx\n"
-            "from tiexport.onnx_io import infer_shapes\n"
+            "from tiexport.shapes import infer_shapes\n"
             "infer_shapes(onnx.load_model_from_string(sys.stdin.buffer.read()))\n")
     res = subprocess.run([sys.executable, "-c", code], input=b.build(infer=False).SerializeToString(),
                          capture_output=True, timeout=120, cwd=ROOT)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import helper
 
 from tiexport.passes.base import Pass, PassResult
 from tiexport.passes.graph import (
@@ -22,6 +21,7 @@ from tiexport.passes.graph import (
     producer,
     qparams,
     qrange,
+    set_qdq_params,
 )
 
 __all__ = ["AlignConcatScalesPass"]
@@ -111,8 +111,7 @@ class AlignConcatScalesPass(Pass):
             # same zero point: the largest scale's grid contains every range, and each keeps its type
             target_scale = np.float32(scales[widest])
             for q, dqs, qp in groups:
-                for n in (q, *dqs):
-                    edits.set(n, 1, np.asarray(target_scale, np.float32).reshape(qp.scale.shape))
+                set_qdq_params([q, *dqs], edits, np.asarray(target_scale, np.float32).reshape(qp.scale.shape))
             return
         # different zero points: one zero-point-0 grid covering every input's range. Zero point 0 is what every
         # TIDL device takes, so EnforceSymmetricPass (graph inputs, TDA4VM activations) never undoes it.
@@ -128,16 +127,8 @@ class AlignConcatScalesPass(Pass):
         for (q, dqs, qp), old_floor in zip(groups, lows, strict=True):
             if old_floor == 0.0 and new_floor < 0 and not is_non_negative(q.inputs[0]):
                 self._make_relu_explicit(graph, q, edits)
-            for n in (q, *dqs):
-                edits.set(n, 1, np.asarray(s, np.float32).reshape(qp.scale.shape))
-                zp = np.asarray(z, dtype).reshape(qp.scale.shape)
-                if len(n.inputs) > 2 and not n.inputs[2].is_empty():
-                    edits.set(n, 2, zp)
-                else:
-                    n.inputs.append(gs.Constant(edits.names(f"{n.name}_zero_point"), zp))
-            if "output_dtype" in q.attrs:
-                q.attrs["output_dtype"] = helper.np_dtype_to_tensor_dtype(dtype)
-            q.outputs[0].dtype = dtype
+            set_qdq_params([q, *dqs], edits, np.asarray(s, np.float32).reshape(qp.scale.shape),
+                           np.asarray(z, dtype).reshape(qp.scale.shape), dtype)
 
     @staticmethod
     def _make_relu_explicit(graph: gs.Graph, q: gs.Node, edits: ConstEdits) -> None:

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import onnx_graphsurgeon as gs
 
-from tiexport.errors import TiexportError
+from tiexport.errors import TiexportError, first_line
 
 __all__ = ["Pass", "PassError", "PassManager", "PassResult", "PassSummary", "PipelineResult"]
 
@@ -70,7 +70,7 @@ class PassError(TiexportError):
         self.failed = failed
         self.before = list(before)
         ran = ", ".join(self.before) if self.before else "none"
-        text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        text = first_line(cause, default="")
         super().__init__(f"pass {failed} failed ({type(cause).__name__}: {text}); passes run before it: {ran}")
 
 

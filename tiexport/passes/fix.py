@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from tiexport.devices import DeviceProfile, get_device
-from tiexport.errors import TiexportError, UnusableInputError, UsageError
+from tiexport.errors import TiexportError, UnusableInputError, UsageError, first_line
 from tiexport.onnx_io import as_model, save_model, serialize
 from tiexport.passes.align_scales import AlignConcatScalesPass
 from tiexport.passes.base import Pass, PassError, PassManager, PassSummary
@@ -33,7 +33,7 @@ from tiexport.passes.identity import RemoveIdentityPass
 from tiexport.passes.ir_version import DowngradeIrVersionPass
 from tiexport.passes.merge_duplicates import MergeDuplicateQdqPass
 from tiexport.passes.normalize_qparams import NormalizeQdqParamsPass
-from tiexport.passes.per_tensor import PER_TENSOR_WEIGHT_OPS, ConvertPerChannelToPerTensorPass
+from tiexport.passes.per_tensor import ConvertPerChannelToPerTensorPass
 from tiexport.passes.power_of_two import EnforcePowerOfTwoScalesPass
 from tiexport.passes.quantize_bias import QuantizeBiasPass
 from tiexport.passes.redundant_qdq import RemoveRedundantQdqPass
@@ -172,11 +172,10 @@ def build_pipeline(
     align_concat: bool = True,
 ) -> list[Pass]:
     """The ordered passes for one device, chosen from its profile's fields (see the module docstring)."""
-    from tiexport.validators.rules.structure import OpsetRule
-
     profile = get_device(device)
+    spec = profile.spec
     passes: list[Pass] = [
-        DowngradeIrVersionPass(max_ir=OpsetRule.MAX_IR),
+        DowngradeIrVersionPass(max_ir=spec.max_ir),
         PinInputShapesPass(input_shapes),
         NormalizeQdqParamsPass(),
         RemoveIdentityPass(),
@@ -190,7 +189,7 @@ def build_pipeline(
     if profile.accelerator:
         # the quantization rules below are TIDL's; on a device without an accelerator ONNX Runtime takes any grid
         passes.append(ConvertPerChannelToPerTensorPass(None if not profile.per_channel_weights
-                                                       else PER_TENSOR_WEIGHT_OPS))
+                                                       else spec.per_tensor_weight_ops))
         passes.append(EnforceSymmetricPass(activations=not profile.asymmetric_activations))
         if align_concat:
             passes.append(AlignConcatScalesPass(add=profile.align_add_scales))
@@ -253,7 +252,7 @@ def fix(
         try:
             graph = gs.import_onnx(working)
         except Exception as exc:
-            raise FixError(f"{loaded.name}: cannot import the graph for rewriting: {_first_line(exc)}") from None
+            raise FixError(f"{loaded.name}: cannot import the graph for rewriting: {first_line(exc)}") from None
         result = PassManager(passes, max_iterations=max_iterations).run(graph)
         fixed = _export(graph, original, loaded.name)
     except (FixError, PassError):
@@ -344,7 +343,7 @@ def _export(graph: gs.Graph, original: onnx.ModelProto, name: str) -> onnx.Model
             graph.toposort()
         fixed = gs.export_onnx(graph, do_type_check=False)
     except Exception as exc:
-        raise FixError(f"{name}: cannot export the rewritten graph: {_first_line(exc)}") from None
+        raise FixError(f"{name}: cannot export the rewritten graph: {first_line(exc)}") from None
     # what gs does not carry over: model-level metadata
     fixed.doc_string = original.doc_string
     fixed.domain = original.domain
@@ -438,12 +437,12 @@ def _unusable_because(model: onnx.ModelProto, data: bytes | None = None) -> tupl
         # contradicts make a broken model even where ONNX Runtime loads it. Checked on the weight-free skeleton.
         onnx.checker.check_model(ModelContext(LoadedModel(model, "", None)).skeleton, full_check=True)
     except Exception as exc:
-        return f"onnx.checker: {_first_line(exc)}", None
+        return f"onnx.checker: {first_line(exc)}", None
     try:
         # made as parity makes its sessions, so that parity reuses it for the fixed model
         return "", ort_session(data)
     except Exception as exc:
-        return f"ONNX Runtime session creation: {_first_line(exc)}", None
+        return f"ONNX Runtime session creation: {first_line(exc)}", None
 
 
 def _check_usable(fixed: onnx.ModelProto, data: bytes | None, original: onnx.ModelProto, name: str) -> Any:
@@ -524,8 +523,3 @@ def _random_inputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, num_s
                 sample[name] = rng.integers(0, 4, size=shape).astype(dtype)
         samples.append(sample)
     return samples
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

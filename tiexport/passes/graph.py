@@ -15,8 +15,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from tiexport.tidl_spec import QDQ_OPS
+
 __all__ = [
-    "QDQ_OPS",
     "ConstEdits",
     "Names",
     "QParams",
@@ -28,17 +29,18 @@ __all__ = [
     "is_const",
     "is_graph_output",
     "is_non_negative",
+    "iter_quantizers",
     "producer",
     "qparams",
     "qrange",
     "quantize",
     "remove_node",
     "replace_uses",
+    "set_qdq_params",
 ]
 
 log = logging.getLogger(__name__)
 
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 _QRANGES: dict[Any, tuple[int, int]] = {
     np.dtype(np.int8): (-128, 127),
@@ -227,6 +229,38 @@ def qparams(node: gs.Node) -> QParams | None:
         return None
     return QParams(scale=np.asarray(scale), zero_point=np.asarray(zp), dtype=np.dtype(dtype),
                    axis=axis, has_zero_point=zp_t is not None)
+
+
+def iter_quantizers(graph: gs.Graph) -> list[tuple[gs.Node, QParams]]:
+    """Every Q/DQ node of ``graph`` whose parameters are constants, with them, in graph order (taken up front:
+    a pass may edit the graph while it walks the list)."""
+    found = []
+    for node in graph.nodes:
+        if node.op in QDQ_OPS:
+            qp = qparams(node)
+            if qp is not None:
+                found.append((node, qp))
+    return found
+
+
+def set_qdq_params(nodes: list[gs.Node], edits: ConstEdits, scale: np.ndarray, zero_point: np.ndarray | None = None,
+                   dtype: np.dtype | None = None) -> None:
+    """Give a QuantizeLinear and its DequantizeLinear readers (``nodes``, the Q first) one new scale, and optionally
+    a zero point (added as an input where a node has none) and the integer type it implies (the Q's
+    ``output_dtype`` attribute and its output tensor)."""
+    for n in nodes:
+        edits.set(n, 1, scale)
+        if zero_point is None:
+            continue
+        if len(n.inputs) > 2 and not n.inputs[2].is_empty():
+            edits.set(n, 2, zero_point)
+        else:
+            n.inputs.append(gs.Constant(edits.names(f"{n.name}_zero_point"), zero_point))
+    if dtype is not None and nodes:
+        q = nodes[0]
+        if "output_dtype" in q.attrs:
+            q.attrs["output_dtype"] = helper.np_dtype_to_tensor_dtype(dtype)
+        q.outputs[0].dtype = dtype
 
 
 def _axis_fits(data: gs.Tensor, axis: int, size: int) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 import onnx_graphsurgeon as gs
 
 from tiexport.passes.base import Pass, PassResult
-from tiexport.passes.graph import QDQ_OPS, is_graph_output, qparams, remove_node, replace_uses
+from tiexport.passes.graph import is_graph_output, iter_quantizers, remove_node, replace_uses
 
 __all__ = ["MergeDuplicateQdqPass"]
 
@@ -32,11 +32,8 @@ class MergeDuplicateQdqPass(Pass):
         changes = 0
         notes: list[str] = []
         seen: dict[tuple[Any, ...], gs.Node] = {}
-        for node in list(graph.nodes):
-            if node.op not in QDQ_OPS or not node.inputs or len(node.outputs) != 1:
-                continue
-            qp = qparams(node)
-            if qp is None:
+        for node, qp in iter_quantizers(graph):
+            if len(node.outputs) != 1:
                 continue
             extra = tuple(sorted((k, str(v)) for k, v in node.attrs.items() if k not in ("axis",)))
             key = (node.op, id(node.inputs[0]), qp.key(), extra, node.domain or "")

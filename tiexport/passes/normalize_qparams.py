@@ -12,7 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from tiexport.passes.base import Pass, PassResult
-from tiexport.passes.graph import QDQ_OPS, ConstEdits, const_value, qparams
+from tiexport.passes.graph import ConstEdits, const_value, iter_quantizers
 
 __all__ = ["NormalizeQdqParamsPass"]
 
@@ -31,11 +31,8 @@ class NormalizeQdqParamsPass(Pass):
     def run(self, graph: gs.Graph) -> PassResult:
         edits = ConstEdits(graph)
         changes = 0
-        for node in graph.nodes:
-            if node.op not in QDQ_OPS:
-                continue
-            qp = qparams(node)
-            if qp is None or qp.scale.size != 1:
+        for node, qp in iter_quantizers(graph):
+            if qp.scale.size != 1:
                 continue
             scale = const_value(node.inputs[1])
             has_zp = len(node.inputs) > 2 and not node.inputs[2].is_empty()

@@ -2,7 +2,8 @@
 
 TDA4VM (MMAv1) takes per-tensor weights only (tidl.md §1; a per-channel model fails there with "Bad node spec ...
 DequantizeLinear"), and ConvTranspose, DeformConv, BatchNormalization and PRelu take per-tensor weights on every
-device (tidl.md §2 table). Validator rule TIDL022.
+device (tidl.md §2 table; ``TidlSpec.per_tensor_weight_ops``, which the fix pipeline passes as ``ops``). Validator
+rule TIDL022.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ import onnx_graphsurgeon as gs
 from tiexport.passes.base import Pass, PassResult
 from tiexport.passes.graph import ConstEdits, const_value, dequantize, is_const, qparams, qrange, quantize
 
-__all__ = ["PER_TENSOR_WEIGHT_OPS", "ConvertPerChannelToPerTensorPass"]
-
-PER_TENSOR_WEIGHT_OPS = frozenset({"ConvTranspose", "DeformConv", "BatchNormalization", "PRelu"})
+__all__ = ["ConvertPerChannelToPerTensorPass"]
 
 
 class ConvertPerChannelToPerTensorPass(Pass):

@@ -14,26 +14,12 @@ import onnx_graphsurgeon as gs
 
 from tiexport.errors import UsageError
 from tiexport.passes.base import Pass, PassResult
-from tiexport.passes.graph import QDQ_OPS, ConstEdits, const_value, dequantize, is_const, qparams, quantize
+from tiexport.passes.graph import ConstEdits, const_value, dequantize, is_const, iter_quantizers, quantize
+from tiexport.tidl_spec import is_power_of_two, round_to_power_of_two
 
-__all__ = ["EnforcePowerOfTwoScalesPass", "is_power_of_two", "power_of_two"]
+__all__ = ["EnforcePowerOfTwoScalesPass"]
 
 Mode = Literal["ceil", "nearest"]
-
-
-def is_power_of_two(scale: np.ndarray) -> np.ndarray:
-    """Elementwise: is each (positive, finite) scale exactly ``2**k``."""
-    s = np.asarray(scale, dtype=np.float64)
-    mant, _ = np.frexp(s)
-    return np.isfinite(s) & (s > 0) & (mant == 0.5)
-
-
-def power_of_two(scale: np.ndarray, mode: Mode = "ceil") -> np.ndarray:
-    """Round positive scales to powers of two: up (``ceil``, TI's choice) or to the nearest in log2 (``nearest``)."""
-    s = np.asarray(scale, dtype=np.float64)
-    mant, exp = np.frexp(s)  # s = mant * 2**exp, mant in [0.5, 1)
-    k = np.where(mant == 0.5, exp - 1, exp) if mode == "ceil" else np.rint(np.log2(s)).astype(np.int64)
-    return np.ldexp(1.0, k.astype(np.int64)).astype(np.float32)
 
 
 class EnforcePowerOfTwoScalesPass(Pass):
@@ -61,13 +47,10 @@ class EnforcePowerOfTwoScalesPass(Pass):
     def run(self, graph: gs.Graph) -> PassResult:
         edits = ConstEdits(graph)
         changes = 0
-        for node in graph.nodes:
-            if node.op not in QDQ_OPS:
+        for node, qp in iter_quantizers(graph):
+            if not qp.valid or bool(np.all(is_power_of_two(qp.scale))):
                 continue
-            qp = qparams(node)
-            if qp is None or not qp.valid or bool(np.all(is_power_of_two(qp.scale))):
-                continue
-            new_scale = power_of_two(qp.scale, self.mode).reshape(qp.scale.shape)
+            new_scale = round_to_power_of_two(qp.scale, self.mode).reshape(qp.scale.shape)
             edits.set(node, 1, new_scale)
             if node.op == "DequantizeLinear" and is_const(node.inputs[0]):
                 data = const_value(node.inputs[0])

@@ -15,16 +15,13 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
-from tiexport.errors import UsageError
-from tiexport.onnx_io import infer_shapes
+from tiexport.errors import UsageError, first_line
 from tiexport.passes.base import Pass, PassResult
+from tiexport.shapes import SkeletonConstant, infer_shapes, skeleton
 
 __all__ = ["InferShapesPass", "PinInputShapesPass", "parse_input_shape"]
 
 log = logging.getLogger(__name__)
-
-_SMALL_INITIALIZER = 64  # elements; larger initializers become graph inputs in the inference skeleton
-
 
 def parse_input_shape(text: str) -> tuple[str, list[int]]:
     """``"input:1x3x224x224"`` -> ``("input", [1, 3, 224, 224])``; the name may itself contain ``:``."""
@@ -117,8 +114,7 @@ class InferShapesPass(Pass):
         try:
             inferred = infer_shapes(skeleton)
         except Exception as exc:
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return PassResult(graph, modified=False, notes=[f"shape inference failed: {text}"])
+            return PassResult(graph, modified=False, notes=[f"shape inference failed: {first_line(exc)}"])
         known: dict[str, onnx.ValueInfoProto] = {vi.name: vi for vi in (*inferred.graph.value_info,
                                                                         *inferred.graph.output)}
         input_names = {t.name for t in graph.inputs}
@@ -157,28 +153,21 @@ def _skeleton(graph: gs.Graph) -> onnx.ModelProto:
     """The graph as a ModelProto without its large constants (typed inputs instead) and without stale shapes."""
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-    skel = onnx.GraphProto(name=graph.name or "graph")
-    skel.node.extend(OnnxExporter.export_node(n) for n in graph.nodes)
-    skel.input.extend(OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs)
     # outputs without shapes: the inferred ones come back instead of the declared (possibly stale) ones
+    outputs = []
     for out in graph.outputs:
-        vi = skel.output.add()
-        vi.name = out.name
+        vi = onnx.ValueInfoProto(name=out.name)
         if out.dtype is not None:
             vi.type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(out.dtype))
+        outputs.append(vi)
     declared = {t.name for t in graph.inputs}
-    for name, t in graph.tensors().items():
-        if not isinstance(t, gs.Constant) or name in declared:
-            continue
-        shape = list(t.shape)
-        if int(np.prod(shape)) <= _SMALL_INITIALIZER:
-            skel.initializer.append(OnnxExporter.export_tensor_proto(t))
-        else:
-            skel.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)),
-                                                            shape))
-    model = onnx.ModelProto(ir_version=graph.ir_version or onnx.IR_VERSION, graph=skel)
-    model.opset_import.extend(_opsets(graph))
-    return model
+    constants = (SkeletonConstant(name, helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)),
+                                  tuple(int(d) for d in t.shape), lambda t=t: OnnxExporter.export_tensor_proto(t))
+                 for name, t in graph.tensors().items() if isinstance(t, gs.Constant) and name not in declared)
+    return skeleton(name=graph.name or "graph", nodes=[OnnxExporter.export_node(n) for n in graph.nodes],
+                    inputs=[OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs],
+                    outputs=outputs, constants=constants, ir_version=graph.ir_version or onnx.IR_VERSION,
+                    opset_import=_opsets(graph))
 
 
 def _opsets(graph: gs.Graph) -> list[onnx.OperatorSetIdProto]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import helper
 
 from tiexport.passes.base import Pass, PassResult
 from tiexport.passes.graph import (
@@ -25,6 +24,7 @@ from tiexport.passes.graph import (
     qparams,
     qrange,
     quantize,
+    set_qdq_params,
 )
 
 __all__ = ["EnforceSymmetricPass", "symmetric_target"]
@@ -173,16 +173,7 @@ class EnforceSymmetricPass(Pass):
         if target is None:
             return None
         scale, dtype, exact = target
-        zp = np.zeros(qp.scale.shape, dtype)
-        for n in (q, *dqs):
-            edits.set(n, 1, scale)
-            if len(n.inputs) > 2 and not n.inputs[2].is_empty():
-                edits.set(n, 2, zp)
-            else:
-                n.inputs.append(gs.Constant(edits.names(f"{n.name}_zero_point"), zp))
-        if "output_dtype" in q.attrs:
-            q.attrs["output_dtype"] = helper.np_dtype_to_tensor_dtype(dtype)
-        out.dtype = dtype
+        set_qdq_params([q, *dqs], edits, scale, np.zeros(qp.scale.shape, dtype), dtype)
         return exact
 
     @staticmethod

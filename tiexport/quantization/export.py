@@ -51,15 +51,14 @@ from typing import Any
 
 import onnx
 
-from tiexport.errors import TiexportError, UsageError
+from tiexport.errors import TiexportError, UsageError, first_line
+from tiexport.tidl_spec import get_spec
 
 __all__ = ["EXPORTERS", "ExportError", "ExportResult", "export"]
 
 log = logging.getLogger(__name__)
 
 EXPORTERS = ("torchscript", "dynamo")
-MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear (tidl.md §2; TIDL003)
-TIDL_MAX_OPSET = 19  # tidl.md §3 "opset up to 19"
 
 
 class ExportError(TiexportError):
@@ -122,8 +121,9 @@ def export(
         raise UsageError(f"export() takes a torch.nn.Module, got {type(model).__name__}")
     if exporter not in EXPORTERS:
         raise UsageError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
-    if not isinstance(opset_version, int) or opset_version < MIN_OPSET:
-        raise UsageError(f"opset_version must be an int >= {MIN_OPSET} (per-axis Q/DQ), got {opset_version!r}")
+    spec = get_spec()
+    if not isinstance(opset_version, int) or opset_version < spec.min_opset:
+        raise UsageError(f"opset_version must be an int >= {spec.min_opset} (per-axis Q/DQ), got {opset_version!r}")
     if exporter == "torchscript" and opset_version > compat.torchscript_max_opset():
         raise UsageError(f"the TorchScript exporter stops at opset {compat.torchscript_max_opset()}; use "
                          "exporter='dynamo' for newer opsets")
@@ -140,8 +140,8 @@ def export(
         raise UsageError(f"{out.parent}: output folder does not exist")
     extra = {str(k): str(v) for k, v in (metadata or {}).items()}
     notes: list[str] = []
-    if opset_version > TIDL_MAX_OPSET:
-        notes.append(f"opset {opset_version} is newer than TIDL reads (up to {TIDL_MAX_OPSET}, tidl.md §3)")
+    if opset_version > spec.max_opset:
+        notes.append(f"opset {opset_version} is newer than TIDL reads (up to {spec.max_opset}, tidl.md §3)")
 
     with REGISTRY.scoped(exporter, opset_version) as table, torch.no_grad():
         lowering = ExportLowering(model, args)
@@ -165,16 +165,16 @@ def export(
             except TiexportError:
                 raise
             except Exception as exc:
-                raise ExportError(f"the {exporter} exporter failed: {_first_line(exc)}") from exc
+                raise ExportError(f"the {exporter} exporter failed: {first_line(exc)}") from exc
     try:
         proto, sites = finalize(proto, opset_version)
     except Exception as exc:
-        raise ExportError(f"cleaning up the {exporter} export failed: {_first_line(exc)}") from exc
+        raise ExportError(f"cleaning up the {exporter} export failed: {first_line(exc)}") from exc
     _set_metadata(proto, model, exporter, lowering.kind, extra, __version__, torch.__version__)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
-        raise ExportError(f"the exported model fails onnx.checker: {_first_line(exc)}") from exc
+        raise ExportError(f"the exported model fails onnx.checker: {first_line(exc)}") from exc
     save_model(proto, out)
     for note in notes:
         log.warning("%s", note)
@@ -213,7 +213,7 @@ def _run(model: Any, args: tuple[Any, ...]) -> list[Any]:
     except TiexportError:
         raise
     except Exception as exc:
-        raise UsageError(f"the model does not run on example_inputs ({type(exc).__name__}: {_first_line(exc)})") \
+        raise UsageError(f"the model does not run on example_inputs ({type(exc).__name__}: {first_line(exc)})") \
             from exc
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     if not outs or not all(isinstance(o, torch.Tensor) for o in outs):
@@ -252,11 +252,3 @@ def _set_metadata(proto: onnx.ModelProto, model: Any, exporter: str, kind: str, 
     for k, v in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()[:500]
-    return type(exc).__name__

@@ -58,7 +58,7 @@ from torch.fx import GraphModule
 
 from tiexport import compat
 from tiexport.compat import module_device
-from tiexport.errors import UnusableInputError, UsageError
+from tiexport.errors import UnusableInputError, UsageError, first_line
 from tiexport.quantization.bias_calibration import BiasCalibrator
 from tiexport.quantization.equalization import EqualizationReport, equalize_cross_layer
 from tiexport.quantization.qconfig import (
@@ -338,7 +338,7 @@ class _QuantFxModule(torch.nn.Module):
                 "module or a concrete argument"
             ) from exc
         except AssertionError as exc:  # torch.ao states what it cannot fuse or prepare with bare asserts
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else "an internal assertion failed"
+            text = first_line(exc, default="an internal assertion failed")
             raise UsageError(f"torch.ao cannot prepare {type(model).__name__} for quantization: {text}") from exc
         changed = (
             apply_graph_rules(prepared, align_add_inputs=self._align_add_inputs) if self._apply_rules else {}

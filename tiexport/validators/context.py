@@ -18,14 +18,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from tiexport.onnx_io import LoadedModel, infer_shapes, tensor_to_array
+from tiexport.errors import first_line
+from tiexport.onnx_io import LoadedModel, tensor_to_array
+from tiexport.shapes import SkeletonConstant, infer_shapes, skeleton
+from tiexport.tidl_spec import QDQ_OPS
 
-__all__ = ["QDQ_OPS", "ModelContext", "QParams", "dtype_name"]
+__all__ = ["ModelContext", "QParams", "dtype_name"]
 
 log = logging.getLogger(__name__)
 
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-_SMALL_INITIALIZER = 64  # elements; larger initializers become graph inputs in the shape-inference skeleton
 
 _INT_RANGES: dict[int, tuple[int, int]] = {
     TensorProto.INT8: (-128, 127),
@@ -250,6 +251,27 @@ class ModelContext:
         return None
 
     # ------------------------------------------------------------------------------------------------ Q/DQ
+    def qdq_nodes(self) -> Iterator[onnx.NodeProto]:
+        """Every QuantizeLinear and DequantizeLinear node, in graph order."""
+        return self.nodes_of(*QDQ_OPS)
+
+    def quantizers(self) -> Iterator[tuple[onnx.NodeProto, QParams]]:
+        """Every Q/DQ node whose scale and zero point are decodable constants, with its parameters, in graph order
+        (nodes with other parameters are rule TIDL011's)."""
+        for node in self.qdq_nodes():
+            qp = self.qparams(node)
+            if qp is not None:
+                yield node, qp
+
+    def input_quantizers(self, tensor: str, through: frozenset[str], depth: int = 0) -> Iterator[onnx.NodeProto]:
+        """The QuantizeLinear nodes reading ``tensor``, directly or behind up to 4 ops of ``through`` (Cast,
+        Reshape...): how a network input is quantized."""
+        for c in self.consumers_of(tensor):
+            if c.op_type == "QuantizeLinear":
+                yield c
+            elif c.op_type in through and depth < 4 and c.output:
+                yield from self.input_quantizers(c.output[0], through, depth + 1)
+
     def qparams(self, node: onnx.NodeProto) -> QParams | None:
         """Q/DQ parameters, or None when scale or zero point is not a decodable constant."""
         hit = self._qparams_cache.get(id(node))
@@ -317,7 +339,7 @@ class ModelContext:
             inferred = infer_shapes(skeleton)
             g = inferred.graph
         except Exception as exc:  # inference errors are findings (static_shape), not crashes
-            error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            error = first_line(exc)
             g = skeleton.graph
         try:
             for vi in (*g.input, *g.value_info, *g.output):
@@ -347,24 +369,12 @@ class ModelContext:
     def skeleton(self) -> onnx.ModelProto:
         """The model with large initializers replaced by typed graph inputs (cheap to serialize and infer)."""
         g = self.graph
-        skel_graph = onnx.GraphProto(name="skeleton")
-        skel_graph.node.extend(g.node)
-        skel_graph.input.extend(g.input)
-        skel_graph.output.extend(g.output)
-        skel_graph.value_info.extend(g.value_info)
-        declared = {vi.name for vi in g.input}
-        for t in g.initializer:
-            n = 1
-            for d in t.dims:
-                n *= int(d)
-            if n <= _SMALL_INITIALIZER and t.data_location != TensorProto.EXTERNAL:
-                skel_graph.initializer.append(t)
-            elif t.name not in declared:
-                skel_graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        skel = onnx.ModelProto(ir_version=self.model.ir_version, graph=skel_graph)
-        skel.opset_import.extend(self.model.opset_import)
-        skel.functions.extend(self.model.functions)
-        return skel
+        constants = (SkeletonConstant(t.name, t.data_type, tuple(int(d) for d in t.dims),
+                                      None if t.data_location == TensorProto.EXTERNAL else (lambda t=t: t))
+                     for t in g.initializer)
+        return skeleton(name="skeleton", nodes=g.node, inputs=g.input, outputs=g.output, value_info=g.value_info,
+                        constants=constants, ir_version=self.model.ir_version, opset_import=self.model.opset_import,
+                        functions=self.model.functions)
 
     @property
     def shape_inference_error(self) -> str | None:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from tiexport.errors import UnusableInputError, UsageError
+from tiexport.errors import UnusableInputError, UsageError, first_line
 from tiexport.onnx_io import LoadedModel, as_model, external_data_info
 from tiexport.validators.context import ModelContext
 
@@ -593,7 +593,7 @@ def _load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     except AttributeError:  # np.load returned a plain array, which has no context manager
         raise UnusableInputError(f"{p}: not an .npz archive (a single .npy array has no input names)") from None
     except Exception as exc:
-        raise UnusableInputError(f"{p}: cannot read as .npz: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+        raise UnusableInputError(f"{p}: cannot read as .npz: {first_line(exc)}") from None
 
 
 def load_inputs(
@@ -667,10 +667,6 @@ def _is_torch_module(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
 
 def ort_session(source: str | bytes, *, optimizations: bool = False, external_folder: str | None = None) -> Any:
     """An ONNX Runtime CPU session for a model path or serialized model, made the way every parity run makes it.
@@ -721,7 +717,7 @@ class OnnxRunner:
             try:
                 data = loaded.model.SerializeToString()
             except Exception as exc:  # > 2 GB in memory
-                raise UnusableInputError(f"{loaded.name}: cannot serialize for ONNX Runtime: {_first_line(exc)}"
+                raise UnusableInputError(f"{loaded.name}: cannot serialize for ONNX Runtime: {first_line(exc)}"
                                          ) from None
             if self.probes:
                 extra = onnx.ModelProto()
@@ -731,7 +727,7 @@ class OnnxRunner:
         try:
             self.session = ort_session(source, optimizations=optimizations, external_folder=folder)
         except Exception as exc:
-            raise UnusableInputError(f"{loaded.name}: ONNX Runtime cannot load the model: {_first_line(exc)}"
+            raise UnusableInputError(f"{loaded.name}: ONNX Runtime cannot load the model: {first_line(exc)}"
                                      ) from None
         self.input_names = [i.name for i in self.session.get_inputs()]
 
@@ -740,7 +736,7 @@ class OnnxRunner:
         try:
             values = self.session.run(names, dict(feed))
         except Exception as exc:
-            raise UnusableInputError(f"{self.name}: ONNX Runtime failed on the inputs: {_first_line(exc)}") from None
+            raise UnusableInputError(f"{self.name}: ONNX Runtime failed on the inputs: {first_line(exc)}") from None
         return dict(zip(names, (np.asarray(v) for v in values), strict=True))
 
 

@@ -7,10 +7,11 @@ and a verdict. Renderers never decide anything; the CLI exit code follows :meth:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any, Literal
+from typing import Any, Literal
+
+from tiexport.terminal import paint, use_colour
 
 __all__ = [
     "CATEGORIES",
@@ -154,24 +155,6 @@ class Report:
 
 
 # ---------------------------------------------------------------------------------------------------------- text
-_COLOURS = {"error": "\033[31m", "warning": "\033[33m", "info": "\033[36m", "ok": "\033[32m", "bold": "\033[1m"}
-_RESET = "\033[0m"
-
-
-def use_colour(stream: IO[str]) -> bool:
-    """Colours only on a TTY, and never when NO_COLOR is set (https://no-color.org)."""
-    if os.environ.get("NO_COLOR"):
-        return False
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def _paint(text: str, key: str, colour: bool) -> str:
-    return f"{_COLOURS[key]}{text}{_RESET}" if colour else text
-
-
 def _text(report: Report, colour: bool, titles: dict[str, str] | None = None) -> str:
     """Per device: a summary line, then findings grouped by severity and rule, each rule's hint printed once."""
     titles = titles or {}
@@ -179,7 +162,7 @@ def _text(report: Report, colour: bool, titles: dict[str, str] | None = None) ->
     for name, dev in report.devices.items():
         counts = ", ".join(f"{dev.count(s)} {s}{'s' if dev.count(s) != 1 else ''}" for s in SEVERITIES)
         key = {"incompatible": "error", "compatible_with_warnings": "warning", "compatible": "ok"}[dev.verdict]
-        lines.append(f"{_paint(name, 'bold', colour)}: {_paint(dev.verdict, key, colour)} ({counts})  [{report.model}]")
+        lines.append(f"{paint(name, 'bold', colour)}: {paint(dev.verdict, key, colour)} ({counts})  [{report.model}]")
         for severity in SEVERITIES:
             by_rule: dict[str, list[Finding]] = {}
             for f in dev.findings:
@@ -190,7 +173,7 @@ def _text(report: Report, colour: bool, titles: dict[str, str] | None = None) ->
                 fixable = " [fixable: tiexport fix]" if all(f.fixable for f in group) else ""
                 title = titles.get(rule_id, first.category)
                 n = f" ({len(group)} nodes)" if len(group) > 1 else ""
-                lines.append(f"  {_paint(severity, severity, colour)} {rule_id} {first.category}: {title}{n}{fixable}")
+                lines.append(f"  {paint(severity, severity, colour)} {rule_id} {first.category}: {title}{n}{fixable}")
                 hints = {f.hint for f in group}
                 shared_hint = first.hint if len(hints) == 1 else ""
                 if shared_hint:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from tiexport.errors import UnusableInputError, UsageError
+from tiexport.errors import UnusableInputError, UsageError, first_line
 from tiexport.onnx_io import LoadedModel
 from tiexport.validators.context import ModelContext
 
@@ -274,7 +274,7 @@ class TorchReference:
             with torch.no_grad():
                 out = self.module(*args)
         except Exception as exc:
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = first_line(exc)
             raise UnusableInputError(f"the torch reference failed on the inputs: {type(exc).__name__}: {text}"
                                      ) from None
         outputs = [t.detach().cpu().numpy() for t in _flatten(out)]

@@ -34,18 +34,19 @@ def validate(
     ctx = ModelContext(loaded)
     active = rules if rules is not None else RULES
     reports: dict[str, DeviceReport] = {}
-    shared: dict[str, list[Finding]] = {}  # findings of device-independent rules, computed once per model
+    shared: dict[tuple[str, str], list[Finding]] = {}  # device-independent rules: once per model and SDK release
     for profile in profiles:
         findings: list[Finding] = []
         for rule in active:
             if not rule.applies_to(profile) or (rule.needs_qdq and not ctx.is_quantized):
                 continue
-            if rule.device_independent and rule.id in shared:
-                findings.extend(shared[rule.id])
+            key = (rule.id, profile.sdk)
+            if rule.device_independent and key in shared:
+                findings.extend(shared[key])
                 continue
             found = _run_rule(rule, ctx, profile)
             if rule.device_independent:
-                shared[rule.id] = found
+                shared[key] = found
             findings.extend(found)
         reports[profile.name] = DeviceReport(profile.name, findings)
     return Report(model=loaded.name, devices=reports)

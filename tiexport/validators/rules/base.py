@@ -30,7 +30,8 @@ class Rule:
     needs_accelerator: ClassVar[bool] = True
     """Skipped on devices without a TIDL accelerator (AM62), where everything runs in ONNX Runtime on Arm."""
     device_independent: ClassVar[bool] = False
-    """``check`` ignores its device argument: validate runs it once per model and shares the findings."""
+    """``check`` reads nothing of its device but the SDK facts (``device.spec``): validate runs it once per model
+    and SDK release and shares the findings between devices."""
 
     def applies_to(self, device: DeviceProfile) -> bool:
         return device.accelerator or not self.needs_accelerator

@@ -10,10 +10,11 @@ import onnx
 from onnx import TensorProto
 
 from tiexport.devices import DeviceProfile
-from tiexport.validators.context import QDQ_OPS, ModelContext, QParams
+from tiexport.tidl_spec import is_power_of_two
+from tiexport.validators.context import ModelContext, QParams
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
-from tiexport.validators.rules.qdq import PASS_THROUGH, pattern_members
+from tiexport.validators.rules.qdq import pattern_members
 
 __all__ = [
     "InputQuantizationRule",
@@ -21,15 +22,7 @@ __all__ = [
     "PerChannelRule",
     "PowerOfTwoRule",
     "SymmetricRule",
-    "is_power_of_two",
 ]
-
-
-def is_power_of_two(scale: np.ndarray) -> np.ndarray:
-    """Elementwise: is each (positive, finite) scale exactly 2**k for an integer k."""
-    s = np.asarray(scale, dtype=np.float64)
-    mant, _ = np.frexp(s)
-    return np.isfinite(s) & (s > 0) & (mant == 0.5)
 
 
 def _is_weight(ctx: ModelContext, node: onnx.NodeProto) -> bool:
@@ -37,14 +30,6 @@ def _is_weight(ctx: ModelContext, node: onnx.NodeProto) -> bool:
         return ctx.is_weight_dq(node)
     return bool(node.input) and ctx.is_const(node.input[0])
 
-
-
-# Layers whose activations TIDL treats as symmetric even on MMAv2 (tidl.md §2 per-layer table).
-SYMMETRIC_INPUT_OPS = frozenset({
-    "ConvTranspose", "DeformConv", "BatchNormalization", "PRelu", "Mul", "Sub", "Div", "Max", "Min", "Sum",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Relu", "Resize", "Upsample", "Sigmoid", "Tanh",
-    "Gather", "ArgMax", "DepthToSpace", "SpaceToDepth", "Split", "Slice", "Pad", "Squeeze",
-})
 
 
 class PowerOfTwoRule(Rule):
@@ -63,11 +48,8 @@ class PowerOfTwoRule(Rule):
         return device.power_of_two_scales
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
-        for node in ctx.nodes:
-            if node.op_type not in QDQ_OPS:
-                continue
-            qp = ctx.qparams(node)
-            if qp is None or qp.scale.size == 0:
+        for node, qp in ctx.quantizers():
+            if qp.scale.size == 0:
                 continue
             ok = is_power_of_two(qp.scale)
             finite = np.isfinite(np.asarray(qp.scale, dtype=np.float64)) & (np.asarray(qp.scale) > 0)
@@ -99,11 +81,8 @@ class SymmetricRule(Rule):
     category = "symmetric"
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
-        for node in ctx.nodes:
-            if node.op_type not in QDQ_OPS:
-                continue
-            qp = ctx.qparams(node)
-            if qp is None or qp.symmetric:
+        for node, qp in ctx.quantizers():
+            if qp.symmetric:
                 continue
             zps = sorted({int(z) for z in qp.zero_points.ravel()})  # np.unique would import numpy.ma (~15 ms)
             shown = ", ".join(str(z) for z in zps[:3]) + (", ..." if len(zps) > 3 else "")
@@ -122,8 +101,9 @@ class SymmetricRule(Rule):
                 )
             elif node.op_type == "DequantizeLinear":
                 fused = pattern_members(ctx)  # Div/Mul inside a GELU/LayerNorm are one TIDL layer, not eltwise
+                symmetric_ops = device.spec.symmetric_input_ops
                 users = sorted({c.op_type for c in _effective_consumers(ctx, node.output[0])
-                                if c.op_type in SYMMETRIC_INPUT_OPS and ctx.producer.get(c.output[0]) not in fused})
+                                if c.op_type in symmetric_ops and ctx.producer.get(c.output[0]) not in fused})
                 if users:
                     yield self.finding(
                         ctx, node,
@@ -143,9 +123,6 @@ def _effective_consumers(ctx: ModelContext, tensor: str, depth: int = 0) -> list
         else:
             out.append(c)
     return out
-
-
-_PER_TENSOR_WEIGHT_OPS = frozenset({"ConvTranspose", "DeformConv", "BatchNormalization", "PRelu"})
 
 
 class PerChannelRule(Rule):
@@ -174,8 +151,8 @@ class PerChannelRule(Rule):
                     ctx, node, f"per-channel weight ({qp.scale.size} scales); {device.name} takes per-tensor weights "
                     "only", f"tiexport fix --device {device.name}, or train with WT8SYMP2_AT8SYMP2", fixable=True,
                 )
-            elif consumers & _PER_TENSOR_WEIGHT_OPS:
-                ops = ", ".join(sorted(consumers & _PER_TENSOR_WEIGHT_OPS))
+            elif consumers & device.spec.per_tensor_weight_ops:
+                ops = ", ".join(sorted(consumers & device.spec.per_tensor_weight_ops))
                 yield self.finding(ctx, node, f"per-channel weight of {ops}, which TIDL takes per-tensor only",
                                    f"tiexport fix --device {device.name}", fixable=True)
 
@@ -194,7 +171,7 @@ class InputQuantizationRule(Rule):
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
         for vi in ctx.graph_inputs:
-            for q in self._input_quantizers(ctx, vi.name):
+            for q in ctx.input_quantizers(vi.name, device.spec.pass_through | {"Cast"}):
                 qp = ctx.qparams(q)
                 if qp is None:
                     continue
@@ -208,13 +185,6 @@ class InputQuantizationRule(Rule):
                         "TIDL's input data-convert layer is symmetric only",
                         f"tiexport fix --device {device.name}", severity=sev, fixable=True,
                     )
-
-    def _input_quantizers(self, ctx: ModelContext, tensor: str, depth: int = 0) -> Iterator[onnx.NodeProto]:
-        for c in ctx.consumers_of(tensor):
-            if c.op_type == "QuantizeLinear":
-                yield c
-            elif c.op_type in PASS_THROUGH | {"Cast"} and depth < 4 and c.output:
-                yield from self._input_quantizers(ctx, c.output[0], depth + 1)
 
 
 class MatMulSignRule(Rule):

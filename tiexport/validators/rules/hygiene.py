@@ -11,7 +11,7 @@ import onnx
 from onnx import TensorProto
 
 from tiexport.devices import DeviceProfile
-from tiexport.validators.context import QDQ_OPS, ModelContext, QParams
+from tiexport.validators.context import ModelContext, QParams
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
 
@@ -66,12 +66,7 @@ class RedundantQdqRule(Rule):
                 yield self.finding(ctx, node, f"re-quantizes the output of {ctx.node_name(dq)!r} with the same "
                                    "scale and zero point", hint, fixable=True)
         seen: dict[tuple[str, str, str], onnx.NodeProto] = {}
-        for node in ctx.nodes:
-            if node.op_type not in QDQ_OPS or not node.input:
-                continue
-            qp = ctx.qparams(node)
-            if qp is None:
-                continue
+        for node, qp in ctx.quantizers():
             key = (node.op_type, node.input[0], _qkey(qp))
             first = seen.get(key)
             if first is None:
@@ -79,9 +74,8 @@ class RedundantQdqRule(Rule):
             else:
                 yield self.finding(ctx, node, f"duplicate of {ctx.node_name(first)!r} (same input, scale and "
                                    "zero point)", "tiexport fix merges them (exact)", fixable=True)
-        for node in ctx.nodes:
-            if node.op_type in QDQ_OPS and node.output and not ctx.consumers.get(node.output[0]) \
-                    and node.output[0] not in ctx.graph_output_names:
+        for node in ctx.qdq_nodes():
+            if node.output and not ctx.consumers.get(node.output[0]) and node.output[0] not in ctx.graph_output_names:
                 yield self.finding(ctx, node, "result is never used", "tiexport fix removes dead nodes",
                                    fixable=True)
 

@@ -1,6 +1,7 @@
 """Operator rules: which nodes TIDL offloads, the per-operator constraints that decide it, and the TIDL partition.
 
-One source of truth (tidl.md §3): :data:`TIDL_OPS` (the operator table) and the constraint rules below feed
+One source of truth (tidl.md §3): the operator table (``device.spec.ops``, :mod:`tiexport.tidl_spec`) and the
+constraint rules below feed
 :func:`node_support`, which says why a node would *not* be offloaded (an empty list: TIDL takes it). The rules
 report the same reasons as findings, and :func:`partition` groups the offloaded nodes into TIDL subgraphs.
 
@@ -24,16 +25,13 @@ import numpy as np
 import onnx
 
 from tiexport.devices import DeviceProfile
+from tiexport.tidl_spec import is_power_of_two
 from tiexport.validators.context import ModelContext
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
-from tiexport.validators.rules.device_quant import is_power_of_two
 
 __all__ = [
     "OP_CONSTRAINT_RULES",
-    "RANK4_OPS",
-    "STANDALONE_UNSUPPORTED",
-    "TIDL_OPS",
     "ArgMaxRule",
     "BatchNormRule",
     "CastPlacementRule",
@@ -71,30 +69,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# tidl.md §3 operator table, one row per line. Min is not in the §3 table but is an EltWise op in the §2 per-layer
-# table; Constant is folded into its consumer; Cast is accepted only at network inputs/outputs (TIDL061).
-TIDL_OPS: frozenset[str] = frozenset({
-    "Conv",
-    "AveragePool", "GlobalAveragePool", "MaxPool",
-    "Relu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Mish", "LeakyRelu", "Sqrt", "Exp", "Log", "Abs",
-    "Floor", "Neg", "Pow", "Sin", "Cos", "Tan", "Asin", "Acos", "Atan", "InstanceNormalization",
-    "PRelu",
-    "Add", "Mul", "Div", "Sub", "Max", "Sum", "Min",
-    "Gemm", "MatMul", "Softmax", "BatchNormalization", "ConvTranspose", "Concat", "Slice", "Split",
-    "Flatten", "Squeeze", "Unsqueeze", "Transpose", "DepthToSpace", "SpaceToDepth",
-    "Reshape", "ArgMax", "Resize", "Upsample", "Pad", "ReduceMin", "ReduceMax", "Gather", "LayerNormalization",
-    "GridSample", "TopK", "ScatterND", "ScatterElements", "DeformConv", "Clip", "Cast",
-    "Dropout", "Identity", "Erf", "ReduceMean",
-    "QuantizeLinear", "DequantizeLinear", "Constant",
-})
-# In the table, but "not as standalone layers" (tidl.md §3): Erf only inside GELU, ReduceMean only inside LayerNorm;
-# Dropout and Identity are inference no-ops that the fix pipeline removes.
-STANDALONE_UNSUPPORTED: frozenset[str] = frozenset({"Dropout", "Identity", "Erf", "ReduceMean"})
-# tidl.md §3 "Common limit": at most 4 non-singleton variable dims for these, 6 for the others.
-RANK4_OPS: frozenset[str] = frozenset({
-    "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "Gemm", "MatMul", "Resize", "Upsample", "Slice", "ArgMax",
-    "ScatterND",
-})
 _ARM = "; runs on Arm (ONNX Runtime)"
 # Ops that never become TIDL layers of their own and are not counted as rank-limited layers.
 _NO_LAYER = frozenset({"QuantizeLinear", "DequantizeLinear", "Constant", "Cast"})
@@ -337,15 +311,16 @@ class UnsupportedOpRule(Rule):
     needs_qdq = False
     needs_accelerator = False
 
-    def violation(self, ctx: ModelContext, node: onnx.NodeProto) -> Violation | None:
+    def violation(self, ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile) -> Violation | None:
         """Why this node's op type is not a TIDL layer, or None when it is (its constraints aside)."""
         op = node.op_type
+        spec = device.spec
         if node.domain not in ("", "ai.onnx"):
             return Violation(
                 f"{node.domain}.{op} is not a TIDL operator{_ARM}, not an import failure",
                 "custom-domain ops always run on Arm; export with standard ONNX ops for full offload",
             )
-        if op not in TIDL_OPS:
+        if op not in spec.ops:
             return Violation(
                 f"{op} is not in TIDL's operator table{_ARM}, not an import failure",
                 "each Arm node splits the TIDL subgraph; replace it with a TIDL-supported op for full offload",
@@ -353,7 +328,7 @@ class UnsupportedOpRule(Rule):
         if op in ("Dropout", "Identity"):
             return Violation(f"standalone {op} is not a TIDL layer{_ARM}",
                              f"tiexport fix removes the {op} (a no-op at inference)", fixable=True)
-        if op in STANDALONE_UNSUPPORTED and not _in_fused_pattern(ctx, node):
+        if op in spec.standalone_unsupported and not _in_fused_pattern(ctx, node):
             if op == "Erf":
                 return Violation(f"Erf outside a GELU pattern is not a TIDL layer{_ARM}",
                                  "TIDL fuses Erf only in x * 0.5 * (1 + erf(x / sqrt(2))); export nn.GELU as such")
@@ -385,6 +360,10 @@ class OpConstraintRule(Rule):
     severity = "warning"
     needs_qdq = False
     ops: ClassVar[frozenset[str]]
+
+    def takes(self, op_type: str, device: DeviceProfile) -> bool:
+        """Whether this rule constrains nodes of ``op_type`` on ``device``."""
+        return op_type in self.ops
 
     def violations(self, ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile) -> Iterator[Violation]:
         raise NotImplementedError
@@ -1224,10 +1203,13 @@ class RankLimitRule(OpConstraintRule):
 
     id = "TIDL072"
     title = "too many non-singleton dims for a TIDL layer"
-    ops = TIDL_OPS - _NO_LAYER - {"Dropout", "Identity"}
+    ops = frozenset()  # every TIDL layer of the device's SDK: see takes()
+
+    def takes(self, op_type: str, device: DeviceProfile) -> bool:
+        return op_type in device.spec.ops and op_type not in _NO_LAYER and op_type not in ("Dropout", "Identity")
 
     def violations(self, ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile) -> Iterator[Violation]:
-        limit = 4 if node.op_type in RANK4_OPS else 6
+        limit = 4 if node.op_type in device.spec.rank4_ops else 6
         tensors = [i for i in node.input if i and not _is_const(ctx, i)] + [o for o in node.output if o]
         for t in tensors:
             shape = ctx.static_shape(t)
@@ -1281,12 +1263,12 @@ def _violations_of(ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfil
     if not device.accelerator:
         return [(_UNSUPPORTED.id, Violation(f"{device.name} has no TIDL accelerator", ""))]
     out: list[tuple[str, Violation]] = []
-    v = _UNSUPPORTED.violation(ctx, node)
+    v = _UNSUPPORTED.violation(ctx, node, device)
     if v is not None:
         out.append((_UNSUPPORTED.id, v))
     if node.domain in ("", "ai.onnx") and _attributes_match_schema(ctx, node):
         for rule in OP_CONSTRAINT_RULES:
-            if node.op_type in rule.ops:
+            if rule.takes(node.op_type, device):
                 out.extend((rule.id, c) for c in rule.violations(ctx, node, device))
     return out
 

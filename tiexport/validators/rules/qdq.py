@@ -10,7 +10,7 @@ import onnx
 from onnx import TensorProto
 
 from tiexport.devices import DeviceProfile
-from tiexport.validators.context import QDQ_OPS, ModelContext, dtype_name
+from tiexport.validators.context import ModelContext, dtype_name
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
 
@@ -99,9 +99,7 @@ class InvalidQParamsRule(Rule):
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
         hint = "re-export the model; scales must be positive finite float32 constants"
-        for node in ctx.nodes:
-            if node.op_type not in QDQ_OPS:
-                continue
+        for node in ctx.qdq_nodes():
             if len(node.input) < 2 or not node.input[1]:
                 yield self.finding(ctx, node, "missing scale input", hint)
                 continue
@@ -196,11 +194,8 @@ class BitWidthRule(Rule):
     needs_accelerator = False
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
-        for node in ctx.nodes:
-            if node.op_type not in QDQ_OPS:
-                continue
-            qp = ctx.qparams(node)
-            if qp is None or qp.qtype in (TensorProto.INT8, TensorProto.UINT8):
+        for node, qp in ctx.quantizers():
+            if qp.qtype in (TensorProto.INT8, TensorProto.UINT8):
                 continue
             if qp.qtype == TensorProto.INT32 and node.op_type == "DequantizeLinear" and _is_bias_dq(ctx, node):
                 continue
@@ -237,11 +232,8 @@ class QdqAxisRule(Rule):
     device_independent = True
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
-        for node in ctx.nodes:
-            if node.op_type not in QDQ_OPS:
-                continue
-            qp = ctx.qparams(node)
-            if qp is None or not qp.per_channel:
+        for node, qp in ctx.quantizers():
+            if not qp.per_channel:
                 continue
             rank = ctx.rank(node.input[0])
             axis = qp.axis + rank if rank is not None and qp.axis < 0 else qp.axis
@@ -266,35 +258,11 @@ class QdqAxisRule(Rule):
                     )
 
 
-# Ops whose variable inputs must come from DequantizeLinear (tidl.md §2 per-layer table, "needs Q/DQ around it").
-NEEDS_QDQ = frozenset({
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "DeformConv", "BatchNormalization", "PRelu",
-    "Add", "Mul", "Sub", "Div", "Max", "Min", "Sum", "Concat", "Softmax", "LayerNormalization",
-    "MaxPool", "AveragePool", "GlobalAveragePool", "Relu", "Resize", "Upsample", "Sigmoid", "Tanh",
-    "Gather", "ArgMax", "DepthToSpace", "SpaceToDepth", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu",
-})
-# Ops that need no Q/DQ of their own: quantization passes through them (tidl.md §2 table, last two rows).
-PASS_THROUGH = frozenset({
-    "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Pad", "Identity", "Dropout",
-})
 # Ops whose inputs after the first are weights or parameters, not activations.
 _FIRST_INPUT_ONLY = frozenset({
     "Conv", "ConvTranspose", "Gemm", "DeformConv", "BatchNormalization", "LayerNormalization", "PRelu", "Resize",
     "Upsample", "Gather",
 })
-# Ops that may feed a quantized consumer without their own output Q (tidl.md §2 "Exceptions documented").
-_FUSED_INTO_NEXT = {
-    "Conv": {"Relu", "BatchNormalization", "Clip", "LeakyRelu"},
-    "ConvTranspose": {"Relu", "BatchNormalization", "Clip"},
-    "Gemm": {"Relu", "Clip"},
-    "MatMul": {"Add", "Relu"},
-    "Add": {"Relu", "Clip"},
-    "Mul": {"Relu", "Clip"},
-    "Sub": {"Relu", "Clip"},
-    "Div": {"Relu", "Clip", "Erf"},
-    "BatchNormalization": {"Relu", "Clip"},
-}
-
 
 _PATTERN_OPS = frozenset({"Div", "Mul", "Add", "Sub", "Pow", "Sqrt", "Reciprocal", "Erf", "ReduceMean", "Sigmoid"})
 
@@ -362,7 +330,7 @@ class QdqCoverageRule(Rule):
     category = "qdq_coverage"
     device_independent = True
 
-    def _quantized_source(self, ctx: ModelContext, tensor: str, depth: int = 0) -> bool:
+    def _quantized_source(self, ctx: ModelContext, tensor: str, through: frozenset[str], depth: int = 0) -> bool:
         if ctx.is_const(tensor):
             return True
         node = ctx.producer_of(tensor)
@@ -370,39 +338,40 @@ class QdqCoverageRule(Rule):
             return False
         if node.op_type == "DequantizeLinear":
             return True
-        if node.op_type in PASS_THROUGH and depth < 16 and node.input:
-            return self._quantized_source(ctx, node.input[0], depth + 1)
+        if node.op_type in through and depth < 16 and node.input:
+            return self._quantized_source(ctx, node.input[0], through, depth + 1)
         return False
 
-    def _requantized(self, ctx: ModelContext, tensor: str, depth: int = 0) -> bool:
+    def _requantized(self, ctx: ModelContext, tensor: str, through: frozenset[str], depth: int = 0) -> bool:
         cons = ctx.consumers_of(tensor)
         if not cons:
             return False
         for c in cons:
             if c.op_type == "QuantizeLinear":
                 continue
-            if c.op_type in PASS_THROUGH and depth < 16 and c.output:
-                if not self._requantized(ctx, c.output[0], depth + 1):
+            if c.op_type in through and depth < 16 and c.output:
+                if not self._requantized(ctx, c.output[0], through, depth + 1):
                     return False
                 continue
             return False
         return True
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
+        spec = device.spec
         members = pattern_members(ctx)
         for pos, node in enumerate(ctx.nodes):
-            if node.op_type not in NEEDS_QDQ:
+            if node.op_type not in spec.needs_qdq:
                 continue
             inside = pos in members
             data_inputs = list(node.input)
             if node.op_type in _FIRST_INPUT_ONLY:
                 data_inputs = data_inputs[:1]
             for inp in data_inputs:
-                if inp and not ctx.is_const(inp) and not self._quantized_source(ctx, inp):
+                if inp and not ctx.is_const(inp) and not self._quantized_source(ctx, inp, spec.pass_through):
                     if inside and ctx.producer.get(inp) in members:
                         continue  # an edge inside a fused GELU/LayerNorm/SiLU pattern
                     producer = ctx.producer_of(inp)
-                    fused = producer is not None and node.op_type in _FUSED_INTO_NEXT.get(producer.op_type, set())
+                    fused = producer is not None and node.op_type in spec.fused_into_next.get(producer.op_type, ())
                     if fused:
                         continue
                     yield self.finding(ctx, node, f"input {inp!r} is float: no DequantizeLinear before this layer",
@@ -412,10 +381,10 @@ class QdqCoverageRule(Rule):
                     yield self.finding(ctx, node, f"weight {node.input[idx]!r} is float, not quantized",
                                        "quantize the weights (DequantizeLinear of an int8 initializer)")
             out = node.output[0] if node.output else ""
-            if not out or self._requantized(ctx, out):
+            if not out or self._requantized(ctx, out, spec.pass_through):
                 continue
             cons = ctx.consumers_of(out)
-            if cons and all(c.op_type in _FUSED_INTO_NEXT.get(node.op_type, set()) for c in cons):
+            if cons and all(c.op_type in spec.fused_into_next.get(node.op_type, ()) for c in cons):
                 continue
             if inside and all(j in members for j in ctx.consumers.get(out, [])):
                 continue

@@ -107,23 +107,21 @@ class OpsetRule(Rule):
     device_independent = True
     needs_qdq = False
     needs_accelerator = False
-    MIN_OPSET = 13
-    MAX_OPSET = 19
-    MAX_IR = 9
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
+        spec = device.spec
         hint = "re-export with opset_version=17 (what TI's v2 exports use)"
         if ctx.opset == 0:
             yield self.finding(ctx, None, "model imports no ai.onnx opset", hint)
-        elif ctx.opset > self.MAX_OPSET:
-            yield self.finding(ctx, None, f"opset {ctx.opset} is newer than TIDL supports (up to {self.MAX_OPSET})",
+        elif ctx.opset > spec.max_opset:
+            yield self.finding(ctx, None, f"opset {ctx.opset} is newer than TIDL supports (up to {spec.max_opset})",
                                hint)
-        elif ctx.opset < self.MIN_OPSET:
-            yield self.finding(ctx, None, f"opset {ctx.opset} is older than {self.MIN_OPSET}, the first with "
+        elif ctx.opset < spec.min_opset:
+            yield self.finding(ctx, None, f"opset {ctx.opset} is older than {spec.min_opset}, the first with "
                                "per-axis QuantizeLinear/DequantizeLinear", hint)
-        if ctx.model.ir_version > self.MAX_IR:
+        if ctx.model.ir_version > spec.max_ir:
             yield self.finding(ctx, None, f"IR version {ctx.model.ir_version} is newer than TIDL's ONNX reads "
-                               f"(up to {self.MAX_IR})", "re-export with opset 17 or set model.ir_version = 8",
+                               f"(up to {spec.max_ir})", "re-export with opset 17 or set model.ir_version = 8",
                                fixable=True)
         for imp in ctx.model.opset_import:
             if imp.domain not in ("", "ai.onnx", "com.microsoft", "ai.onnx.ml"):
