@@ -28,8 +28,9 @@ class SkeletonConstant:
     name: str
     elem_type: int
     dims: tuple[int, ...]
-    proto: Callable[[], onnx.TensorProto] | None
-    """Builds the TensorProto (called only for small constants); None when its data must not be read (external)."""
+    proto: onnx.TensorProto | Callable[[], onnx.TensorProto] | None
+    """The TensorProto, or a function that builds it (called only for small constants); None when its data must not
+    be read (external data)."""
 
 
 def skeleton(
@@ -54,7 +55,7 @@ def skeleton(
     for c in constants:
         size = int(np.prod(c.dims, dtype=np.float64)) if c.dims else 1
         if size <= SMALL_INITIALIZER and c.proto is not None:
-            graph.initializer.append(c.proto())
+            graph.initializer.append(c.proto if isinstance(c.proto, onnx.TensorProto) else c.proto())
         elif c.name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(c.name, c.elem_type, list(c.dims)))
     model = onnx.ModelProto(ir_version=ir_version, graph=graph)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import numpy as np
 import onnx
@@ -162,7 +163,7 @@ def _skeleton(graph: gs.Graph) -> onnx.ModelProto:
         outputs.append(vi)
     declared = {t.name for t in graph.inputs}
     constants = (SkeletonConstant(name, helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)),
-                                  tuple(int(d) for d in t.shape), lambda t=t: OnnxExporter.export_tensor_proto(t))
+                                  tuple(int(d) for d in t.shape), partial(OnnxExporter.export_tensor_proto, t))
                  for name, t in graph.tensors().items() if isinstance(t, gs.Constant) and name not in declared)
     return skeleton(name=graph.name or "graph", nodes=[OnnxExporter.export_node(n) for n in graph.nodes],
                     inputs=[OnnxExporter.export_value_info_proto(t, do_type_check=False) for t in graph.inputs],

@@ -370,7 +370,7 @@ class ModelContext:
         """The model with large initializers replaced by typed graph inputs (cheap to serialize and infer)."""
         g = self.graph
         constants = (SkeletonConstant(t.name, t.data_type, tuple(int(d) for d in t.dims),
-                                      None if t.data_location == TensorProto.EXTERNAL else (lambda t=t: t))
+                                      None if t.data_location == TensorProto.EXTERNAL else t)
                      for t in g.initializer)
         return skeleton(name="skeleton", nodes=g.node, inputs=g.input, outputs=g.output, value_info=g.value_info,
                         constants=constants, ir_version=self.model.ir_version, opset_import=self.model.opset_import,
