@@ -54,9 +54,9 @@ for path in sys.argv[1:3]:
 def run(cfg: Config) -> list[Section]:
     title = f"parity: {'ResNet-50' if not cfg.quick else 'tiny'} QDQ vs float, {SAMPLES} samples"
     command = "python bench/bench_parity.py" + (" --quick" if cfg.quick else "")
-    if not have_module("tiexport.validators.parity"):
+    if not have_module("tiexport.parity"):
         s = Section(key="parity", title=title, command=command, status="skipped")
-        s.notes.append("not run: tiexport.validators.parity (`tiexport parity`) does not exist yet")
+        s.notes.append("not run: tiexport.parity (`tiexport parity`) does not exist yet")
         return [s.finish()]
 
     from bench.models import qdq_models

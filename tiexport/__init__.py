@@ -25,8 +25,8 @@ _LAZY: dict[str, str] = {
     "UsageError": "tiexport.errors",
     "fix": "tiexport.passes.fix",
     "FixReport": "tiexport.passes.fix",
-    "check_parity": "tiexport.validators.parity",
-    "ParityReport": "tiexport.validators.parity",
+    "check_parity": "tiexport.parity",
+    "ParityReport": "tiexport.parity",
     "runtime_options": "tiexport.snippets",
     "snippet": "tiexport.snippets",
     "export": "tiexport.quantization.export",
@@ -56,6 +56,6 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from tiexport.devices import DEVICES, DeviceProfile, get_device  # noqa: F401
     from tiexport.errors import TiexportError, UnusableInputError, UsageError  # noqa: F401
-    from tiexport.validators.parity import ParityReport, check_parity  # noqa: F401
+    from tiexport.parity import ParityReport, check_parity  # noqa: F401
     from tiexport.validators.report import Finding, Report  # noqa: F401
     from tiexport.validators.validate import validate  # noqa: F401

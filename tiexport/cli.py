@@ -46,8 +46,9 @@ def _emit(text: str, output: str | None, protect: tuple[str, ...] = ()) -> None:
 
 # ------------------------------------------------------------------------------------------------- validate
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from tiexport.terminal import use_colour
     from tiexport.validators.registry import rule_titles
-    from tiexport.validators.report import render, use_colour
+    from tiexport.validators.report import render
     from tiexport.validators.validate import validate
 
     devices = args.device or ["all"]
@@ -108,8 +109,8 @@ def _add_rules(sub: argparse._SubParsersAction) -> None:
 def _cmd_info(args: argparse.Namespace) -> int:
     import json
 
+    from tiexport.context import ModelContext
     from tiexport.onnx_io import as_model
-    from tiexport.validators.context import ModelContext
 
     ctx = ModelContext(as_model(args.model))
     ops: dict[str, int] = {}
@@ -209,9 +210,9 @@ _TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pt2", ".safetensors")
 def _cmd_parity(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from tiexport.parity import check_parity
     from tiexport.progress import ProgressBar
-    from tiexport.validators.parity import check_parity
-    from tiexport.validators.report import use_colour
+    from tiexport.terminal import use_colour
 
     if Path(args.reference).suffix.lower() in _TORCH_SUFFIXES:
         raise UsageError(f"{args.reference}: the command line takes an .onnx reference; compare against a torch "

@@ -1,7 +1,7 @@
 """ONNX shape inference that cannot take the process down, run on a weight-free skeleton of the model.
 
 TIDL resolves every tensor's shape with ONNX shape inference (tidl.md §2), so rules and passes both run it: the
-validators' :class:`~tiexport.validators.context.ModelContext` on a ModelProto, the fix pipeline's
+validators' :class:`~tiexport.context.ModelContext` on a ModelProto, the fix pipeline's
 :class:`~tiexport.passes.static_shapes.InferShapesPass` on an onnx-graphsurgeon graph. Both build the same
 :func:`skeleton`: every initializer above :data:`SMALL_INITIALIZER` elements (or stored as external data) becomes a
 typed graph input, so inference costs the same for a 100 MB model as for a 1 MB one and never reads weights.

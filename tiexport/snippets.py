@@ -46,11 +46,11 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 
+from tiexport.context import ModelContext, dtype_name
 from tiexport.devices import DeviceProfile, get_device
 from tiexport.errors import TiexportError, UsageError
 from tiexport.onnx_io import LoadedModel, as_model
 from tiexport.tidl_spec import get_spec, is_power_of_two
-from tiexport.validators.context import ModelContext, dtype_name
 from tiexport.validators.report import DeviceReport, Finding, Report
 from tiexport.validators.rules.qdq import NotPrequantizedRule
 

@@ -355,7 +355,7 @@ def test_exact_fix_checks_parity_on_one_sample_numeric_fix_on_all() -> None:
 
 # ----------------------------------------------------------------------------------------------- unchanged graphs
 def test_an_unchanged_graph_is_identical_by_construction_without_running(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tiexport.validators.parity as parity_mod
+    import tiexport.parity as parity_mod
 
     def no_run(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("parity ran on a graph fix did not change")
@@ -452,7 +452,7 @@ def test_output_never_overwrites_the_input_unless_protect_is_empty(tmp_path: Pat
 
 
 def test_parity_reuses_the_load_check_session() -> None:
-    from tiexport.validators.parity import check_parity, ort_session
+    from tiexport.parity import check_parity, ort_session
 
     model = tiny_conv(act_scale=0.03)
     fixed, _ = fix(model, "TDA4VM", parity=False)

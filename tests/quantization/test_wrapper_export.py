@@ -136,8 +136,8 @@ def test_failed_parity_on_a_gpu_module_is_rechecked_on_a_cpu_copy(tmp_path: Path
     # H200 (float rounding of CUDA kernels); the CPU copy's check must then run, pass, and be reported
     import dataclasses
 
+    import tiexport.parity as parity_mod
     import tiexport.quantization.wrapper as wrapper_mod
-    import tiexport.validators.parity as parity_mod
 
     data = batches(SHAPE, 2)
     w = _calibrated(seeded(TinyCNN()), data[0], data)
@@ -158,7 +158,7 @@ def test_failed_parity_on_a_gpu_module_is_rechecked_on_a_cpu_copy(tmp_path: Path
 
 
 def test_cpu_module_parity_is_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tiexport.validators.parity as parity_mod
+    import tiexport.parity as parity_mod
 
     data = batches(SHAPE, 2)
     w = _calibrated(seeded(TinyCNN()), data[0], data)

@@ -89,11 +89,11 @@ def test_recipe_export_matches_torch_within_one_step(exported, recipe, exporter)
     assert parity_fraction(build(), exported[recipe, exporter], shape, n=3) >= 0.999
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tiexport.validators.parity") is None,
-                    reason="tiexport.validators.parity is not built yet")
+@pytest.mark.skipif(importlib.util.find_spec("tiexport.parity") is None,
+                    reason="tiexport.parity is not built yet")
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_recipe_export_passes_the_parity_checker(exported, recipe):
-    from tiexport.validators.parity import check_parity
+    from tiexport.parity import check_parity
 
     build, shape = RECIPES[recipe]
     inputs = [b.numpy() for b in calibration_batches(shape, 2, seed=9)]

@@ -255,8 +255,8 @@ def test_float_bias_beyond_16_bits_is_also_reported_on_tda4vm() -> None:
 @pytest.mark.parametrize("stem", sorted(RULE_FIXTURES))
 def test_device_independent_rules_really_ignore_the_device(stem: str) -> None:
     """validate shares these rules' findings across devices; each must give the same findings for every device."""
+    from tiexport.context import ModelContext
     from tiexport.onnx_io import as_model
-    from tiexport.validators.context import ModelContext
     from tiexport.validators.registry import RULES
 
     ctx = ModelContext(as_model(RULE_FIXTURES[stem][0]()))

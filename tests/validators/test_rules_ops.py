@@ -14,9 +14,9 @@ from onnx import TensorProto
 import tiexport
 from fixtures.builders import QdqBuilder
 from fixtures.op_fixtures import OP_FIXTURES, ceil_chain, relu_chain
+from tiexport.context import ModelContext
 from tiexport.devices import DEVICES, get_device
 from tiexport.onnx_io import as_model
-from tiexport.validators.context import ModelContext
 from tiexport.validators.registry import RULES
 from tiexport.validators.report import Finding as F
 from tiexport.validators.rules.ops import OP_CONSTRAINT_RULES, node_support, partition

@@ -224,7 +224,7 @@ def fix(
     pin (a dynamic batch alone is pinned to 1 anyway). ``power_of_two``: ``"ceil"`` (TI's rounding, default) or
     ``"nearest"``. ``quantize_bias``: None follows the device profile. ``inputs``: parity inputs (a ``.npz`` path,
     a dict name -> array or a list of such); None: ``num_samples`` seeded random samples. ``max_lsb``: parity
-    tolerance in quantization steps of each output (see :func:`tiexport.validators.parity.check_parity`).
+    tolerance in quantization steps of each output (see :func:`tiexport.parity.check_parity`).
     ``output``: also write the fixed model there, atomically, and never onto a ``protect`` path (None: the input
     file; ``()`` allows rewriting it in place); the bytes checked are the bytes written.
     Raises UsageError / UnusableInputError for bad arguments or input, and :class:`FixError` when the result would
@@ -427,9 +427,9 @@ def _unusable_because(model: onnx.ModelProto, data: bytes | None = None) -> tupl
     if data is None:
         log.warning("model over 2 GB: onnx.checker and the ONNX Runtime load check are skipped")
         return "", None
+    from tiexport.context import ModelContext
     from tiexport.onnx_io import LoadedModel
-    from tiexport.validators.context import ModelContext
-    from tiexport.validators.parity import ort_session
+    from tiexport.parity import ort_session
 
     try:
         onnx.checker.check_model(data)
@@ -460,9 +460,9 @@ def _check_usable(fixed: onnx.ModelProto, data: bytes | None, original: onnx.Mod
 def _parity(reference: Any, candidate: onnx.ModelProto, *, inputs: Any, num_samples: int, seed: int,
             max_lsb: float = 1.0, session: Any = None) -> tuple[dict[str, Any], bool | None, bool | None]:
     """Compare the fixed model with the input: (report dict, passed, bit-identical). Uses
-    :func:`tiexport.validators.parity.check_parity` on seeded random samples drawn for the fixed model's (static)
+    :func:`tiexport.parity.check_parity` on seeded random samples drawn for the fixed model's (static)
     input shapes over the input quantizer's range, or on the given ``inputs``."""
-    from tiexport.validators.parity import check_parity
+    from tiexport.parity import check_parity
 
     if inputs is None:
         samples = _random_inputs(reference.model, candidate, num_samples, seed)
@@ -485,8 +485,8 @@ def _random_inputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, num_s
                    ) -> list[dict[str, np.ndarray]] | str:
     """Seeded samples for the candidate's inputs (static after pinning): float inputs uniform over the range of the
     reference's input QuantizeLinear (else [0, 1)), integer inputs in [0, 4). A str says why none can be drawn."""
-    from tiexport.validators.context import ModelContext
-    from tiexport.validators.parity import MAX_RANDOM_ELEMENTS
+    from tiexport.context import ModelContext
+    from tiexport.parity import MAX_RANDOM_ELEMENTS
 
     if num_samples < 1:
         raise UsageError(f"num_samples must be >= 1, got {num_samples}")

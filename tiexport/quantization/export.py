@@ -22,7 +22,7 @@ What the output guarantees:
   ``.module``) has a ``_tiexport_qconfig_type`` attribute, ``qconfig_type``; plus the caller's ``metadata``;
   ``producer_name`` is ``tiexport``.
 
-**Q/DQ node names** (what ``tiexport.validators.parity`` relies on to map fake-quant modules to ONNX nodes):
+**Q/DQ node names** (what ``tiexport.parity`` relies on to map fake-quant modules to ONNX nodes):
 
 - a fake-quant module with qualified name ``<q>`` (``model.named_modules()``) becomes ``<q>/QuantizeLinear`` and
   ``<q>/DequantizeLinear`` (plus ``<q>/Clip`` for a restricted range); a weight fake-quant (its input a constant)

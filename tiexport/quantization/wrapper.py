@@ -540,7 +540,7 @@ class _QuantFxModule(torch.nn.Module):
         parity_report = parity_cpu = None
         notes: list[str] = []
         if parity:
-            from tiexport.validators.parity import check_parity
+            from tiexport.parity import check_parity
 
             if parity_inputs is None:
                 parity_inputs = _parity_batches(path, args)
@@ -625,7 +625,7 @@ class QuantExportResult:
     path: Path
     export_result: Any
     fix_report: Any = None
-    parity: Any = None  # tiexport.validators.parity.ParityReport
+    parity: Any = None  # tiexport.parity.ParityReport
     validation: Any = None  # tiexport.validators.report.Report
     notes: list[str] = field(default_factory=list)
     parity_cpu: Any = None

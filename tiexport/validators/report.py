@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from tiexport.terminal import paint, use_colour
+from tiexport.terminal import paint
 
 __all__ = [
     "CATEGORIES",
@@ -20,7 +20,6 @@ __all__ = [
     "Finding",
     "Report",
     "render",
-    "use_colour",
 ]
 
 Severity = Literal["error", "warning", "info"]

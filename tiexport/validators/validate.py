@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from tiexport.context import ModelContext
 from tiexport.devices import DeviceProfile, resolve_devices
 from tiexport.onnx_io import as_model
-from tiexport.validators.context import ModelContext
 from tiexport.validators.registry import RULES
 from tiexport.validators.report import DeviceReport, Finding, Report
 from tiexport.validators.rules.base import Rule

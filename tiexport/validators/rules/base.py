@@ -11,8 +11,8 @@ from typing import ClassVar
 
 import onnx
 
+from tiexport.context import ModelContext
 from tiexport.devices import DeviceProfile
-from tiexport.validators.context import ModelContext
 from tiexport.validators.report import Finding
 
 __all__ = ["Rule"]

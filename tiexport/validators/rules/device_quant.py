@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from tiexport.context import ModelContext, QParams
 from tiexport.devices import DeviceProfile
 from tiexport.tidl_spec import is_power_of_two
-from tiexport.validators.context import ModelContext, QParams
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
 from tiexport.validators.rules.qdq import pattern_members

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from tiexport.context import ModelContext, QParams
 from tiexport.devices import DeviceProfile
-from tiexport.validators.context import ModelContext, QParams
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
 

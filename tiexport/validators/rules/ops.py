@@ -10,7 +10,7 @@ cores and splits the graph around it (tidl.md §3 "Anything else runs on the Arm
 error"), so op findings are warnings. The exception is the compile limit ``max_num_subgraphs`` <= 16 (tidl.md §3
 "Other compile limits"), an error.
 
-Shapes come from the shared :class:`~tiexport.validators.context.ModelContext`; when a shape or a parameter a rule
+Shapes come from the shared :class:`~tiexport.context.ModelContext`; when a shape or a parameter a rule
 needs is unknown (not inferable, or computed at run time), the rule says nothing rather than guess.
 """
 
@@ -24,9 +24,9 @@ from typing import ClassVar
 import numpy as np
 import onnx
 
+from tiexport.context import ModelContext
 from tiexport.devices import DeviceProfile
 from tiexport.tidl_spec import is_power_of_two
-from tiexport.validators.context import ModelContext
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
 

@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from tiexport.context import ModelContext, dtype_name
 from tiexport.devices import DeviceProfile
-from tiexport.validators.context import ModelContext, dtype_name
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
 

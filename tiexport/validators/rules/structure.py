@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from tiexport.context import ModelContext
 from tiexport.devices import DeviceProfile
-from tiexport.validators.context import ModelContext
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
 

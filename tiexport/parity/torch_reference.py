@@ -1,6 +1,6 @@
 """The torch side of parity: a ``torch.nn.Module`` as reference for a QDQ ONNX candidate run in ONNX Runtime.
 
-:func:`tiexport.validators.parity.check_parity` comes here when its reference is a torch module; torch is imported
+:func:`tiexport.parity.check_parity` comes here when its reference is a torch module; torch is imported
 at use, never at module level (the mapping helpers here work without torch).
 
 The reference (a fake-quant FX GraphModule from ``prepare_qat_fx``/``prepare_fx``, tiexport's wrapper, or an eager
@@ -35,9 +35,14 @@ from typing import Any
 
 import numpy as np
 
+from tiexport.context import ModelContext
 from tiexport.errors import UnusableInputError, UsageError, first_line
 from tiexport.onnx_io import LoadedModel
-from tiexport.validators.context import ModelContext
+from tiexport.parity.inputs import input_specs, load_inputs
+from tiexport.parity.metrics import Accumulator
+from tiexport.parity.report import LayerResult, ParityReport, first_divergence
+from tiexport.parity.runner import OnnxRunner
+from tiexport.parity.steps import Step, step_of, valid_scale
 
 __all__ = [
     "PointMatch",
@@ -248,16 +253,14 @@ class TorchReference:
         """Quantization step of each fake-quant point (its own scale, the reference grid); observers have none."""
         from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-        from tiexport.validators.parity import _Step, _valid_scale
-
         steps: dict[str, Any] = {}
         for name, m in self.points:
             scale = getattr(m, "scale", None) if isinstance(m, FakeQuantizeBase) else None
             if scale is None or not hasattr(scale, "detach") or scale.numel() == 0:
                 continue
             s = scale.detach().double().cpu().numpy().ravel()
-            if _valid_scale(s):
-                steps[name] = _Step(s.reshape(()) if s.size == 1 else s, axis=int(getattr(m, "ch_axis", 1)))
+            if valid_scale(s):
+                steps[name] = Step(s.reshape(()) if s.size == 1 else s, axis=int(getattr(m, "ch_axis", 1)))
         return steps
 
     def run(self, feed: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray], list[tuple[Point, np.ndarray]]]:
@@ -296,19 +299,8 @@ def run_torch_parity(
     report_kwargs: dict[str, Any],
     candidate_session: Any = None,
 ) -> Any:
-    """check_parity with a torch reference (called by :func:`tiexport.validators.parity.check_parity`)."""
-    from tiexport.validators.parity import (
-        LayerResult,
-        OnnxRunner,
-        ParityReport,
-        _Accumulator,
-        _first_divergence,
-        _input_specs,
-        _step_of,
-        load_inputs,
-    )
-
-    specs = _input_specs(cand_ctx)
+    """check_parity with a torch reference (called by :func:`tiexport.parity.check_parity`)."""
+    specs = input_specs(cand_ctx)
     samples = load_inputs(inputs, specs, cand_ctx, num_samples, seed)
     out_names = [o.name for o in cand_loaded.model.graph.output]
     notes: list[str] = []
@@ -336,10 +328,10 @@ def run_torch_parity(
         total = len(samples)
 
         def step(tensor: str) -> Any:
-            return step_of_tensor.get(tensor) or _step_of(cand_ctx, tensor)
+            return step_of_tensor.get(tensor) or step_of(cand_ctx, tensor)
 
-        out_acc = [_Accumulator(step(n), criterion, total) for n in out_names]
-        layer_acc = {(m.module, m.call): _Accumulator(step(m.tensor), criterion, total) for m in matches}
+        out_acc = [Accumulator(step(n), criterion, total) for n in out_names]
+        layer_acc = {(m.module, m.call): Accumulator(step(m.tensor), criterion, total) for m in matches}
         by_point = {(m.module, m.call): m for m in matches}
         skipped: set[Point] = set()
         for i, sample in enumerate(samples):
@@ -369,5 +361,5 @@ def run_torch_parity(
     if skipped:
         notes.append(f"{len(skipped)} mapped fake-quant point(s) not compared: shapes differ from their ONNX tensor")
     return ParityReport(passed=all(m.passed for m in outputs.values()), outputs=outputs,
-                        first_divergence=_first_divergence(layers, outputs, cand_ctx), layers=layers,
+                        first_divergence=first_divergence(layers, outputs, cand_ctx), layers=layers,
                         reference=ref_name, samples=len(samples), notes=notes, **report_kwargs)

@@ -13,10 +13,10 @@ from onnx import helper, numpy_helper
 
 from fixtures.builders import QdqBuilder
 from fixtures.models import tiny_conv
+from tiexport.context import ModelContext
 from tiexport.errors import UnusableInputError, UsageError
 from tiexport.onnx_io import as_model
-from tiexport.validators.context import ModelContext
-from tiexport.validators.parity import (
+from tiexport.parity import (
     OnnxRunner,
     ParityReport,
     check_parity,
@@ -333,7 +333,7 @@ def test_quant_step_through_layout_op_and_identity_scale() -> None:
 
 # ------------------------------------------------------------------------------------------------ inputs
 def specs_ctx(model: onnx.ModelProto):
-    from tiexport.validators.parity import _input_specs
+    from tiexport.parity import input_specs as _input_specs
 
     ctx = ModelContext(as_model(model))
     return _input_specs(ctx), ctx

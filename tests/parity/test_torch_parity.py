@@ -17,11 +17,11 @@ import pytest
 from onnx import numpy_helper
 
 from fixtures.builders import QdqBuilder
+from tiexport.context import ModelContext
 from tiexport.errors import UsageError
 from tiexport.onnx_io import as_model
-from tiexport.validators.context import ModelContext
-from tiexport.validators.parity import check_parity
-from tiexport.validators.torch_parity import map_fake_quant_points
+from tiexport.parity import check_parity
+from tiexport.parity.torch_reference import map_fake_quant_points
 
 
 def _tiny_cnn(torch: Any) -> Any:

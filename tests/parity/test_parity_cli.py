@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.validators.test_parity import MIDDLE, corrupt_scale, three_layer
+from tests.parity.test_parity import MIDDLE, corrupt_scale, three_layer
 from tiexport.cli import main
 from tiexport.progress import ProgressBar
 

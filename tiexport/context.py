@@ -1,4 +1,5 @@
-"""ModelContext: one read-only, indexed view of an ONNX model that every rule shares.
+"""ModelContext: one read-only, indexed view of an ONNX model, shared by the validator rules, parity, the snippet
+generator and ``tiexport info``.
 
 It is built once per model (not per device): producer/consumer maps, constants, Q/DQ parameters and inferred shapes.
 Large initializers are never decoded: shape inference runs on a *skeleton* of the model in which every initializer
