@@ -46,10 +46,10 @@ def _node_count(path: Path) -> str:
 
 def run(cfg: Config) -> list[Section]:
     title = "fix: {} QDQ from {}"
-    if not have_module("tiexport.passes.fix"):
+    if not have_module("tiexport.workflows.fix"):
         s = Section(key="fix", title=title.format("ResNet-50" if not cfg.quick else "tiny", "ORT quantize_static"),
                     command="python bench/bench_fix.py", status="skipped")
-        s.notes.append("not run: tiexport.passes.fix (`tiexport fix`) does not exist yet")
+        s.notes.append("not run: tiexport.workflows.fix (`tiexport fix`) does not exist yet")
         return [s.finish()]
 
     from bench.models import qdq_models

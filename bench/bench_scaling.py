@@ -39,10 +39,10 @@ def run(cfg: Config) -> list[Section]:
                 command="python bench/bench_scaling.py" + (" --quick" if cfg.quick else ""))
     mults, shape, width = _family(cfg)
     fix_fn: Callable[..., object] | None = None
-    if have_module("tiexport.passes.fix"):
-        from tiexport.passes.fix import fix as fix_fn
+    if have_module("tiexport.workflows.fix"):
+        from tiexport.workflows.fix import fix as fix_fn
     else:
-        s.notes.append("fix not measured: tiexport.passes.fix does not exist yet")
+        s.notes.append("fix not measured: tiexport.workflows.fix does not exist yet")
 
     paths: dict[int, Path] = {}
     nodes: dict[int, int] = {}

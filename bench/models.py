@@ -212,7 +212,7 @@ def tiexport_qdq_onnx(factory: Callable[[], nn.Module], shape: tuple[int, ...], 
                       num_batches: int = 4) -> Path:
     """tiexport's PTCFxModule (default qconfig WC8_AT8) calibrated on seeded random batches, then exported.
 
-    Needs ``tiexport.quantization.wrapper`` and ``tiexport.quantization.export`` (raises ImportError before them).
+    Needs ``tiexport.quantization.wrapper`` and ``tiexport.symbolics.export`` (raises ImportError before them).
     """
     from tiexport.quantization.wrapper import PTCFxModule
 

@@ -262,8 +262,8 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tiexport.onnx_io import same_file
-    from tiexport.passes.fix import fix
     from tiexport.passes.static_shapes import parse_input_shape
+    from tiexport.workflows.fix import fix
 
     out = args.output or (args.model if args.in_place else None)
     if out is None:

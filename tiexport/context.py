@@ -24,7 +24,7 @@ from tiexport.onnx_io import LoadedModel, tensor_to_array
 from tiexport.shapes import SkeletonConstant, infer_shapes, skeleton
 from tiexport.tidl_spec import QDQ_OPS
 
-__all__ = ["ModelContext", "QParams", "dtype_name"]
+__all__ = ["ModelContext", "QParams", "dag_problem", "dtype_name"]
 
 log = logging.getLogger(__name__)
 
@@ -425,3 +425,40 @@ class ModelContext:
             return len(s)
         cs = self.const_shape(tensor) if self.is_const(tensor) else None
         return None if cs is None else len(cs)
+
+
+def dag_problem(model: onnx.ModelProto) -> str:
+    """Why the top-level graph cannot be rewritten safely ("" when it can): a name that is not UTF-8, a tensor with
+    two producers, or a cycle. onnx-graphsurgeon fails on the first, silently keeps one of the two producers on the
+    second (a Conv could end up reading the wrong tensor as its weight) and cannot sort the third."""
+    g = model.graph
+    names: list[str | bytes] = [vi.name for vi in (*g.input, *g.output)] + [t.name for t in g.initializer]
+    for n in g.node:
+        names.extend((n.name, *n.input, *n.output))
+    if any(isinstance(x, bytes) for x in names):  # protobuf hands out invalid UTF-8 strings as bytes
+        return "a node or tensor name is not valid UTF-8"
+    producer: dict[str, int] = dict.fromkeys([vi.name for vi in g.input] + [t.name for t in g.initializer], -1)
+    for i, n in enumerate(g.node):
+        for out in n.output:
+            if out and out in producer:
+                return f"tensor {out!r} has two producers"
+            if out:
+                producer[out] = i
+    deps = [{producer[t] for t in n.input if producer.get(t, -1) >= 0} for n in g.node]
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for k in users.get(i, []):
+            waiting[k] -= 1
+            if waiting[k] == 0:
+                ready.append(k)
+    if done < len(g.node):
+        return f"the graph has a cycle ({len(g.node) - done} node(s) on or after it)"
+    return ""

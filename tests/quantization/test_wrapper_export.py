@@ -136,8 +136,7 @@ def test_failed_parity_on_a_gpu_module_is_rechecked_on_a_cpu_copy(tmp_path: Path
     # H200 (float rounding of CUDA kernels); the CPU copy's check must then run, pass, and be reported
     import dataclasses
 
-    import tiexport.parity as parity_mod
-    import tiexport.quantization.wrapper as wrapper_mod
+    import tiexport.workflows.export as parity_mod  # the orchestration the wrapper's export() runs
 
     data = batches(SHAPE, 2)
     w = _calibrated(seeded(TinyCNN()), data[0], data)
@@ -150,7 +149,7 @@ def test_failed_parity_on_a_gpu_module_is_rechecked_on_a_cpu_copy(tmp_path: Path
         return dataclasses.replace(report, passed=False) if len(checked) == 1 else report
 
     monkeypatch.setattr(parity_mod, "check_parity", first_fails)
-    monkeypatch.setattr(wrapper_mod, "module_device", lambda module: torch.device("cuda"))
+    monkeypatch.setattr(parity_mod, "module_device", lambda module: torch.device("cuda"))
     result = w.export(data[0], tmp_path / "cnn.onnx")
     assert len(checked) == 2 and checked[1] is not w.module  # a copy
     assert result.parity_passed is False and result.parity_cpu is not None and result.parity_cpu.passed
@@ -158,7 +157,7 @@ def test_failed_parity_on_a_gpu_module_is_rechecked_on_a_cpu_copy(tmp_path: Path
 
 
 def test_cpu_module_parity_is_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tiexport.parity as parity_mod
+    import tiexport.workflows.export as parity_mod
 
     data = batches(SHAPE, 2)
     w = _calibrated(seeded(TinyCNN()), data[0], data)

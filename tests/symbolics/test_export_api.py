@@ -13,7 +13,7 @@ from torch.ao import quantization as tq  # noqa: E402
 import tiexport  # noqa: E402
 from tests.symbolics.helpers import quiet  # noqa: E402
 from tiexport.errors import UsageError  # noqa: E402
-from tiexport.quantization.export import ExportError  # noqa: E402
+from tiexport.symbolics.export import ExportError  # noqa: E402
 
 SHAPE = (1, 3, 8, 8)
 EXPORTERS = ["torchscript", pytest.param("dynamo", marks=pytest.mark.skipif(

@@ -3,7 +3,8 @@
 A :class:`Pass` rewrites an onnx-graphsurgeon graph in place and says what it did in a :class:`PassResult`
 (``modified``, how many rewrites, whether outputs can change numerically). Passes are idempotent: a second run on
 their own output reports ``modified=False``. :class:`PassManager` runs a list of passes to a fixed point (bounded)
-and, when one raises, names it and the passes that ran before it.
+and, when one raises, names it and the passes that ran before it. :func:`apply_passes` does all of it for a
+ModelProto: import into onnx-graphsurgeon, run, export back with the model-level fields gs does not carry.
 """
 
 from __future__ import annotations
@@ -13,11 +14,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import onnx
 import onnx_graphsurgeon as gs
 
 from tiexport.errors import TiexportError, first_line
 
-__all__ = ["Pass", "PassError", "PassManager", "PassResult", "PassSummary", "PipelineResult"]
+__all__ = [
+    "GraphRewriteError",
+    "Pass",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "PassSummary",
+    "PipelineResult",
+    "apply_passes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +160,53 @@ class PassManager:
 
 def _unique(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
+
+
+class GraphRewriteError(TiexportError):
+    """onnx-graphsurgeon cannot take the model in, or cannot write the rewritten graph back out."""
+
+
+def apply_passes(model: onnx.ModelProto, passes: Sequence[Pass], *, max_iterations: int = 8, name: str = "model"
+                 ) -> tuple[onnx.ModelProto, PipelineResult]:
+    """Run ``passes`` to a fixed point on a copy of ``model`` (never modified); returns the rewritten model and what
+    each pass did. Model-level fields onnx-graphsurgeon does not carry (doc string, domain, model version,
+    metadata, producer when the graph has none) are kept. ``name`` names the model in errors.
+
+    Raises :class:`GraphRewriteError` when the graph cannot be imported or exported, :class:`PassError` when a pass
+    fails.
+    """
+    working = onnx.ModelProto()
+    working.CopyFrom(model)  # gs reads lazily from the proto; the caller's model must stay as it was
+    try:
+        graph = gs.import_onnx(working)
+    except Exception as exc:
+        raise GraphRewriteError(f"{name}: cannot import the graph for rewriting: {first_line(exc)}"
+                                ) from None
+    result = PassManager(passes, max_iterations=max_iterations).run(graph)
+    try:
+        if not _is_sorted(graph):
+            graph.toposort()
+        out = gs.export_onnx(graph, do_type_check=False)
+    except Exception as exc:
+        raise GraphRewriteError(f"{name}: cannot export the rewritten graph: {first_line(exc)}") from None
+    out.doc_string = model.doc_string
+    out.domain = model.domain
+    out.model_version = model.model_version
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    if not out.producer_name:
+        out.producer_name = model.producer_name
+        out.producer_version = model.producer_version
+    return out, result
+
+
+def _is_sorted(graph: gs.Graph) -> bool:
+    available = {id(t) for t in graph.inputs}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) or t.is_empty() or id(t) in available:
+                continue
+            if t.inputs:  # produced by a node that has not run yet
+                return False
+        available.update(id(t) for t in node.outputs)
+    return True

@@ -13,9 +13,9 @@ __all__ = ["ExportError", "ExportResult", "PTCFxModule", "QATFxModule", "export"
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
-    "export": "tiexport.quantization.export",
-    "ExportResult": "tiexport.quantization.export",
-    "ExportError": "tiexport.quantization.export",
+    "export": "tiexport.symbolics.export",
+    "ExportResult": "tiexport.symbolics.export",
+    "ExportError": "tiexport.symbolics.export",
     "PTCFxModule": "tiexport.quantization.wrapper",
     "QATFxModule": "tiexport.quantization.wrapper",
     "load_weights": "tiexport.quantization.wrapper",

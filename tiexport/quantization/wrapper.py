@@ -41,14 +41,13 @@ parameters are therefore identical on all ranks, with or without DDP's ``broadca
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import math
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -57,7 +56,6 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.fx import GraphModule
 
 from tiexport import compat
-from tiexport.compat import module_device
 from tiexport.errors import UnusableInputError, UsageError, first_line
 from tiexport.quantization.bias_calibration import BiasCalibrator
 from tiexport.quantization.equalization import EqualizationReport, equalize_cross_layer
@@ -69,6 +67,7 @@ from tiexport.quantization.qconfig import (
     get_qconfig_mapping,
     qconfig_type_name,
 )
+from tiexport.workflows.export import QuantExportResult, export_checked
 
 __all__ = [
     "LoadReport",
@@ -514,8 +513,6 @@ class _QuantFxModule(torch.nn.Module):
         every device when none is given. Other keyword arguments go to :func:`tiexport.export` (``input_names``,
         ``output_names``, ``metadata``).
         """
-        from tiexport.quantization.export import export as export_onnx
-
         if not self._prepared:
             raise UsageError("export() needs a prepared model: pass example_inputs or run a forward pass first")
         if example_inputs is None:
@@ -525,46 +522,9 @@ class _QuantFxModule(torch.nn.Module):
         args, names = _positional_inputs(self.module, example_inputs)
         if names is not None:
             export_kwargs.setdefault("input_names", names)
-        path = Path(path)
         self.eval()
-        export_result = export_onnx(
-            self.module, args, path, opset_version=opset_version, exporter=exporter, **export_kwargs
-        )
-        fix_report = None
-        if device is not None:
-            from tiexport.passes.fix import fix
-
-            # the export is ours to replace: the fixed model is written over it (protect=())
-            _fixed, fix_report = fix(str(path), device=device, output=path, protect=(), **(fix_options or {}))
-            log.info("fixed %s for %s", path, device)
-        parity_report = parity_cpu = None
-        notes: list[str] = []
-        if parity:
-            from tiexport.parity import check_parity
-
-            if parity_inputs is None:
-                parity_inputs = _parity_batches(path, args)
-            parity_report = check_parity(self.module, str(path), inputs=parity_inputs)
-            log.info("parity against the torch module: %s", _parity_line(parity_report))
-            where = module_device(self.module)
-            if not parity_report.passed and where.type != "cpu":
-                # A GPU's float kernels (matmul, softmax, layer norm) round differently from ONNX Runtime's CPU
-                # ones; one ulp at a rounding boundary moves a quantized value by a step, and attention carries
-                # such steps on (GPU smoke run: a TransformerBlock 2 LSB off on CUDA, 0 on the CPU). The same
-                # module on the CPU tells that apart from an export error.
-                parity_cpu = check_parity(copy.deepcopy(self.module).cpu(), str(path), inputs=parity_inputs)
-                verdict = ("passes there: the difference is the GPU's float rounding, not the export"
-                           if parity_cpu.passed else "fails there too: the export differs from the module")
-                notes.append(f"parity against the module on {where} failed; on the CPU it {verdict} "
-                             f"({_parity_line(parity_cpu)})")
-                log.warning("%s", notes[-1])
-        from tiexport.validators.validate import validate
-
-        validation = validate(str(path), device=device if device is not None else "all")
-        return QuantExportResult(
-            path=path, export_result=export_result, fix_report=fix_report, parity=parity_report, validation=validation,
-            notes=notes, parity_cpu=parity_cpu,
-        )
+        return export_checked(self.module, args, path, opset_version=opset_version, device=device, exporter=exporter,
+                              parity=parity, parity_inputs=parity_inputs, fix_options=fix_options, **export_kwargs)
 
     def extra_repr(self) -> str:
         return (
@@ -594,50 +554,6 @@ def _positional_inputs(module: torch.nn.Module, example_inputs: Any) -> tuple[tu
     if skipped:
         raise UsageError(f"example_inputs misses {', '.join(skipped)}: ONNX inputs are positional")
     return tuple(kwargs[p.name] for p in ordered), [p.name for p in ordered]
-
-
-def _parity_batches(path: Path, args: tuple[Any, ...]) -> list[dict[str, Any]]:
-    """One sample for the parity checker: the ONNX model's input names with the example tensors, in order."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    initializers = {i.name for i in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in initializers]
-    if len(names) != len(args):
-        raise UsageError(f"{path} has {len(names)} input(s), example_inputs {len(args)}")
-    return [{n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=True)}]
-
-
-def _parity_line(report: Any) -> str:
-    for attr in ("summary", "summary_line"):
-        value = getattr(report, attr, None)
-        if callable(value):
-            value = value()
-        if isinstance(value, str):
-            return value
-    return f"passed={getattr(report, 'passed', None)}"
-
-
-@dataclass
-class QuantExportResult:
-    """What :meth:`PTCFxModule.export` / :meth:`QATFxModule.export` produced."""
-
-    path: Path
-    export_result: Any
-    fix_report: Any = None
-    parity: Any = None  # tiexport.parity.ParityReport
-    validation: Any = None  # tiexport.validators.report.Report
-    notes: list[str] = field(default_factory=list)
-    parity_cpu: Any = None
-    """When parity against a module on a GPU failed: the same check against a CPU copy of the module."""
-
-    @property
-    def parity_passed(self) -> bool | None:
-        return None if self.parity is None else bool(getattr(self.parity, "passed", False))
-
-    @property
-    def parity_summary(self) -> str:
-        return "not checked" if self.parity is None else _parity_line(self.parity)
 
 
 class PTCFxModule(_QuantFxModule):

@@ -23,7 +23,7 @@ What :class:`ExportLowering` does on entry, and undoes on exit (the user's model
   -> float op + ``Q/DQ``, and a float op on quantized tensors (pooling, resize, ...) -> the op + ``Q/DQ`` with the
   same parameters (what TIDL needs around those layers, tidl.md §2), except pure view ops (reshape, flatten, ...).
 
-Site names (the ``module`` of each Q/DQ, see ``tiexport.quantization.export``): a fake-quant module's qualified name;
+Site names (the ``module`` of each Q/DQ, see ``tiexport.symbolics.export``): a fake-quant module's qualified name;
 in converted models ``<module>`` for a lowered quantized module's output, ``<module>.weight`` for its weight, and the
 FX node's name for functional ops (``add_relu``, ``quantize_per_tensor``...).
 """

@@ -16,9 +16,10 @@ from fixtures.models import tiny_conv
 from tiexport.devices import DEVICES, get_device
 from tiexport.errors import UnusableInputError, UsageError
 from tiexport.passes.base import Pass, PassError, PassResult
-from tiexport.passes.fix import FixError, FixReport, build_pipeline, fix
+from tiexport.passes.pipelines import fix_pipeline as build_pipeline
 from tiexport.validators.report import Finding
 from tiexport.validators.validate import validate
+from tiexport.workflows.fix import FixError, FixReport, fix
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_MODELS = sorted((ROOT / "fixtures" / "models").glob("*.onnx"))
@@ -51,7 +52,7 @@ def _findings(model: Any, device: str) -> list[Finding]:
 
 def _input_is_unusable(model: Any) -> bool:
     from tiexport.onnx_io import as_model
-    from tiexport.passes.fix import _unusable_because
+    from tiexport.workflows.fix import _unusable_because
 
     return bool(_unusable_because(as_model(model, load_external_data=True).model))
 
@@ -313,17 +314,17 @@ class _RaisingPass(Pass):
 
 
 def test_a_broken_result_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tiexport.passes.fix as fix_module
+    import tiexport.workflows.fix as fix_module
 
-    monkeypatch.setattr(fix_module, "build_pipeline", lambda *a, **k: [_BreakGraphPass()])
+    monkeypatch.setattr(fix_module, "fix_pipeline", lambda *a, **k: [_BreakGraphPass()])
     with pytest.raises(FixError, match="nothing written"):
         fix(tiny_conv(), "AM68A")
 
 
 def test_a_failing_pass_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tiexport.passes.fix as fix_module
+    import tiexport.workflows.fix as fix_module
 
-    monkeypatch.setattr(fix_module, "build_pipeline", lambda *a, **k: [*build_pipeline("AM68A")[:2], _RaisingPass()])
+    monkeypatch.setattr(fix_module, "fix_pipeline", lambda *a, **k: [*build_pipeline("AM68A")[:2], _RaisingPass()])
     with pytest.raises(PassError, match=r"_RaisingPass failed .*DowngradeIrVersionPass, PinInputShapesPass"):
         fix(tiny_conv(), "AM68A")
 
@@ -377,7 +378,7 @@ def test_given_inputs_still_run_parity_on_an_unchanged_graph() -> None:
 
 
 def _same(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
-    from tiexport.passes.fix import _same_computation
+    from tiexport.parity.structural import same_computation as _same_computation
 
     return _same_computation(a, b)
 

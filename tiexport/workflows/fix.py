@@ -1,12 +1,12 @@
 """``fix()``: run a device's pass pipeline over a QDQ model, prove the result loads, compare it, and re-validate it.
 
-The pipeline is built from :class:`~tiexport.devices.DeviceProfile` fields, never from device names: a profile
-with ``per_channel_weights=False`` gets per-tensor weights, ``asymmetric_activations=False`` symmetric activations,
-``power_of_two_scales=True`` power-of-two scales, ``quantize_bias=True`` int32 biases, ``align_add_scales=True``
-aligned Add inputs; devices without an accelerator (everything runs in ONNX Runtime on Arm) get only the exact
-clean-up passes. The result must pass ``onnx.checker`` and load in ONNX Runtime, or :class:`FixError` is raised and
-nothing is returned; its parity against the input is measured on seeded random (or given) inputs, except where
-the nodes and weights came out unchanged (outputs identical by construction; see ``_same_computation``).
+The orchestration of one fix, in order: load the model and refuse what cannot be rewritten safely
+(:func:`tiexport.context.dag_problem`); run :func:`tiexport.passes.pipelines.fix_pipeline` for the device to a fixed
+point (:func:`tiexport.passes.apply_passes`); serialize once and prove that those bytes pass ``onnx.checker`` and
+load in ONNX Runtime (or raise :class:`FixError`: nothing is returned or written); validate before and after
+(:func:`tiexport.validate`); measure parity against the input (:func:`tiexport.check_parity`), except where the
+nodes and weights came out unchanged (outputs identical by construction,
+:func:`tiexport.parity.structural.same_computation`); write the checked bytes atomically.
 """
 
 from __future__ import annotations
@@ -19,29 +19,19 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
+from tiexport.context import ModelContext, dag_problem
 from tiexport.devices import DeviceProfile, get_device
 from tiexport.errors import TiexportError, UnusableInputError, UsageError, first_line
-from tiexport.onnx_io import as_model, save_model, serialize
-from tiexport.passes.align_scales import AlignConcatScalesPass
-from tiexport.passes.base import Pass, PassError, PassManager, PassSummary
-from tiexport.passes.bias_scale import AlignBiasScalePass
-from tiexport.passes.dead_nodes import RemoveDeadNodesPass
-from tiexport.passes.fold_weights import FoldWeightQuantizationPass
-from tiexport.passes.identity import RemoveIdentityPass
-from tiexport.passes.ir_version import DowngradeIrVersionPass
-from tiexport.passes.merge_duplicates import MergeDuplicateQdqPass
-from tiexport.passes.normalize_qparams import NormalizeQdqParamsPass
-from tiexport.passes.per_tensor import ConvertPerChannelToPerTensorPass
-from tiexport.passes.power_of_two import EnforcePowerOfTwoScalesPass
-from tiexport.passes.quantize_bias import QuantizeBiasPass
-from tiexport.passes.redundant_qdq import RemoveRedundantQdqPass
-from tiexport.passes.static_shapes import InferShapesPass, PinInputShapesPass
-from tiexport.passes.symmetric import EnforceSymmetricPass
+from tiexport.onnx_io import LoadedModel, as_model, save_model, serialize
+from tiexport.parity import MAX_RANDOM_ELEMENTS, check_parity, ort_session
+from tiexport.parity.structural import same_computation
+from tiexport.passes.base import GraphRewriteError, PassError, PassSummary, apply_passes
+from tiexport.passes.pipelines import fix_pipeline
 from tiexport.validators.report import Finding
+from tiexport.validators.validate import validate
 
-__all__ = ["FixError", "FixReport", "build_pipeline", "fix"]
+__all__ = ["FixError", "FixReport", "fix"]
 
 log = logging.getLogger(__name__)
 
@@ -162,44 +152,6 @@ def _num(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
 
 
-# ----------------------------------------------------------------------------------------------------- pipeline
-def build_pipeline(
-    device: str | DeviceProfile,
-    *,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
-    power_of_two: str = "ceil",
-    quantize_bias: bool | None = None,
-    align_concat: bool = True,
-) -> list[Pass]:
-    """The ordered passes for one device, chosen from its profile's fields (see the module docstring)."""
-    profile = get_device(device)
-    spec = profile.spec
-    passes: list[Pass] = [
-        DowngradeIrVersionPass(max_ir=spec.max_ir),
-        PinInputShapesPass(input_shapes),
-        NormalizeQdqParamsPass(),
-        RemoveIdentityPass(),
-        FoldWeightQuantizationPass(),
-        RemoveRedundantQdqPass(),
-        MergeDuplicateQdqPass(),
-        RemoveDeadNodesPass(),
-    ]
-    if profile.quantize_bias if quantize_bias is None else quantize_bias:
-        passes.append(QuantizeBiasPass())
-    if profile.accelerator:
-        # the quantization rules below are TIDL's; on a device without an accelerator ONNX Runtime takes any grid
-        passes.append(ConvertPerChannelToPerTensorPass(None if not profile.per_channel_weights
-                                                       else spec.per_tensor_weight_ops))
-        passes.append(EnforceSymmetricPass(activations=not profile.asymmetric_activations))
-        if align_concat:
-            passes.append(AlignConcatScalesPass(add=profile.align_add_scales))
-        if profile.power_of_two_scales:
-            passes.append(EnforcePowerOfTwoScalesPass(power_of_two))  # type: ignore[arg-type]
-        passes.append(AlignBiasScalePass())
-    passes.append(InferShapesPass())
-    return passes
-
-
 # ----------------------------------------------------------------------------------------------------- fix
 def fix(
     model: Any,
@@ -239,33 +191,26 @@ def fix(
     profile = get_device(device)
     loaded = as_model(model, load_external_data=True)
     original = loaded.model
-    passes = build_pipeline(profile, input_shapes=input_shapes, power_of_two=power_of_two,
-                            quantize_bias=quantize_bias, align_concat=align_concat)
+    passes = fix_pipeline(profile, input_shapes=input_shapes, power_of_two=power_of_two,
+                          quantize_bias=quantize_bias, align_concat=align_concat)
 
-    why = _not_rewritable(original)
+    why = dag_problem(original)
     if why:
         raise UnusableInputError(f"{loaded.name}: {why} (tiexport validate: TIDL002); fix cannot repair that, "
                                  "nothing written")
-    working = onnx.ModelProto()
-    working.CopyFrom(original)  # gs reads lazily from the proto; the caller's model must stay as it was
     try:
-        try:
-            graph = gs.import_onnx(working)
-        except Exception as exc:
-            raise FixError(f"{loaded.name}: cannot import the graph for rewriting: {first_line(exc)}") from None
-        result = PassManager(passes, max_iterations=max_iterations).run(graph)
-        fixed = _export(graph, original, loaded.name)
-    except (FixError, PassError):
+        fixed, result = apply_passes(original, passes, max_iterations=max_iterations, name=loaded.name)
+    except (GraphRewriteError, PassError) as exc:
         # A pass tripping over a model that onnx.checker or ONNX Runtime already rejects is the input's fault
         broken = _unusable_because(original)[0]
         if broken:
             raise UnusableInputError(f"{loaded.name}: the input model already fails {broken}; fix cannot repair "
                                      "that, nothing written") from None
+        if isinstance(exc, GraphRewriteError):
+            raise FixError(str(exc)) from None
         raise
     data = serialize(fixed)  # once: the checker, ONNX Runtime and the written file all take these bytes
     session = _check_usable(fixed, data, original, loaded.name)
-
-    from tiexport.validators.validate import validate
 
     before = validate(loaded, profile).devices[profile.name].findings
     after = validate(fixed, profile).devices[profile.name].findings
@@ -276,7 +221,7 @@ def fix(
     )
     if not result.converged:
         report.notes.append(f"no fixed point after {max_iterations} iterations; the output is the last state")
-    if parity and inputs is None and not report.numerics_changed and _same_computation(original, fixed):
+    if parity and inputs is None and not report.numerics_changed and same_computation(original, fixed):
         # Nodes, weights, inputs and outputs are those of the input (only shape annotations or node order differ):
         # the outputs are bit-identical by construction, a stronger proof than running samples, and running
         # ResNet-50 twice was a third of fix's time (bench/RESULTS.md, fix section).
@@ -300,124 +245,6 @@ def fix(
     return fixed, report
 
 
-def _not_rewritable(model: onnx.ModelProto) -> str:
-    """Why the top-level graph cannot be rewritten safely ("" when it can): a name that is not UTF-8, a tensor with
-    two producers, or a cycle. onnx-graphsurgeon fails on the first, silently keeps one of the two producers on the
-    second (a Conv could end up reading the wrong tensor as its weight) and cannot sort the third."""
-    g = model.graph
-    names: list[str | bytes] = [vi.name for vi in (*g.input, *g.output)] + [t.name for t in g.initializer]
-    for n in g.node:
-        names.extend((n.name, *n.input, *n.output))
-    if any(isinstance(x, bytes) for x in names):  # protobuf hands out invalid UTF-8 strings as bytes
-        return "a node or tensor name is not valid UTF-8"
-    producer: dict[str, int] = dict.fromkeys([vi.name for vi in g.input] + [t.name for t in g.initializer], -1)
-    for i, n in enumerate(g.node):
-        for out in n.output:
-            if out and out in producer:
-                return f"tensor {out!r} has two producers"
-            if out:
-                producer[out] = i
-    deps = [{producer[t] for t in n.input if producer.get(t, -1) >= 0} for n in g.node]
-    users: dict[int, list[int]] = {}
-    for i, d in enumerate(deps):
-        for j in d:
-            users.setdefault(j, []).append(i)
-    waiting = [len(d) for d in deps]
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    done = 0
-    while ready:
-        i = ready.pop()
-        done += 1
-        for k in users.get(i, []):
-            waiting[k] -= 1
-            if waiting[k] == 0:
-                ready.append(k)
-    if done < len(g.node):
-        return f"the graph has a cycle ({len(g.node) - done} node(s) on or after it)"
-    return ""
-
-
-def _export(graph: gs.Graph, original: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    try:
-        if not _is_sorted(graph):
-            graph.toposort()
-        fixed = gs.export_onnx(graph, do_type_check=False)
-    except Exception as exc:
-        raise FixError(f"{name}: cannot export the rewritten graph: {first_line(exc)}") from None
-    # what gs does not carry over: model-level metadata
-    fixed.doc_string = original.doc_string
-    fixed.domain = original.domain
-    fixed.model_version = original.model_version
-    del fixed.metadata_props[:]
-    fixed.metadata_props.extend(original.metadata_props)
-    if not fixed.producer_name:
-        fixed.producer_name = original.producer_name
-        fixed.producer_version = original.producer_version
-    return fixed
-
-
-def _is_sorted(graph: gs.Graph) -> bool:
-    available = {id(t) for t in graph.inputs}
-    for node in graph.nodes:
-        for t in node.inputs:
-            if isinstance(t, gs.Constant) or t.is_empty() or id(t) in available:
-                continue
-            if t.inputs:  # produced by a node that has not run yet
-                return False
-        available.update(id(t) for t in node.outputs)
-    return True
-
-
-def _same_computation(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
-    """True when ``a`` and ``b`` compute the same function of the same inputs: same opsets, graph input names and
-    element types, output names in order, initializers (name, type, dims, bytes) and nodes (as a multiset, so a
-    topological re-sort counts as the same). Shape annotations (``value_info``, pinned input dims) are ignored:
-    they do not enter the computation. Model-local functions must be identical. False on anything it does not
-    compare exactly (sparse initializers)."""
-    ga, gb = a.graph, b.graph
-    if {(o.domain, o.version) for o in a.opset_import} != {(o.domain, o.version) for o in b.opset_import}:
-        return False
-    if [(i.name, i.type.tensor_type.elem_type) for i in ga.input] != \
-            [(i.name, i.type.tensor_type.elem_type) for i in gb.input]:
-        return False
-    if [o.name for o in ga.output] != [o.name for o in gb.output]:
-        return False
-    if ga.sparse_initializer or gb.sparse_initializer:
-        return False
-    if sorted(t.name for t in ga.initializer) != sorted(t.name for t in gb.initializer):
-        return False  # also catches a name given twice on one side
-    if [f.SerializeToString(deterministic=True) for f in a.functions] != \
-            [f.SerializeToString(deterministic=True) for f in b.functions]:
-        return False  # model-local functions are part of the computation
-    if sorted(_node_key(n) for n in ga.node) != sorted(_node_key(n) for n in gb.node):
-        return False
-    tensors = {t.name: t for t in ga.initializer}
-    for t in gb.initializer:
-        other = tensors.get(t.name)
-        if other is None or other.data_type != t.data_type or list(other.dims) != list(t.dims):
-            return False
-        try:
-            if _tensor_bytes(other) != _tensor_bytes(t):
-                return False
-        except Exception:  # a tensor numpy_helper cannot decode: not provably the same
-            return False
-    return True
-
-
-def _node_key(node: onnx.NodeProto) -> bytes:
-    """A node's computation as bytes: op, domain, inputs, outputs and attributes in name order (name and doc
-    string left out)."""
-    key = onnx.NodeProto(op_type=node.op_type, domain=node.domain, input=node.input, output=node.output)
-    key.attribute.extend(sorted(node.attribute, key=lambda attr: attr.name))
-    return key.SerializeToString(deterministic=True)
-
-
-def _tensor_bytes(t: onnx.TensorProto) -> bytes:
-    from onnx import numpy_helper
-
-    return t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
-
-
 def _unusable_because(model: onnx.ModelProto, data: bytes | None = None) -> tuple[str, Any]:
     """Why onnx.checker (with strict shape inference) or ONNX Runtime session creation rejects ``model`` ("" when
     both accept it), and the ONNX Runtime session made (None when it was not). ``data``: ``model`` serialized, when
@@ -427,10 +254,6 @@ def _unusable_because(model: onnx.ModelProto, data: bytes | None = None) -> tupl
     if data is None:
         log.warning("model over 2 GB: onnx.checker and the ONNX Runtime load check are skipped")
         return "", None
-    from tiexport.context import ModelContext
-    from tiexport.onnx_io import LoadedModel
-    from tiexport.parity import ort_session
-
     try:
         onnx.checker.check_model(data)
         # TIDL resolves every shape with ONNX shape inference (tidl.md §2): declared shapes that inference
@@ -462,8 +285,6 @@ def _parity(reference: Any, candidate: onnx.ModelProto, *, inputs: Any, num_samp
     """Compare the fixed model with the input: (report dict, passed, bit-identical). Uses
     :func:`tiexport.parity.check_parity` on seeded random samples drawn for the fixed model's (static)
     input shapes over the input quantizer's range, or on the given ``inputs``."""
-    from tiexport.parity import check_parity
-
     if inputs is None:
         samples = _random_inputs(reference.model, candidate, num_samples, seed)
         if isinstance(samples, str):
@@ -485,9 +306,6 @@ def _random_inputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, num_s
                    ) -> list[dict[str, np.ndarray]] | str:
     """Seeded samples for the candidate's inputs (static after pinning): float inputs uniform over the range of the
     reference's input QuantizeLinear (else [0, 1)), integer inputs in [0, 4). A str says why none can be drawn."""
-    from tiexport.context import ModelContext
-    from tiexport.parity import MAX_RANDOM_ELEMENTS
-
     if num_samples < 1:
         raise UsageError(f"num_samples must be >= 1, got {num_samples}")
     ref_ctx = ModelContext(as_model(reference))

@@ -1,0 +1,69 @@
+"""The pass pipelines: which passes run, in which order, for a device's fix.
+
+A pipeline is built from :class:`~tiexport.devices.DeviceProfile` fields and the profile's TIDL facts
+(``profile.spec``), never from device names: a profile with ``per_channel_weights=False`` gets per-tensor weights,
+``asymmetric_activations=False`` symmetric activations, ``power_of_two_scales=True`` power-of-two scales,
+``quantize_bias=True`` int32 biases, ``align_add_scales=True`` aligned Add inputs; devices without an accelerator
+(everything runs in ONNX Runtime on Arm) get only the exact clean-up passes. Run one with
+:func:`~tiexport.passes.base.apply_passes`; :func:`tiexport.fix` does that and checks the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from tiexport.devices import DeviceProfile, get_device
+from tiexport.passes.align_scales import AlignConcatScalesPass
+from tiexport.passes.base import Pass
+from tiexport.passes.bias_scale import AlignBiasScalePass
+from tiexport.passes.dead_nodes import RemoveDeadNodesPass
+from tiexport.passes.fold_weights import FoldWeightQuantizationPass
+from tiexport.passes.identity import RemoveIdentityPass
+from tiexport.passes.ir_version import DowngradeIrVersionPass
+from tiexport.passes.merge_duplicates import MergeDuplicateQdqPass
+from tiexport.passes.normalize_qparams import NormalizeQdqParamsPass
+from tiexport.passes.per_tensor import ConvertPerChannelToPerTensorPass
+from tiexport.passes.power_of_two import EnforcePowerOfTwoScalesPass
+from tiexport.passes.quantize_bias import QuantizeBiasPass
+from tiexport.passes.redundant_qdq import RemoveRedundantQdqPass
+from tiexport.passes.static_shapes import InferShapesPass, PinInputShapesPass
+from tiexport.passes.symmetric import EnforceSymmetricPass
+
+__all__ = ["fix_pipeline"]
+
+
+def fix_pipeline(
+    device: str | DeviceProfile,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    power_of_two: str = "ceil",
+    quantize_bias: bool | None = None,
+    align_concat: bool = True,
+) -> list[Pass]:
+    """The ordered passes that make a QDQ model deployable on one device (see the module docstring)."""
+    profile = get_device(device)
+    spec = profile.spec
+    passes: list[Pass] = [
+        DowngradeIrVersionPass(max_ir=spec.max_ir),
+        PinInputShapesPass(input_shapes),
+        NormalizeQdqParamsPass(),
+        RemoveIdentityPass(),
+        FoldWeightQuantizationPass(),
+        RemoveRedundantQdqPass(),
+        MergeDuplicateQdqPass(),
+        RemoveDeadNodesPass(),
+    ]
+    if profile.quantize_bias if quantize_bias is None else quantize_bias:
+        passes.append(QuantizeBiasPass())
+    if profile.accelerator:
+        # the quantization rules below are TIDL's; on a device without an accelerator ONNX Runtime takes any grid
+        passes.append(ConvertPerChannelToPerTensorPass(None if not profile.per_channel_weights
+                                                       else spec.per_tensor_weight_ops))
+        passes.append(EnforceSymmetricPass(activations=not profile.asymmetric_activations))
+        if align_concat:
+            passes.append(AlignConcatScalesPass(add=profile.align_add_scales))
+        if profile.power_of_two_scales:
+            passes.append(EnforcePowerOfTwoScalesPass(power_of_two))  # type: ignore[arg-type]
+        passes.append(AlignBiasScalePass())
+    passes.append(InferShapesPass())
+    return passes
