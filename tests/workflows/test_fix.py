@@ -233,7 +233,8 @@ def test_parity_on_given_inputs() -> None:
 
 def test_parity_is_skipped_with_a_reason_when_an_input_stays_dynamic() -> None:
     _, report = fix(tiny_conv(size="H"), "AM68A")
-    assert report.parity is not None and "dynamic shape" in report.parity["skipped"]
+    assert report.parity is not None and "dynamic dims" in report.parity["skipped"]
+    assert "--input-shape" in report.parity["skipped"]
     assert report.parity_passed is None
 
 

@@ -71,7 +71,7 @@ def _random_sample(specs: Sequence[InputSpec], ctx: ModelContext, rng: np.random
                 # an input quantized right away: cover its representable range, no more
                 s = float(qp.scale.reshape(()))
                 zp = int(qp.zero_points.reshape(()))
-                lo, hi = (qp.qrange[0] - zp) * s, (qp.qrange[1] - zp + 1) * s
+                lo, hi = (qp.qrange[0] - zp) * s, (qp.qrange[1] - zp) * s
             sample[spec.name] = rng.uniform(lo, hi, size=shape).astype(spec.dtype)
         elif spec.dtype.kind == "b":
             sample[spec.name] = rng.random(size=shape) < 0.5

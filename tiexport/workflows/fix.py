@@ -17,14 +17,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 
 from tiexport.context import ModelContext, dag_problem
 from tiexport.devices import DeviceProfile, get_device
 from tiexport.errors import TiexportError, UnusableInputError, UsageError, first_line
 from tiexport.onnx_io import LoadedModel, as_model, save_model, serialize
-from tiexport.parity import MAX_RANDOM_ELEMENTS, check_parity, ort_session
+from tiexport.parity import check_parity, input_specs, load_inputs, ort_session
 from tiexport.parity.structural import same_computation
 from tiexport.passes.base import GraphRewriteError, PassError, PassSummary, apply_passes
 from tiexport.passes.pipelines import fix_pipeline
@@ -286,10 +285,14 @@ def _parity(reference: Any, candidate: onnx.ModelProto, *, inputs: Any, num_samp
     :func:`tiexport.parity.check_parity` on seeded random samples drawn for the fixed model's (static)
     input shapes over the input quantizer's range, or on the given ``inputs``."""
     if inputs is None:
-        samples = _random_inputs(reference.model, candidate, num_samples, seed)
-        if isinstance(samples, str):
-            return {"skipped": samples}, None, None
-        inputs = samples
+        if num_samples < 1:
+            raise UsageError(f"num_samples must be >= 1, got {num_samples}")
+        try:
+            # the fixed model's (pinned, static) input shapes, over the input model's input quantizer's range
+            inputs = load_inputs(None, input_specs(ModelContext(as_model(candidate))), ModelContext(reference),
+                                 num_samples, seed)
+        except UsageError as exc:  # dynamic or huge inputs: fixing is still useful without parity
+            return {"skipped": str(exc)}, None, None
     try:
         rep = check_parity(reference, candidate, inputs=inputs, num_samples=num_samples, seed=seed, max_lsb=max_lsb,
                            candidate_session=session)
@@ -300,44 +303,3 @@ def _parity(reference: Any, candidate: onnx.ModelProto, *, inputs: Any, num_samp
     d = rep.to_dict()
     exact = all(m.get("max_abs") == 0 for m in d.get("outputs", {}).values())
     return d, bool(rep.passed), exact
-
-
-def _random_inputs(reference: onnx.ModelProto, candidate: onnx.ModelProto, num_samples: int, seed: int
-                   ) -> list[dict[str, np.ndarray]] | str:
-    """Seeded samples for the candidate's inputs (static after pinning): float inputs uniform over the range of the
-    reference's input QuantizeLinear (else [0, 1)), integer inputs in [0, 4). A str says why none can be drawn."""
-    if num_samples < 1:
-        raise UsageError(f"num_samples must be >= 1, got {num_samples}")
-    ref_ctx = ModelContext(as_model(reference))
-    cand_ctx = ModelContext(as_model(candidate))
-    rng = np.random.default_rng(seed)
-    specs = []
-    for vi in cand_ctx.graph_inputs:
-        shape = cand_ctx.static_shape(vi.name)
-        if shape is None and cand_ctx.shape(vi.name) != ():
-            return f"input {vi.name!r} has a dynamic shape; pin it with --input-shape or pass --inputs"
-        if int(np.prod(shape or (), dtype=np.float64)) > MAX_RANDOM_ELEMENTS:
-            return f"input {vi.name!r} has shape {list(shape or ())}: too large for random data; pass --inputs"
-        elem = cand_ctx.elem_type(vi.name) or onnx.TensorProto.FLOAT
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))
-        lo, hi = 0.0, 1.0
-        q = next((c for c in ref_ctx.consumers_of(vi.name) if c.op_type == "QuantizeLinear"), None)
-        qp = ref_ctx.qparams(q) if q is not None else None
-        if qp is not None and not qp.per_channel and qp.qrange is not None:
-            s = float(np.asarray(qp.scale, np.float64).reshape(()))
-            z = int(qp.zero_points.reshape(()))
-            if np.isfinite(s) and s > 0:
-                lo, hi = (qp.qrange[0] - z) * s, (qp.qrange[1] - z) * s
-        specs.append((vi.name, tuple(shape or ()), dtype, lo, hi))
-    samples = []
-    for _ in range(num_samples):
-        sample = {}
-        for name, shape, dtype, lo, hi in specs:
-            if dtype.kind == "f":
-                sample[name] = rng.uniform(lo, hi, size=shape).astype(dtype)
-            elif dtype.kind == "b":
-                sample[name] = rng.random(size=shape) < 0.5
-            else:
-                sample[name] = rng.integers(0, 4, size=shape).astype(dtype)
-        samples.append(sample)
-    return samples
