@@ -18,7 +18,8 @@ _NEW_TYPES = {"int4", "uint4", "float4_e2m1"}
 
 
 class DowngradeIrVersionPass(Pass):
-    """Lower ``ir_version`` to the smallest one the imported opsets need, if it is above ``max_ir``.
+    """Lower ``ir_version`` to the smallest one the imported opsets need (8 at least with model-local functions), if
+    it is above ``max_ir`` (None: whenever it is above that smallest one: the export pipeline's setting).
 
     Rewrites::
 
@@ -29,7 +30,7 @@ class DowngradeIrVersionPass(Pass):
     type the older IR does not have (int4/uint4).
     """
 
-    def __init__(self, max_ir: int = 9) -> None:
+    def __init__(self, max_ir: int | None = 9) -> None:
         self.max_ir = max_ir
 
     def __repr__(self) -> str:
@@ -37,21 +38,26 @@ class DowngradeIrVersionPass(Pass):
 
     def run(self, graph: gs.Graph) -> PassResult:
         current = graph.ir_version
-        if current is None or current <= self.max_ir:
+        if current is None or (self.max_ir is not None and current <= self.max_ir):
             return PassResult(graph, modified=False)
         opsets = [helper.make_opsetid(domain, version) for domain, version in _domains(graph).items()]
         try:
             needed = int(helper.find_min_ir_version_for(opsets, ignore_unknown=True))
         except Exception:
             needed = current
-        if needed > self.max_ir:
+        if graph.functions:
+            needed = max(needed, 8)  # model-local functions came with IR 8
+        if self.max_ir is not None and needed > self.max_ir:
             return PassResult(graph, modified=False,
                               notes=[f"opsets need IR {needed}, above {self.max_ir}; ir_version kept at {current}"])
+        if needed >= current:
+            return PassResult(graph, modified=False)
+        target = self.max_ir if self.max_ir is not None else max(needed, 3)
         for t in graph.tensors().values():
             dtype = getattr(t, "dtype", None)
             if dtype is not None and str(getattr(dtype, "name", dtype)) in _NEW_TYPES:
                 return PassResult(graph, modified=False,
-                                  notes=[f"tensor {t.name!r} has type {dtype}, which IR {self.max_ir} lacks; "
+                                  notes=[f"tensor {t.name!r} has type {dtype}, which IR {target} lacks; "
                                          f"ir_version kept at {current}"])
         graph.ir_version = max(needed, 3)
         return PassResult(graph, modified=True, changes=1, numerics_changed=False)

@@ -1,4 +1,4 @@
-"""The pass pipelines: which passes run, in which order, for a device's fix.
+"""The pass pipelines: which passes run, in which order, for a device's fix and after a torch export.
 
 A pipeline is built from :class:`~tiexport.devices.DeviceProfile` fields and the profile's TIDL facts
 (``profile.spec``), never from device names: a profile with ``per_channel_weights=False`` gets per-tensor weights,
@@ -6,6 +6,10 @@ A pipeline is built from :class:`~tiexport.devices.DeviceProfile` fields and the
 ``quantize_bias=True`` int32 biases, ``align_add_scales=True`` aligned Add inputs; devices without an accelerator
 (everything runs in ONNX Runtime on Arm) get only the exact clean-up passes. Run one with
 :func:`~tiexport.passes.base.apply_passes`; :func:`tiexport.fix` does that and checks the result.
+
+:func:`export_pipeline` turns what a torch exporter wrote (with tiexport's markers, see
+:mod:`tiexport.passes.expand_markers`) into a clean QDQ model; :func:`tiexport.export` runs it. Every pass in it is
+exact.
 """
 
 from __future__ import annotations
@@ -17,19 +21,24 @@ from tiexport.passes.align_scales import AlignConcatScalesPass
 from tiexport.passes.base import Pass
 from tiexport.passes.bias_scale import AlignBiasScalePass
 from tiexport.passes.dead_nodes import RemoveDeadNodesPass
+from tiexport.passes.expand_markers import ExpandQdqMarkersPass
 from tiexport.passes.fold_weights import FoldWeightQuantizationPass
 from tiexport.passes.identity import RemoveIdentityPass
 from tiexport.passes.ir_version import DowngradeIrVersionPass
 from tiexport.passes.merge_duplicates import MergeDuplicateQdqPass
 from tiexport.passes.normalize_qparams import NormalizeQdqParamsPass
+from tiexport.passes.opset import ConvertOpsetPass
 from tiexport.passes.per_tensor import ConvertPerChannelToPerTensorPass
 from tiexport.passes.power_of_two import EnforcePowerOfTwoScalesPass
 from tiexport.passes.quantize_bias import QuantizeBiasPass
+from tiexport.passes.reduce_mean import ReplaceReduceMeanWithGlobalPoolPass
 from tiexport.passes.redundant_qdq import RemoveRedundantQdqPass
+from tiexport.passes.reshape_allowzero import ClearReshapeAllowzeroPass
 from tiexport.passes.static_shapes import InferShapesPass, PinInputShapesPass
 from tiexport.passes.symmetric import EnforceSymmetricPass
+from tiexport.passes.weight_transpose import FoldWeightTransposePass
 
-__all__ = ["fix_pipeline"]
+__all__ = ["export_pipeline", "fix_pipeline"]
 
 
 def fix_pipeline(
@@ -67,3 +76,20 @@ def fix_pipeline(
         passes.append(AlignBiasScalePass())
     passes.append(InferShapesPass())
     return passes
+
+
+def export_pipeline(opset: int) -> list[Pass]:
+    """The passes that turn an exporter's output into the QDQ model :func:`tiexport.export` writes: markers ->
+    Q/DQ with int8 weights, no Identity, weight Transposes folded, nothing dead, opset ``opset`` at the lowest IR
+    version it allows, spatial ReduceMean -> GlobalAveragePool, no needless Reshape ``allowzero``. The first pass
+    (:class:`ExpandQdqMarkersPass`) lists the quantization sites in its ``sites`` afterwards."""
+    return [
+        ExpandQdqMarkersPass(),
+        RemoveIdentityPass(),
+        FoldWeightTransposePass(),
+        RemoveDeadNodesPass(),
+        ConvertOpsetPass(opset),
+        DowngradeIrVersionPass(max_ir=None),
+        ReplaceReduceMeanWithGlobalPoolPass(),
+        ClearReshapeAllowzeroPass(),
+    ]

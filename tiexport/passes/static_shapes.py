@@ -20,7 +20,7 @@ from tiexport.errors import UsageError, first_line
 from tiexport.passes.base import Pass, PassResult
 from tiexport.shapes import SkeletonConstant, infer_shapes, skeleton
 
-__all__ = ["InferShapesPass", "PinInputShapesPass", "parse_input_shape"]
+__all__ = ["InferShapesPass", "PinInputShapesPass", "inferred_ranks", "parse_input_shape"]
 
 log = logging.getLogger(__name__)
 
@@ -175,3 +175,17 @@ def _opsets(graph: gs.Graph) -> list[onnx.OperatorSetIdProto]:
     from onnx_graphsurgeon.exporters.onnx_exporter import update_import_domains
 
     return [onnx.helper.make_opsetid(o.domain, o.version) for o in update_import_domains(graph)]
+
+
+def inferred_ranks(graph: gs.Graph) -> dict[str, int]:
+    """The rank of every tensor whose rank is known, declared or inferred (ONNX shape inference on the skeleton;
+    declared shapes alone when inference fails). Reads the graph, changes nothing."""
+    ranks = {name: len(t.shape) for name, t in graph.tensors().items() if t.shape is not None}
+    try:
+        inferred = infer_shapes(_skeleton(graph))
+    except Exception:  # best effort: the passes that need a rank skip a node whose rank is unknown
+        return ranks
+    for vi in (*inferred.graph.value_info, *inferred.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            ranks.setdefault(vi.name, len(vi.type.tensor_type.shape.dim))
+    return ranks

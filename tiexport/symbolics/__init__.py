@@ -6,7 +6,9 @@
   side, registered only for the duration of an export (:meth:`SymbolicRegistry.scoped`);
 - :mod:`~tiexport.symbolics.qdq`: the translations of that op;
 - :mod:`~tiexport.symbolics.lowering`: turning any torch.ao-quantized model into calls of that op;
-- :mod:`~tiexport.symbolics.postprocess`: turning the exporters' output into clean QDQ ONNX (no torch needed).
+- :mod:`~tiexport.symbolics.export`: :func:`tiexport.export`, which runs the exporter in that scope and then the
+  export pass pipeline (:func:`tiexport.passes.pipelines.export_pipeline`) that turns the exporters' output into
+  clean QDQ ONNX.
 
 The registry, the translations and the post-processing import no torch (``ops`` and ``lowering`` do): the ONNX side
 stays usable without it.

@@ -52,6 +52,9 @@ from typing import Any
 import onnx
 
 from tiexport.errors import TiexportError, UsageError, first_line
+from tiexport.passes.base import apply_passes
+from tiexport.passes.expand_markers import ExpandQdqMarkersPass
+from tiexport.passes.pipelines import export_pipeline
 from tiexport.tidl_spec import get_spec
 
 __all__ = ["EXPORTERS", "ExportError", "ExportResult", "export"]
@@ -76,7 +79,7 @@ class ExportResult:
     warnings: tuple[str, ...]
     """User-facing notes (also logged at WARNING): restricted ranges, disabled fake-quants, conversions made."""
     sites: tuple[Any, ...] = ()
-    """Every quantization site (:class:`tiexport.symbolics.postprocess.QdqSite`): module, node names, parameters."""
+    """Every quantization site (:class:`tiexport.passes.expand_markers.QdqSite`): module, node names, parameters."""
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ()
     model_kind: str = ""
@@ -115,7 +118,6 @@ def export(
     from tiexport.onnx_io import save_model
     from tiexport.symbolics import REGISTRY
     from tiexport.symbolics.lowering import ExportLowering
-    from tiexport.symbolics.postprocess import finalize
 
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"export() takes a torch.nn.Module, got {type(model).__name__}")
@@ -167,7 +169,9 @@ def export(
             except Exception as exc:
                 raise ExportError(f"the {exporter} exporter failed: {first_line(exc)}") from exc
     try:
-        proto, sites = finalize(proto, opset_version)
+        passes = export_pipeline(opset_version)
+        proto, _result = apply_passes(proto, passes, name=f"the {exporter} export")
+        sites = next(p for p in passes if isinstance(p, ExpandQdqMarkersPass)).sites
     except Exception as exc:
         raise ExportError(f"cleaning up the {exporter} export failed: {first_line(exc)}") from exc
     _set_metadata(proto, model, exporter, lowering.kind, extra, __version__, torch.__version__)

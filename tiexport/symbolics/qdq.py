@@ -3,10 +3,11 @@
 Both emit the same single marker node, ``tiexport.QuantizeDequantize`` (attributes: ``module``, ``scale``,
 ``zero_point``, ``axis``, ``quant_min``, ``quant_max``), and nothing else. Keeping the exporters' part this small is
 deliberate: the two exporters differ in naming, constant folding and optimization, and a marker node passes through
-both untouched (no exporter folds or renames an op it does not know). :mod:`tiexport.symbolics.postprocess` then
-expands every marker into the standard ``[Clip ->] QuantizeLinear -> DequantizeLinear`` with constant scale and zero
-point, names the nodes after ``module``, and folds weight quantization into int8 initializers, identically for both
-exporters. The marker domain never reaches the saved file.
+both untouched (no exporter folds or renames an op it does not know). The export pass pipeline
+(:class:`tiexport.passes.expand_markers.ExpandQdqMarkersPass` first) then expands every marker into the standard
+``[Clip ->] QuantizeLinear -> DequantizeLinear`` with constant scale and zero point, names the nodes after
+``module``, and folds weight quantization into int8 initializers, identically for both exporters. The marker domain
+never reaches the saved file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from onnx.defs import OpSchema
 
 from tiexport import compat
+from tiexport.passes.expand_markers import MARKER_DOMAIN, MARKER_OP
 from tiexport.symbolics.registry import REGISTRY, ExportOp
 
 __all__ = [
@@ -31,8 +33,6 @@ __all__ = [
 # The torch op (defined in tiexport.symbolics.ops, which imports torch; this module does not).
 OP_NAMESPACE = "tiexport"
 OP_NAME = "quantize_dequantize"
-MARKER_DOMAIN = "tiexport"
-MARKER_OP = "QuantizeDequantize"
 
 MARKER_SCHEMA = OpSchema(
     MARKER_OP, MARKER_DOMAIN, 1,
