@@ -99,7 +99,7 @@ def _infer_steps(model: Any, batches: list[tuple[Any, Any]], k: int, device: str
 def _qat_steps(factory: Callable[[], Any], batches: list[tuple[Any, Any]], k: int, dev: str,
                freeze: tuple[bool, bool] | None = None, **kwargs: Any) -> Callable[[], None]:
     """Training steps of a fresh QATFxModule in its first epoch; ``freeze``: (batch norm, observers) frozen."""
-    from tiexport.quantization.wrapper import QATFxModule
+    from tiexport.wrappers import QATFxModule
 
     w = QATFxModule(_fresh(factory, dev), total_epochs=10, example_inputs=(batches[0][0],), **kwargs)
     w.train()
@@ -111,7 +111,7 @@ def _qat_steps(factory: Callable[[], Any], batches: list[tuple[Any, Any]], k: in
 def _calibration_steps(factory: Callable[[], Any], batches: list[tuple[Any, Any]], k: int, dev: str,
                        **kwargs: Any) -> Callable[[], None]:
     """Calibration forwards of a fresh PTCFxModule in its first epoch (training mode, no backward)."""
-    from tiexport.quantization.wrapper import PTCFxModule
+    from tiexport.wrappers import PTCFxModule
 
     w = PTCFxModule(_fresh(factory, dev), example_inputs=(batches[0][0],), **kwargs)
     w.train()
@@ -161,10 +161,10 @@ def _run(cfg: Config) -> list[Section]:
                   title=f"QAT{where}: training step time, QATFxModule vs float vs torch.ao prepare_qat_fx")
     ptc = Section(key="ptc" + suffix, command=command,
                   title=f"PTC{where}: calibration throughput, PTCFxModule vs float inference")
-    if not have_module("tiexport.quantization.wrapper"):
+    if not have_module("tiexport.wrappers"):
         for s in (qat, ptc):
             s.status = "skipped"
-            s.notes.append("not run: tiexport.quantization.wrapper does not exist yet")
+            s.notes.append("not run: tiexport.wrappers does not exist yet")
         return [qat.finish(), ptc.finish()]
     peers = cfg.peers and have_module("torch.ao.quantization.quantize_fx")
     k = 2 if cfg.quick else 5  # steps per timed block

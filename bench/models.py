@@ -212,9 +212,9 @@ def tiexport_qdq_onnx(factory: Callable[[], nn.Module], shape: tuple[int, ...], 
                       num_batches: int = 4) -> Path:
     """tiexport's PTCFxModule (default qconfig WC8_AT8) calibrated on seeded random batches, then exported.
 
-    Needs ``tiexport.quantization.wrapper`` and ``tiexport.symbolics.export`` (raises ImportError before them).
+    Needs ``tiexport.wrappers`` and ``tiexport.symbolics.export`` (raises ImportError before them).
     """
-    from tiexport.quantization.wrapper import PTCFxModule
+    from tiexport.wrappers import PTCFxModule
 
     def make(tmp: Path) -> None:
         torch.manual_seed(0)

@@ -217,7 +217,7 @@ class Bench:
         import torch
 
         from tiexport.quantization.observers import ActivationObserver
-        from tiexport.quantization.wrapper import PTCFxModule, QATFxModule
+        from tiexport.wrappers import PTCFxModule, QATFxModule
 
         t0 = time.perf_counter()
         model = copy.deepcopy(self.float_model)  # the benchmark keeps its float model; the wrapper copies nothing

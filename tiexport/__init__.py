@@ -32,9 +32,9 @@ _LAZY: dict[str, str] = {
     "export": "tiexport.symbolics.export",
     "ExportResult": "tiexport.symbolics.export",
     "ExportError": "tiexport.symbolics.export",
-    "PTCFxModule": "tiexport.quantization.wrapper",
-    "QATFxModule": "tiexport.quantization.wrapper",
-    "load_weights": "tiexport.quantization.wrapper",
+    "PTCFxModule": "tiexport.wrappers.fx",
+    "QATFxModule": "tiexport.wrappers.fx",
+    "load_weights": "tiexport.wrappers.checkpoint",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,5 +1,6 @@
 """Every torch-version-specific detail in one place: exporter entry points, where torch keeps its TorchScript
-symbolic registry and ``torch.ao`` quantization classes, and version checks.
+symbolic registry and ``torch.ao`` quantization classes (and which classes are quantized or reference modules),
+version checks, and :func:`module_device`, the one torch helper the ONNX side needs (parity against a module).
 
 Tested with torch 2.13 (TorchScript exporter deprecated but present; the dynamo exporter, built on onnxscript, is
 torch's default). The package accepts ``torch>=2.3``; where an older torch keeps a thing elsewhere, the lookup below
@@ -13,7 +14,6 @@ import importlib
 import io
 import logging
 import os
-import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
@@ -24,12 +24,10 @@ __all__ = [
     "TORCHSCRIPT_MAX_OPSET",
     "ao_classes",
     "ao_quantization",
-    "conv_bn_folding",
     "export_dynamo",
     "export_torchscript",
     "get_ts_custom_symbolic",
     "has_dynamo_exporter",
-    "install_conv_bn_forward",
     "module_device",
     "quiet_torch",
     "restore_ts_custom_symbolic",
@@ -126,49 +124,6 @@ def ao_classes() -> dict[str, Any]:
     }
 
 
-def install_conv_bn_forward(module: Any) -> int:
-    """Give every torch.ao QAT Conv+BN module in ``module`` a cheaper forward of the same function.
-
-    torch's ``_ConvBnNd._forward_approximate`` runs ``bn(conv(x, fq(W * f)) / f + b_c)`` with ``f = g/std`` per
-    output channel: the division and the bias add are passes over the whole activation, forward and backward
-    (``DivBackward`` alone was 12 % of a ResNet-20 QAT step on CPU, bench/RESULTS.md, QAT section). Installed per
-    instance on ``_forward_approximate``:
-
-    - batch norm updating (training-mode statistics): ``bn(conv(x, fq(W * f) / f, b_c))``. Convolution is linear
-      in its weight per output channel, so dividing the fake-quantized weight by ``f`` is the same function as
-      dividing the output, on a tensor the size of the weight; the conv adds ``b_c`` itself. Gradients reach
-      ``W``, ``g`` and ``b_c`` through the same expressions (equal up to float rounding, a test holds it).
-    - batch norm frozen (running statistics): ``conv(x, fq(W * f), (b_c - mean) * f + beta)``, torch's own
-      "Z_inference" formula and what the exported ONNX (and TIDL) computes.
-
-    Falls back to torch's method where it would not apply (no running statistics, a batch norm without affine
-    weight). Returns how many modules it set.
-    """
-    conv_bn = ao_classes()["conv_bn_qat"]
-    count = 0
-    for m in module.modules():
-        if conv_bn and isinstance(m, conv_bn) and callable(getattr(type(m), "_forward_approximate", None)):
-            m._forward_approximate = types.MethodType(_conv_bn_forward, m)
-            count += 1
-    return count
-
-
-def conv_bn_folding(m: Any) -> tuple[Any, Any]:
-    """``(factor, bias)`` of a QAT Conv+BN module with running statistics: the folded weight is ``weight * factor``
-    per output channel (``gamma / std``, the expression torch's ``_forward_approximate`` fake-quantizes) and the
-    folded bias ``beta + (b_c - mean) * factor``. One definition for the frozen forward below and the export's
-    folding (tiexport.symbolics.lowering), so that both fake-quantize the same values and add the same bias."""
-    import torch
-
-    bn = m.bn
-    std = torch.sqrt(bn.running_var + bn.eps)
-    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
-    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
-    factor = gamma / std
-    conv_bias = m.bias if m.bias is not None else torch.zeros_like(std)
-    return factor, beta + (conv_bias - bn.running_mean) * factor
-
-
 def module_device(module: Any) -> Any:
     """The device of a module's first parameter or buffer (CPU for a module without tensors)."""
     import torch
@@ -176,67 +131,6 @@ def module_device(module: Any) -> Any:
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-def _conv_bn_forward(self: Any, x: Any) -> Any:
-    import torch
-
-    bn = self.bn
-    if bn.running_var is None or bn.running_mean is None or bn.weight is None:
-        return type(self)._forward_approximate(self, x)
-    if bn.training:
-        factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape([-1] + [1] * (self.weight.dim() - 1))
-        weight = self.weight_fake_quant(self.weight * factor) / factor
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return bn(self._conv_forward(x, weight.to(x.dtype), bias))
-    factor, bias = conv_bn_folding(self)
-    weight = self.weight_fake_quant(_folded_weight(self, factor))
-    return self._conv_forward(x, weight, bias.to(x.dtype))
-
-
-def _folded_weight(m: Any, factor: Any) -> Any:
-    """``m.weight * factor`` per output channel; without autograd, the same tensor object as long as the weight,
-    gamma, running variance and eps are unchanged (:func:`reuse_result`), so that the weight fake-quant can reuse
-    its output (``TidlFakeQuantize``: PTC calibration and evaluation quantize each weight once)."""
-    import torch
-
-    shape = [-1] + [1] * (m.weight.dim() - 1)
-    sources = (m.weight, m.bn.weight, m.bn.running_var)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
-        m.__dict__.pop("_folded_weight_cache", None)
-        return m.weight * factor.reshape(shape)
-    return reuse_result(m, "_folded_weight_cache", sources, float(m.bn.eps), lambda: m.weight * factor.reshape(shape))
-
-
-def _contents(tensors: tuple[Any, ...]) -> tuple[Any, ...]:
-    # version counter, storage address, dtype, device, shape: assigning ``.data`` (what Module.to/.double/.cuda do
-    # to parameters) keeps the object and its version counter but not the storage
-    return tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in tensors)
-
-
-def reuse_result(owner: Any, slot: str, sources: tuple[Any, ...], extra: Any, compute: Callable[[], Any]) -> Any:
-    """``compute()``, or the tensor it returned last time (kept in ``owner.__dict__[slot]``) if every tensor in
-    ``sources`` is the same object with the same contents, ``extra`` is equal, and that result was not modified in
-    place since. Contents are judged by version counter (moved by every in-place write), storage address, dtype,
-    device and shape; the entry holds detached aliases of the sources, so a replaced storage cannot come back at
-    the old address. ``compute`` may write the sources (an observer updating its buffers): the entry records their
-    state after it. Inference-mode tensors keep no version counter: no reuse, nothing kept."""
-    try:
-        state = _contents(sources)
-    except RuntimeError:
-        owner.__dict__.pop(slot, None)
-        return compute()
-    hit = owner.__dict__.get(slot)
-    if (hit is not None and hit[1] == state and hit[2] == extra
-            and all(a is b for a, b in zip(hit[0], sources, strict=True)) and hit[4]._version == hit[5]):
-        return hit[4]
-    out = compute()
-    try:
-        aliases = tuple(t.detach() for t in sources if t is not None)
-        owner.__dict__[slot] = (sources, _contents(sources), extra, aliases, out, out._version)
-    except RuntimeError:  # an inference-mode result keeps no version counter
-        owner.__dict__.pop(slot, None)
-    return out
 
 
 # Packages whose modules compute on quantized tensors (after ``convert``/``convert_fx``) and those of torch's

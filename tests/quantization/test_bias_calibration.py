@@ -11,8 +11,8 @@ from torch import nn  # noqa: E402
 
 from tests.quantization._models import batches, seeded  # noqa: E402
 from tiexport.quantization.bias_calibration import BiasCalibrator  # noqa: E402
-from tiexport.quantization.observers import TidlFakeQuantize  # noqa: E402
-from tiexport.quantization.wrapper import PTCFxModule  # noqa: E402
+from tiexport.quantization.fake_quantize import TidlFakeQuantize  # noqa: E402
+from tiexport.wrappers import PTCFxModule  # noqa: E402
 
 
 class ConcatNet(nn.Module):

@@ -1,4 +1,4 @@
-"""compat.install_conv_bn_forward: a frozen QAT Conv+BN computes the folded form (what the export computes), an
+"""conv_bn.install_conv_bn_forward: a frozen QAT Conv+BN computes the folded form (what the export computes), an
 updating one torch's batch-statistics function with the 1/f on the weight, and gradients reach the same parameters."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from tiexport import compat  # noqa: E402
+from tiexport.quantization import conv_bn  # noqa: E402
 
 
 def _conv_bn(relu: bool) -> nn.Module:
@@ -33,7 +33,7 @@ def _conv_bn(relu: bool) -> nn.Module:
 def test_frozen_module_computes_the_folded_form(relu: bool) -> None:
     ref = _conv_bn(relu)
     folded = copy.deepcopy(ref)
-    assert compat.install_conv_bn_forward(folded) == 1
+    assert conv_bn.install_conv_bn_forward(folded) == 1
     for m in (ref, folded):
         m.train()
         m.freeze_bn_stats()
@@ -67,7 +67,7 @@ def test_updating_batch_norm_is_torchs_function(relu: bool, bias: bool) -> None:
         if bias:
             ref.bias.uniform_(-0.5, 0.5)
     ours = copy.deepcopy(ref)
-    assert compat.install_conv_bn_forward(ours) == 1
+    assert conv_bn.install_conv_bn_forward(ours) == 1
     ref.train()
     ours.train()  # batch norm updating: batch statistics, running stats change
     x = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -95,7 +95,7 @@ def test_updating_batch_norm_is_torchs_function(relu: bool, bias: bool) -> None:
 
 def test_frozen_folded_weight_is_reused_only_while_its_sources_are_unchanged() -> None:
     m = _conv_bn(False)
-    compat.install_conv_bn_forward(m)
+    conv_bn.install_conv_bn_forward(m)
     m.train()
     m.freeze_bn_stats()
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
@@ -104,19 +104,19 @@ def test_frozen_folded_weight_is_reused_only_while_its_sources_are_unchanged() -
     m.weight_fake_quant.disable_observer()
 
     def fresh() -> torch.Tensor:  # the folded form computed from scratch
-        factor, bias = compat.conv_bn_folding(m)
+        factor, bias = conv_bn.conv_bn_folding(m)
         w = m.weight_fake_quant(m.weight * factor.reshape(-1, 1, 1, 1))
         return torch.nn.functional.conv2d(x, w, bias, padding=1)
 
     with torch.no_grad():
-        first = compat._folded_weight(m, compat.conv_bn_folding(m)[0])
-        assert compat._folded_weight(m, compat.conv_bn_folding(m)[0]) is first
+        first = conv_bn._folded_weight(m, conv_bn.conv_bn_folding(m)[0])
+        assert conv_bn._folded_weight(m, conv_bn.conv_bn_folding(m)[0]) is first
         for change in (lambda: m.bn.running_var.mul_(1.5), lambda: m.weight.add_(0.1),
                        lambda: m.bn.weight.mul_(0.5)):
             change()
             assert torch.equal(m(x), fresh())
-            assert compat._folded_weight(m, compat.conv_bn_folding(m)[0]) is not first
-            first = compat._folded_weight(m, compat.conv_bn_folding(m)[0])
+            assert conv_bn._folded_weight(m, conv_bn.conv_bn_folding(m)[0]) is not first
+            first = conv_bn._folded_weight(m, conv_bn.conv_bn_folding(m)[0])
     out = m(x)  # with autograd: computed afresh, gradients reach the weight
     out.sum().backward()
     assert m.weight.grad is not None and "_folded_weight_cache" not in m.__dict__
@@ -124,11 +124,11 @@ def test_frozen_folded_weight_is_reused_only_while_its_sources_are_unchanged() -
 
 def test_folded_weight_reuse_sees_a_replaced_data() -> None:
     m = _conv_bn(False)
-    compat.install_conv_bn_forward(m)
+    conv_bn.install_conv_bn_forward(m)
     m.train()
     m.freeze_bn_stats()
     with torch.no_grad():
-        first = compat._folded_weight(m, compat.conv_bn_folding(m)[0])
+        first = conv_bn._folded_weight(m, conv_bn.conv_bn_folding(m)[0])
         m.weight.data = m.weight.data * 2.0  # a new storage, the same Parameter and version counter
-        second = compat._folded_weight(m, compat.conv_bn_folding(m)[0])
+        second = conv_bn._folded_weight(m, conv_bn.conv_bn_folding(m)[0])
         assert second is not first and torch.allclose(second, 2 * first)

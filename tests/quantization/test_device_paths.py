@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from tests.quantization._models import TinyCNN, batches, seeded  # noqa: E402
-from tiexport.quantization import observers  # noqa: E402
-from tiexport.quantization.wrapper import QATFxModule  # noqa: E402
+from tiexport.quantization import kernels  # noqa: E402
+from tiexport.wrappers import QATFxModule  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -48,7 +48,7 @@ def test_generic_path_equals_the_cpu_fast_paths_and_reads_nothing_back(
     for w in (fast, generic):
         w.train()  # first epoch: batch norm and observers updating
     outs = [_step(fast, x, labels) for x in data]
-    monkeypatch.setattr(observers, "_CPU_FAST_PATHS", False)
+    monkeypatch.setattr(kernels, "CPU_FAST_PATHS", False)
     generic_outs = [_step(generic, data[0], labels)]  # the first call reads the fake-quant flags once
     with _no_host_reads(monkeypatch):
         generic_outs += [_step(generic, x, labels) for x in data[1:]]
@@ -63,7 +63,7 @@ def test_generic_path_equals_the_cpu_fast_paths_and_reads_nothing_back(
 
 
 def test_generic_path_ptc_calibration_and_evaluation_read_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tiexport.quantization.wrapper import PTCFxModule
+    from tiexport.wrappers import PTCFxModule
 
     data = batches((16, 1, 8, 8), 3, seed=8)
     fast = PTCFxModule(seeded(TinyCNN(channels=8, classes=10)), qconfig_type="WT8SYMP2_AT8SYMP2",
@@ -73,7 +73,7 @@ def test_generic_path_ptc_calibration_and_evaluation_read_nothing_back(monkeypat
     generic.train()
     with torch.no_grad():
         outs = [fast(x) for x in data]
-        monkeypatch.setattr(observers, "_CPU_FAST_PATHS", False)
+        monkeypatch.setattr(kernels, "CPU_FAST_PATHS", False)
         generic_outs = [generic(data[0])]  # flags read once
         with _no_host_reads(monkeypatch):
             generic_outs += [generic(x) for x in data[1:]]
@@ -84,9 +84,9 @@ def test_generic_path_ptc_calibration_and_evaluation_read_nothing_back(monkeypat
     fast.eval()
     generic.eval()
     with torch.no_grad():
-        monkeypatch.setattr(observers, "_CPU_FAST_PATHS", True)
+        monkeypatch.setattr(kernels, "CPU_FAST_PATHS", True)
         expected = fast(data[0])
-        monkeypatch.setattr(observers, "_CPU_FAST_PATHS", False)
+        monkeypatch.setattr(kernels, "CPU_FAST_PATHS", False)
         generic(data[0])  # flags changed by eval(): read once
         with _no_host_reads(monkeypatch):
             assert torch.equal(generic(data[0]), expected)
@@ -122,7 +122,7 @@ def test_generic_path_training_step_has_no_host_reads_in_torch_kernels(
     # syncs per weight per step, which the weight path avoids; with observers frozen too
     data = batches((16, 1, 8, 8), 3, seed=9)
     labels = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(9))
-    monkeypatch.setattr(observers, "_CPU_FAST_PATHS", False)
+    monkeypatch.setattr(kernels, "CPU_FAST_PATHS", False)
     w = QATFxModule(seeded(TinyCNN(channels=8, classes=10)), total_epochs=4, qconfig_type="WC8SYMP2_AT8SYMP2",
                     example_inputs=data[0])
     w.train()
@@ -137,10 +137,10 @@ def test_generic_path_training_step_has_no_host_reads_in_torch_kernels(
 def test_generic_path_ptc_step_has_no_host_reads_in_torch_kernels(
     qconfig_type: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tiexport.quantization.wrapper import PTCFxModule
+    from tiexport.wrappers import PTCFxModule
 
     data = batches((16, 1, 8, 8), 2, seed=10)
-    monkeypatch.setattr(observers, "_CPU_FAST_PATHS", False)
+    monkeypatch.setattr(kernels, "CPU_FAST_PATHS", False)
     w = PTCFxModule(seeded(TinyCNN(channels=8, classes=10)), qconfig_type=qconfig_type, example_inputs=data[0],
                     bias_calibration_factor=0.01)
     w.train()

@@ -25,7 +25,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from tests.quantization._models import TinyCNN, batches, seeded
-    from tiexport.quantization.wrapper import QATFxModule
+    from tiexport.wrappers import QATFxModule
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)

@@ -21,7 +21,7 @@ from tiexport.quantization.equalization import (  # noqa: E402
     equalize_cross_layer,
     find_pairs,
 )
-from tiexport.quantization.wrapper import PTCFxModule, QATFxModule  # noqa: E402
+from tiexport.wrappers import PTCFxModule, QATFxModule  # noqa: E402
 
 
 def _inputs(n: int = 4, seed: int = 0) -> list[torch.Tensor]:
@@ -112,7 +112,7 @@ def test_power_of_2_grid_puts_each_first_layer_on_the_grid() -> None:
     w = _prepared(_unbalanced_small_cnn(), cross_layer_equalization=False)
     report = equalize_cross_layer(w.module, power_of_2_grid=127.0)
     modules = dict(w.module.named_modules())
-    from tiexport.quantization.observers import power_of_2_ceil
+    from tiexport.quantization.kernels import power_of_2_ceil
 
     for a_name, _ in report.pairs:
         scale = _out_ranges(modules[a_name]).max().reshape(1) / 127.0  # the weight observer's float32 scale

@@ -6,13 +6,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tiexport.quantization import observers  # noqa: E402
-from tiexport.quantization.observers import (  # noqa: E402
-    ActivationObserver,
-    TidlFakeQuantize,
-    WeightObserver,
-    power_of_2_ceil,
-)
+from tiexport.quantization import kernels  # noqa: E402
+from tiexport.quantization.fake_quantize import TidlFakeQuantize  # noqa: E402
+from tiexport.quantization.kernels import power_of_2_ceil  # noqa: E402
+from tiexport.quantization.observers import ActivationObserver, WeightObserver  # noqa: E402
 
 
 def _is_power_of_2(t: torch.Tensor) -> bool:
@@ -166,7 +163,7 @@ def test_invalid_percentile_rejected() -> None:
 # ------------------------------------------------------------------------------------------- speed paths, exactness
 @pytest.mark.parametrize("n,m", [(1_048_576, 105), (131_072, 14), (3_003, 2), (1_000, 400), (64, 32), (10, 1)])
 def test_tail_values_equal_full_topk(n: int, m: int) -> None:
-    from tiexport.quantization.observers import _tail_values
+    from tiexport.quantization.kernels import tail_values as _tail_values
 
     g = torch.Generator().manual_seed(n + m)
     for flat in (torch.randn(n, generator=g), torch.randint(-3, 4, (n,), generator=g).float(),  # many ties
@@ -284,12 +281,12 @@ def test_scalar_observer_path_equals_the_tensor_path(aggregation: str, symmetric
             x = x + 0.5 * step
         assert scalar._scalar_path(x)
         scalar(x)
-        observers._CPU_FAST_PATHS = False  # the tensor path, as on CUDA
+        kernels.CPU_FAST_PATHS = False  # the tensor path, as on CUDA
         try:
             assert not tensor._scalar_path(x)
             tensor(x)
         finally:
-            observers._CPU_FAST_PATHS = True
+            kernels.CPU_FAST_PATHS = True
         assert torch.equal(scalar.min_val, tensor.min_val) and torch.equal(scalar.max_val, tensor.max_val), step
         s_scale, s_zp = scalar.calculate_qparams()
         t_scale, t_zp = tensor._qparams_tensor()

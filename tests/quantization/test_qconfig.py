@@ -18,7 +18,7 @@ from tiexport.quantization.qconfig import (  # noqa: E402
     get_qconfig_mapping,
     qconfig_type_name,
 )
-from tiexport.quantization.wrapper import PTCFxModule  # noqa: E402
+from tiexport.wrappers import PTCFxModule  # noqa: E402
 
 P2_TYPES = [name for name, t in QCONFIG_TYPES.items() if t.activation_power_of_2]
 

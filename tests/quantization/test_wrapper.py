@@ -15,11 +15,8 @@ from torch.ao.quantization import FakeQuantize  # noqa: E402
 
 from tests.quantization._models import MHANet, TinyCNN, TwoInputNet, batches, seeded  # noqa: E402
 from tiexport.errors import UsageError  # noqa: E402
-from tiexport.quantization.wrapper import (  # noqa: E402
-    PTCFxModule,
-    QATFxModule,
-    QuantFriendlyMultiheadAttention,
-)
+from tiexport.quantization.attention import QuantFriendlyMultiheadAttention  # noqa: E402
+from tiexport.wrappers import PTCFxModule, QATFxModule  # noqa: E402
 
 SHAPE = (4, 1, 6, 6)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 from tests.quantization._models import TinyCNN, TwoInputNet, batches, seeded  # noqa: E402
-from tiexport.quantization.wrapper import PTCFxModule, QATFxModule  # noqa: E402
+from tiexport.wrappers import PTCFxModule, QATFxModule  # noqa: E402
 
 SHAPE = (4, 1, 6, 6)
 

@@ -62,7 +62,7 @@ def torch_default_fx(name: str, kind: str, backend: str = "x86", batches: int = 
 def wrapped(name: str, kind: str, batches: int = 2, convert: bool = False) -> torch.nn.Module:
     """tiexport's wrappers: ``ptc`` = PTCFxModule calibration, ``qat`` = QATFxModule with a backward per batch;
     returns the wrapped GraphModule (``.module``), converted when asked."""
-    from tiexport.quantization.wrapper import PTCFxModule, QATFxModule
+    from tiexport.wrappers import PTCFxModule, QATFxModule
 
     shape = SHAPES[name]
     model = float_model(name)

@@ -28,8 +28,8 @@ def _model(name: str, quant: str) -> torch.nn.Module:
     key = (name, quant)
     if key not in _BUILT:
         if quant in ("ptc", "qat"):
-            if importlib.util.find_spec("tiexport.quantization.wrapper") is None:
-                pytest.skip("tiexport.quantization.wrapper (PTCFxModule/QATFxModule) is not built yet")
+            if importlib.util.find_spec("tiexport.wrappers") is None:
+                pytest.skip("tiexport.wrappers (PTCFxModule/QATFxModule) is not built yet")
             _BUILT[key] = wrapped(name, quant)
         else:
             _BUILT[key] = torch_default_fx(name, quant)

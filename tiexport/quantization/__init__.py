@@ -1,35 +1,11 @@
-"""The torch side: TI's qconfig types, observers, bias calibration, the PTC/QAT wrappers, and export.
+"""The torch side's building blocks: TI's qconfig types and graph rules, observers and fake-quants, bias
+calibration, cross-layer equalization, Conv+BN folding and the quantization-friendly attention swap.
 
-Submodules import torch; this package itself imports nothing, so ``import tiexport`` stays torch-free. The public
-names below load their module (and torch) on first use.
+The wrappers users train with are in :mod:`tiexport.wrappers` (``tiexport.PTCFxModule``, ``tiexport.QATFxModule``),
+the exporter in :mod:`tiexport.symbolics` (``tiexport.export``). Submodules import torch; this package itself
+imports nothing, so ``import tiexport`` stays torch-free.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-__all__ = ["ExportError", "ExportResult", "PTCFxModule", "QATFxModule", "export", "load_weights"]
-
-# public name -> module that defines it
-_LAZY: dict[str, str] = {
-    "export": "tiexport.symbolics.export",
-    "ExportResult": "tiexport.symbolics.export",
-    "ExportError": "tiexport.symbolics.export",
-    "PTCFxModule": "tiexport.quantization.wrapper",
-    "QATFxModule": "tiexport.quantization.wrapper",
-    "load_weights": "tiexport.quantization.wrapper",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tiexport.quantization' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__all__: list[str] = []

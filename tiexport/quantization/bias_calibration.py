@@ -33,7 +33,7 @@ import torch
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.fx import GraphModule, Node
 
-from tiexport.quantization.observers import TidlFakeQuantize
+from tiexport.quantization.fake_quantize import TidlFakeQuantize
 
 __all__ = ["BiasCalibrator"]
 

@@ -1,4 +1,4 @@
-"""Observers and fake-quant modules for TIDL's 8-bit quantization schemes.
+"""Observers for TIDL's 8-bit quantization schemes (their fake-quant is :mod:`tiexport.quantization.fake_quantize`).
 
 What TIDL wants (shared TIDL reference, tidl.md §2), and what these classes produce:
 
@@ -20,10 +20,6 @@ What TIDL wants (shared TIDL reference, tidl.md §2), and what these classes pro
   wrapper accepted a percentile and then dropped it (see the wrapper reference, "Known defects"); here it decides
   the range, and a test shows the two differ.
 
-All fake-quant modules are plain :class:`torch.ao.quantization.FakeQuantize` subclasses, never
-``FusedMovingAvgObsFakeQuantize``: the fused op has no ONNX symbolic (tidl.md §6, item 3), the plain one exports as
-QuantizeLinear/DequantizeLinear.
-
 Under ``torch.distributed`` (DDP) the activation observers reduce each batch's statistics across ranks before
 updating, so every rank holds the same ranges, hence the same scales, at every step.
 """
@@ -32,24 +28,20 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch.ao.quantization import FakeQuantize
 from torch.ao.quantization.observer import ObserverBase
 
-from tiexport.compat import reuse_result
+from tiexport.quantization import kernels
+from tiexport.quantization.kernels import f32, nan_max, nan_min, power_of_2_ceil, power_of_2_ceil_scalar, tail_values
 
 __all__ = [
     "DEFAULT_RANGE_AGGREGATION",
     "DEFAULT_RANGE_SHRINK_PERCENTILE",
     "POWER_OF_2_RANGE_AGGREGATION",
     "ActivationObserver",
-    "TidlFakeQuantize",
     "WeightObserver",
-    "power_of_2_ceil",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,92 +70,6 @@ POWER_OF_2_RANGE_AGGREGATION = "mean"
 _MIN_AVERAGING_CONSTANT = 0.01
 
 _EPS = torch.finfo(torch.float32).eps
-
-#: The CPU-only fast paths (Python-scalar observer and qparams, vectorized fake-quant). Tests turn them off to run
-#: the device-generic tensor path, the one CUDA takes, on CPU.
-_CPU_FAST_PATHS = True
-
-_FLOAT32 = struct.Struct("f")
-
-
-def _f32(value: float) -> float:
-    """``value`` rounded to float32 (to nearest, ties to even), as a Python float.
-
-    A float32 ``+ - * /`` computed in double and rounded once to float32 is the correctly rounded float32 result
-    (double carries more than 2 * 24 + 2 bits), so Python arithmetic on float32 values followed by this rounding is
-    bit for bit what a float32 tensor op computes. The scalar observer path below relies on it.
-    """
-    try:
-        return float(_FLOAT32.unpack(_FLOAT32.pack(value))[0])
-    except OverflowError:  # beyond float32's range: torch gives inf
-        return math.copysign(math.inf, value)
-
-
-def _nan_min(a: float, b: float) -> float:
-    """``torch.minimum`` of two floats: NaN if either is NaN (Python's ``min`` would drop a NaN silently)."""
-    return math.nan if a != a or b != b else min(a, b)
-
-
-def _nan_max(a: float, b: float) -> float:
-    return math.nan if a != a or b != b else max(a, b)
-
-
-def _power_of_2_ceil_scalar(scale: float) -> float:
-    """:func:`power_of_2_ceil` of one positive float, the same frexp rule."""
-    if not math.isfinite(scale) or scale <= 0.0:
-        return float(power_of_2_ceil(torch.tensor([scale]))[0])  # inf / NaN / 0: whatever the tensor rule gives
-    mantissa, exponent = math.frexp(scale)
-    return math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
-
-
-def power_of_2_ceil(scale: torch.Tensor) -> torch.Tensor:
-    """``2 ** ceil(log2(scale))``, exactly a power of two (TI's rounding; tidl.md §2, "Power-of-2 in TI's wrapper").
-
-    From the float's own exponent (``frexp``: ``scale = m * 2**e`` with ``m`` in [0.5, 1)), not from ``log2``: a
-    float32 ``log2`` of a scale one ulp above ``2**k`` rounds to ``k`` and gave ``2**k``, a power of two *below* the
-    scale (32 such exponents between 2**-30 and 2**9, a test holds it).
-    """
-    mantissa, exponent = torch.frexp(scale.float())
-    # m == 0.5: the scale is 2**(e-1) itself; otherwise the next power up is 2**e
-    exponent = exponent - (mantissa == 0.5).to(exponent.dtype)
-    # ldexp builds the float from its exponent, so the result is exactly 2**k, with no pow() rounding
-    return torch.ldexp(torch.ones_like(mantissa), exponent)
-
-
-def _tail_values(flat: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``m``-th smallest and ``m``-th largest value of the 1-D tensor ``flat`` (exact; ``2 * m <= numel``).
-
-    ``torch.topk`` over the whole tensor costs 6.6 ms for 1M values on one core (both ends), a third of a ResNet-20
-    QAT step (bench/RESULTS.md, QAT section). Instead: cut the values into ``width`` contiguous groups of ``depth``,
-    take each group's maximum (one vectorized pass), keep the ``m`` groups with the largest maxima and select among
-    their values only: 0.7 ms. Exact: if ``t`` is the ``m``-th largest group maximum, at least ``m`` values are
-    >= ``t``, so the ``m``-th largest value ``v`` is >= ``t``; every value above ``t`` lies in a group whose maximum
-    is above ``t``, which is one of the ``m`` kept; and if ``v == t`` the kept groups hold ``m`` values >= ``t``
-    already. Likewise for the minimum. Fixed shapes throughout: no host sync on CUDA.
-    """
-    n = flat.numel()
-    depth = max(1, int(math.sqrt(n / m)))  # values per group: the kept groups hold about sqrt(n * m) values
-    # a power of two near that which divides n leaves no remainder to append (activation sizes have factors of 2)
-    power = 1 << (depth.bit_length() - 1)
-    for candidate in (2 * power, power):
-        if n % candidate == 0:
-            depth = candidate
-            break
-    width = n // depth
-    if width <= m:
-        return (torch.topk(flat, m, largest=False, sorted=False).values.max(),
-                torch.topk(flat, m, largest=True, sorted=False).values.min())
-    main = flat[: depth * width].view(width, depth)
-    # amax and amin separately: torch.aminmax(dim=...) is 9x slower than either on CPU
-    top = torch.topk(torch.amax(main, dim=1), m, sorted=False).indices
-    bottom = torch.topk(torch.amin(main, dim=1), m, largest=False, sorted=False).indices
-    high, low = main.index_select(0, top).reshape(-1), main.index_select(0, bottom).reshape(-1)
-    if depth * width < n:  # fewer than depth values left over: always candidates
-        rest = flat[depth * width:]
-        high, low = torch.cat([high, rest]), torch.cat([low, rest])
-    hi = torch.topk(high, m, sorted=False).values.min()
-    lo = torch.topk(low, m, largest=False, sorted=False).values.max()
-    return lo, hi
 
 
 def _distributed_world() -> int:
@@ -284,7 +190,7 @@ class ActivationObserver(ObserverBase):
         k = math.floor(n * self.range_shrink_percentile / 100.0) if self.range_shrink_percentile > 0 else 0
         if k > 0 and 2 * k < n:
             # exactly k values lie beyond each end
-            lo, hi = _tail_values(flat, k + 1)
+            lo, hi = tail_values(flat, k + 1)
         else:
             lo, hi = torch.aminmax(flat)
         return lo, hi
@@ -292,7 +198,7 @@ class ActivationObserver(ObserverBase):
     def _scalar_path(self, x: torch.Tensor) -> bool:
         """Whether this observation can take the Python-scalar path (:meth:`_observe_scalar`): a float32 CPU tensor,
         float32 CPU buffers, one process (DDP reduces tensors)."""
-        return (_CPU_FAST_PATHS and x.dtype == torch.float32 and x.device.type == "cpu"
+        return (kernels.CPU_FAST_PATHS and x.dtype == torch.float32 and x.device.type == "cpu"
                 and self.min_val.device.type == "cpu"
                 and self.min_val.dtype == torch.float32 and (not self.sync_distributed or _distributed_world() == 1))
 
@@ -330,7 +236,7 @@ class ActivationObserver(ObserverBase):
         return x
 
     def _observe_scalar(self, x: torch.Tensor) -> None:
-        """:meth:`forward`'s update with Python scalars: the same float32 results (see :func:`_f32`), a tenth of the
+        """:meth:`forward`'s update with Python scalars: the same float32 results (see :func:`f32`), a tenth of the
         tensor ops. On CPU each small tensor op costs microseconds of dispatch, and an observer issued ~35 of them
         per batch: most of a QAT step of a small network (bench/RESULTS.md, QAT section). A test holds both paths
         equal bit for bit."""
@@ -343,11 +249,11 @@ class ActivationObserver(ObserverBase):
                 new_lo, new_hi = lo, hi
             else:
                 # torch: clamp(1 / (float32(n) + 1), min=0.01), then min + w * (lo - min), each op in float32
-                weight = max(_f32(1.0 / _f32(_f32(n) + 1.0)), _f32(_MIN_AVERAGING_CONSTANT))
-                new_lo = _f32(cur_lo + _f32(weight * _f32(lo - cur_lo)))
-                new_hi = _f32(cur_hi + _f32(weight * _f32(hi - cur_hi)))
+                weight = max(f32(1.0 / f32(f32(n) + 1.0)), f32(_MIN_AVERAGING_CONSTANT))
+                new_lo = f32(cur_lo + f32(weight * f32(lo - cur_lo)))
+                new_hi = f32(cur_hi + f32(weight * f32(hi - cur_hi)))
         else:
-            new_lo, new_hi = _nan_min(cur_lo, lo), _nan_max(cur_hi, hi)
+            new_lo, new_hi = nan_min(cur_lo, lo), nan_max(cur_hi, hi)
         if new_lo != cur_lo:  # a NaN compares unequal and is written, as torch.minimum would
             self.min_val.fill_(new_lo)
         if new_hi != cur_hi:
@@ -368,17 +274,17 @@ class ActivationObserver(ObserverBase):
         eps = self.eps.item()
         if self.symmetric:
             signed = self.force_signed or min_val < 0
-            scale = max(_f32(hi / 127.0), _f32(-lo / 128.0)) if signed else _f32(hi / 255.0)
+            scale = max(f32(hi / 127.0), f32(-lo / 128.0)) if signed else f32(hi / 255.0)
             scale = max(scale, eps)
             if self.power_of_2:
-                scale = _power_of_2_ceil_scalar(scale)
-            return _f32(scale), 0  # float32 already; rounding again is a no-op that keeps it so
-        scale = max(_f32(_f32(hi - lo) / 255.0), eps)
+                scale = power_of_2_ceil_scalar(scale)
+            return f32(scale), 0  # float32 already; rounding again is a no-op that keeps it so
+        scale = max(f32(f32(hi - lo) / 255.0), eps)
         if self.power_of_2:
-            scale = _power_of_2_ceil_scalar(scale)
-        scale = _f32(scale)
+            scale = power_of_2_ceil_scalar(scale)
+        scale = f32(scale)
         # torch.round and Python's round both round half to even
-        return scale, min(max(round(_f32(-lo / scale)), 0), 255)
+        return scale, min(max(round(f32(-lo / scale)), 0), 255)
 
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
@@ -388,7 +294,7 @@ class ActivationObserver(ObserverBase):
         if not self._seen_data and int(self.num_batches) == 0:
             log.warning("activation observer has seen no data; using scale 1.0 and zero point 0")
             return torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
-        if _CPU_FAST_PATHS and device.type == "cpu" and self.min_val.dtype == torch.float32:
+        if kernels.CPU_FAST_PATHS and device.type == "cpu" and self.min_val.dtype == torch.float32:
             qparams = self._qparams_scalar()
             assert qparams is not None  # data was seen
             return (torch.tensor([qparams[0]], dtype=torch.float32),
@@ -536,261 +442,3 @@ class WeightObserver(ObserverBase):
         return f"per_channel={self.per_channel}, ch_axis={self.ch_axis}, power_of_2={self.power_of_2}, bits={self.bits}"
 
 
-def _host_read(owner: torch.nn.Module, slot: str, tensor: torch.Tensor, read: Callable[[torch.Tensor], Any],
-               known: Any = None) -> Any:
-    """``read(tensor)``, a value read back to the host (on CUDA a sync), or the value recorded under ``slot`` while
-    ``tensor`` is unchanged: the same object (a replaced buffer, from ``load_state_dict(assign=True)`` or a deep
-    copy, is read again), version counter (every in-place write moves it) and storage address (assigning ``.data``
-    keeps object and counter; the entry holds an alias, so the old storage cannot come back at that address).
-    ``known``: the caller has just written the tensor and knows the value; it is recorded without a read."""
-    try:
-        state = (tensor._version, tensor.data_ptr())
-    except RuntimeError:  # an inference-mode tensor keeps no version counter
-        return read(tensor) if known is None else known
-    cache = owner.__dict__.setdefault("_host_reads", {})
-    hit = cache.get(slot)
-    if known is None and hit is not None and hit[0] is tensor and hit[1] == state:
-        return hit[3]
-    value = read(tensor) if known is None else known
-    cache[slot] = (tensor, state, tensor.detach(), value)
-    return value
-
-
-class TidlFakeQuantize(FakeQuantize):
-    """A plain FakeQuantize whose dtype, range and qscheme follow its observer.
-
-    torch's FakeQuantize copies them once at construction; the symmetric activation observer changes them with the
-    data (uint8 while non-negative, int8 otherwise), and export and ``convert_fx`` must see the current values.
-    """
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.activation_post_process.dtype
-
-    @dtype.setter
-    def dtype(self, value: torch.dtype) -> None:
-        pass
-
-    @property
-    def quant_min(self) -> int:
-        return int(self.activation_post_process.quant_min)
-
-    @quant_min.setter
-    def quant_min(self, value: int) -> None:
-        pass
-
-    @property
-    def quant_max(self) -> int:
-        return int(self.activation_post_process.quant_max)
-
-    @quant_max.setter
-    def quant_max(self, value: int) -> None:
-        pass
-
-    @property
-    def qscheme(self) -> torch.qscheme:
-        return self.activation_post_process.qscheme
-
-    @qscheme.setter
-    def qscheme(self, value: torch.qscheme) -> None:
-        pass
-
-    def _enabled(self, name: str) -> bool:
-        """``self.<name>[0] == 1`` for the flag buffers, read from the tensor only when it changed since the last
-        read (:func:`_host_read`): on CUDA every read is a host sync, and FakeQuantize reads both flags in every
-        forward. Every writer (enable_*/disable_*, ``copy_``, ``load_state_dict``, DDP's buffer broadcast) writes in
-        place or replaces the tensor, which the check sees."""
-        # not getattr: nn.Module.__getattr__ costs ~0.5 us, and forward reads many
-        flag = cast(torch.Tensor, self._buffers[name])
-        return bool(_host_read(self, name, flag, lambda t: bool(t[0] == 1)))
-
-    #: Set on an instance (a plain attribute, no tensor write) while bias calibration runs its float pass: the
-    #: module then returns its input untouched, neither observing nor quantizing (see bias_calibration).
-    bypass = False
-    #: Set on an instance while bias calibration records: called with each call's input and output (a forward hook
-    #: without hook registration and the slower module-call path hooks take).
-    probe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
-
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
-        # FakeQuantize.forward, plus: a bypass for bias calibration's float pass, the Python-scalar observer path,
-        # CPU per-tensor fake-quant by _fake_quantize_cpu, and a reused output for an unchanged weight
-        out = X if self.bypass else self._output(X)
-        if self.probe is not None:
-            self.probe(X, out)
-        return out
-
-    def _output(self, X: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and X.requires_grad:
-            self.__dict__.pop("_output_cache", None)  # training holds no second copy of the weights
-            return self._forward(X)
-        observer = self._modules["activation_post_process"]
-        if isinstance(observer, WeightObserver):
-            # A weight's fake-quant output depends on the weight and the buffers of this module and its observer
-            # only (a WeightObserver keeps the range of the last weight seen: observing the same weight again
-            # changes nothing). PTC calibration and evaluation then fake-quantize each weight once, not per batch.
-            b = cast(dict[str, torch.Tensor], self._buffers)
-            o = cast(dict[str, torch.Tensor], observer._buffers)
-            sources = (X, b["scale"], b["zero_point"], b["fake_quant_enabled"], b["observer_enabled"],
-                       o["min_val"], o["max_val"], o["eps"])
-            return cast(torch.Tensor, reuse_result(self, "_output_cache", sources, None, lambda: self._forward(X)))
-        return self._forward(X)
-
-    def _zero_points_zero(self, just_zeroed: bool) -> bool:
-        """Whether every zero point is 0, read from the tensor only when it changed since the last read
-        (:func:`_host_read`; on CUDA a read is a host sync): ``just_zeroed`` when this call wrote them."""
-        zero_point = cast(torch.Tensor, self._buffers["zero_point"])
-        return bool(_host_read(self, "zero_points_zero", zero_point, lambda t: not bool(t.any()),
-                               True if just_zeroed else None))
-
-    def _forward(self, X: torch.Tensor) -> torch.Tensor:
-        # buffers and the observer from the module's dicts: nn.Module.__getattr__ costs ~0.5 us a lookup, and this
-        # runs for every fake-quant point in every step
-        observer = cast(Any, self._modules["activation_post_process"])
-        scale_buf = cast(torch.Tensor, self._buffers["scale"])
-        zero_point_buf = cast(torch.Tensor, self._buffers["zero_point"])
-        cpu = (_CPU_FAST_PATHS and X.device.type == "cpu" and X.dtype == torch.float32
-               and scale_buf.device.type == "cpu")
-        qparams: tuple[float, int] | None = None
-        weight_observed = False  # True once this call wrote the (all-zero) weight zero points
-        if self._enabled("observer_enabled"):
-            if cpu and isinstance(observer, ActivationObserver) and X.numel() > 0 and observer._scalar_path(X):
-                observer._observe_scalar(X)
-                qparams = observer._qparams_scalar()
-                assert qparams is not None  # it has just seen data
-                if scale_buf.shape != (1,):
-                    scale_buf.resize_(1)
-                    zero_point_buf.resize_(1)
-                scale_buf.fill_(qparams[0])
-                zero_point_buf.fill_(qparams[1])
-            elif isinstance(observer, WeightObserver) and X.numel() > 0:
-                # the generic path below, minus the zero-point tensor and the device moves: a weight's zero point
-                # is 0, and observer and buffers live on the weight's device
-                observer(X.detach())
-                scale = observer._scale()
-                if scale_buf.shape != scale.shape:
-                    scale_buf.resize_(scale.shape)
-                    zero_point_buf.resize_(scale.shape)
-                scale_buf.copy_(scale)
-                zero_point_buf.zero_()
-                weight_observed = True
-            else:
-                observer(X.detach())
-                scale, zero_point = self.calculate_qparams()
-                scale, zero_point = scale.to(scale_buf.device), zero_point.to(zero_point_buf.device)
-                if scale_buf.shape != scale.shape:
-                    scale_buf.resize_(scale.shape)
-                    zero_point_buf.resize_(zero_point.shape)
-                scale_buf.copy_(scale)
-                zero_point_buf.copy_(zero_point)
-        if not self._enabled("fake_quant_enabled"):
-            return X
-        if not cpu and isinstance(observer, ActivationObserver) and observer.symmetric and not observer.force_signed:
-            # int8 or uint8 by the data's sign, which is a host sync to read on CUDA: int8 -128..127 with zero point
-            # 0 is uint8 0..255 with zero point 128 (the same grid shifted by a whole number: identical results and
-            # gradients), so the kernel gets 0..255 and a zero point chosen on the device
-            zero_point_t = torch.where(observer._signed_tensor(), 128, 0).to(torch.int32).reshape(zero_point_buf.shape)
-            return torch.fake_quantize_per_tensor_affine(X, scale_buf, zero_point_t + zero_point_buf, 0, 255)
-        qmin, qmax = int(observer.quant_min), int(observer.quant_max)
-        if self.is_per_channel:
-            if X.dtype == torch.float32 and X.dim() > self.ch_axis and self._zero_points_zero(weight_observed):
-                # zero points 0 (symmetric weights): the clamp bounds are the same for every channel. Every device:
-                # on CUDA, torch's per-channel kernel reads min and max of the zero points back to the host (a
-                # range check, two syncs per weight per step)
-                shape = [1] * X.dim()
-                shape[self.ch_axis] = -1
-                scale_t = scale_buf.reshape(shape)
-                if torch.is_grad_enabled() and X.requires_grad:
-                    return cast(torch.Tensor, _FakeQuantizePerChannel.apply(X, scale_t, qmin, qmax))
-                return _rounded_per_channel(X, scale_t).clamp_(qmin, qmax).mul_(scale_t)
-            return torch.fake_quantize_per_channel_affine(X, scale_buf, zero_point_buf, self.ch_axis, qmin, qmax)
-        if cpu:
-            if qparams is None:
-                qparams = (scale_buf.reshape(-1)[0].item(), int(zero_point_buf.reshape(-1)[0].item()))
-            if torch.is_grad_enabled() and X.requires_grad:
-                return cast(torch.Tensor, _FakeQuantizePerTensor.apply(X, *qparams, qmin, qmax))
-            return _fake_quantize_cpu(X, *qparams, qmin, qmax)
-        return torch.fake_quantize_per_tensor_affine(X, scale_buf, zero_point_buf, qmin, qmax)
-
-
-def _fake_quantize_cpu(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
-    """Per-tensor fake quantization, bit for bit what ``torch.fake_quantize_per_tensor_affine`` computes
-    (``(clamp(nearbyint(x * (1 / scale)) + zp, qmin, qmax) - zp) * scale`` in float32, ties to even). ``scale`` is a
-    float32 value, ``zero_point`` a whole number.
-
-    torch 2.13's CPU kernel calls ``std::nearbyint`` per element, unvectorized: 1.6 ms for a 64x32x8x8 activation on
-    one core, against 0.1 ms for these in-place vectorized ops (bench/RESULTS.md, QAT and PTC sections). It was
-    the largest single cost of a QAT step and of PTC calibration on CPU.
-    """
-    q = _rounded(x, scale)
-    lo, hi = _grid_bounds(zero_point, qmin, qmax)
-    return q.clamp_(lo, hi).mul_(float(scale))
-
-
-def _rounded(x: torch.Tensor, scale: float) -> torch.Tensor:
-    # Python scalars: a one-element tensor operand takes torch's slow broadcasting path (mul_: 1.1 ms vs 0.17 ms
-    # per 1M values). Exact: a float32 scale converts to double unchanged, and torch rounds the double 1 / scale to
-    # float32 when it multiplies, which gives the float32 reciprocal (double rounding is harmless for a division).
-    return torch.mul(x, 1.0 / float(scale)).round_()
-
-
-def _rounded_per_channel(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # torch's per-channel kernel: nearbyint(x * (1.0f / scale)), the float32 reciprocal per channel
-    return torch.mul(x, torch.reciprocal(scale)).round_()
-
-
-def _grid_bounds(zero_point: int, qmin: int, qmax: int) -> tuple[float, float]:
-    # clamp(q + z, qmin, qmax) - z == clamp(q, qmin - z, qmax - z): q and z are small whole numbers, exact in float32
-    z = float(zero_point)
-    return qmin - z, qmax - z
-
-
-def _passed_gradient(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-    """The straight-through gradient of both fake-quant Functions: ``grad`` where the saved rounded value lies in
-    the bounds saved with it (``lo - 0.5 < q < hi + 0.5``, i.e. ``lo <= q <= hi`` for whole numbers), else 0."""
-    (q,) = ctx.saved_tensors
-    lo, hi = ctx.bounds
-    return cast(torch.Tensor, torch.ops.aten.hardtanh_backward(grad, q, lo, hi))
-
-
-class _FakeQuantizePerTensor(torch.autograd.Function):
-    """:func:`_fake_quantize_cpu` with the straight-through gradient of torch's fake-quant: the incoming gradient
-    where the rounded value lies on the grid, zero where it was clipped.
-
-    torch saves a bool mask and multiplies; on torch 2.13's CPU, bool comparisons and bool-times-float run 3-7x
-    slower than float ops (1.2 ms for the comparison and 3.1 ms for the multiply per 1M values, against 0.5 ms for
-    the whole backward here). This saves the rounded, unclipped values instead (float32: four bytes per element
-    where the mask takes one) and passes the gradient with ``hardtanh_backward``, one vectorized pass:
-    ``lo <= q <= hi`` for whole numbers ``q`` is ``lo - 0.5 < q < hi + 0.5``. The gradient is torch's bit for bit
-    for finite inputs (a test holds it); a NaN input, which torch's mask zeroes, passes its gradient here.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
-        q = _rounded(x, scale)
-        lo, hi = _grid_bounds(zero_point, qmin, qmax)
-        ctx.save_for_backward(q)
-        ctx.bounds = (lo - 0.5, hi + 0.5)
-        return q.clamp(lo, hi).mul_(float(scale))
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return _passed_gradient(ctx, grad), None, None, None, None
-
-
-class _FakeQuantizePerChannel(torch.autograd.Function):
-    """Per-channel fake quantization with zero points 0 on CPU, bit for bit ``torch.fake_quantize_per_channel_affine``
-    (``clamp(nearbyint(x * (1.0f / scale)), qmin, qmax) * scale``), with the same straight-through gradient by
-    ``hardtanh_backward`` as :class:`_FakeQuantizePerTensor`. torch's CPU kernel rounds per element, unvectorized,
-    and multiplies by a bool mask in backward: for a 32x16x3x3 weight on one core, forward 62 us against 15 us here,
-    forward and backward (with the backward call's fixed cost) 93 us against 58 us."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-        q = _rounded_per_channel(x, scale)
-        ctx.save_for_backward(q)
-        ctx.bounds = (qmin - 0.5, qmax + 0.5)
-        return q.clamp(qmin, qmax).mul_(scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return _passed_gradient(ctx, grad), None, None, None

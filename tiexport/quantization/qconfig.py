@@ -69,12 +69,12 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.fx import GraphModule, Node
 
 from tiexport.errors import UsageError
+from tiexport.quantization.fake_quantize import TidlFakeQuantize
 from tiexport.quantization.observers import (
     DEFAULT_RANGE_AGGREGATION,
     DEFAULT_RANGE_SHRINK_PERCENTILE,
     POWER_OF_2_RANGE_AGGREGATION,
     ActivationObserver,
-    TidlFakeQuantize,
     WeightObserver,
 )
 

@@ -5,13 +5,17 @@
 - :mod:`~tiexport.symbolics.registry`: one registry, each op's TorchScript symbolic and dynamo translation side by
   side, registered only for the duration of an export (:meth:`SymbolicRegistry.scoped`);
 - :mod:`~tiexport.symbolics.qdq`: the translations of that op;
-- :mod:`~tiexport.symbolics.lowering`: turning any torch.ao-quantized model into calls of that op;
+- :mod:`~tiexport.symbolics.lowering`: :class:`~tiexport.symbolics.lowering.ExportLowering`, the context in which
+  any torch.ao-quantized model calls that op at every quantization site, built from
+  :mod:`~tiexport.symbolics.specs` (quantization parameters read off fake-quants and quantized tensors),
+  :mod:`~tiexport.symbolics.modules` (float stand-ins for quantized modules) and
+  :mod:`~tiexport.symbolics.converted` (FX rewriting of converted models);
 - :mod:`~tiexport.symbolics.export`: :func:`tiexport.export`, which runs the exporter in that scope and then the
   export pass pipeline (:func:`tiexport.passes.pipelines.export_pipeline`) that turns the exporters' output into
   clean QDQ ONNX.
 
-The registry, the translations and the post-processing import no torch (``ops`` and ``lowering`` do): the ONNX side
-stays usable without it.
+The registry and the translations import no torch at module level (the lowering modules do): the ONNX side stays
+usable without it.
 """
 
 from __future__ import annotations

@@ -31,10 +31,8 @@ FX node's name for functional ops (``add_relu``, ``quantize_per_tensor``...).
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import math
-import operator
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,543 +44,15 @@ from torch.nn import functional as F
 
 from tiexport import compat
 from tiexport.errors import UsageError
+from tiexport.quantization.conv_bn import conv_bn_folding
+from tiexport.symbolics.converted import VIEW_MODULES, graph_is_quantized, lower_converted_graph
+from tiexport.symbolics.modules import LoweredFunctional, Requant, lower_quantized_module
 from tiexport.symbolics.ops import QSpec, qdq
+from tiexport.symbolics.specs import spec_from_fake_quant, spec_from_qtensor
 
-__all__ = ["ExportLowering", "spec_from_fake_quant", "spec_from_qtensor"]
+__all__ = ["ExportLowering"]
 
 log = logging.getLogger(__name__)
-
-_PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
-_QDTYPE_RANGE = {torch.quint8: (0, 255), torch.qint8: (-128, 127)}
-
-
-# ------------------------------------------------------------------------------------------------ quantization specs
-
-
-def spec_from_fake_quant(fq: nn.Module, name: str) -> QSpec | None:
-    """Frozen parameters of a fake-quant module, read from its attributes; None when its fake-quant is disabled."""
-    enabled = getattr(fq, "fake_quant_enabled", None)
-    if isinstance(enabled, torch.Tensor) and enabled.numel() and int(enabled.reshape(-1)[0]) == 0:
-        return None
-    scale = getattr(fq, "scale", None)
-    zero_point = getattr(fq, "zero_point", None)
-    if not isinstance(scale, torch.Tensor) or not isinstance(zero_point, torch.Tensor):
-        raise UsageError(f"fake-quant module {name!r} ({type(fq).__name__}) has no scale/zero_point tensors")
-    qscheme = getattr(fq, "qscheme", torch.per_tensor_affine)
-    if qscheme == torch.per_channel_affine_float_qparams:
-        raise UsageError(f"fake-quant module {name!r} uses float zero points (per_channel_affine_float_qparams, "
-                         "embedding quantization); QuantizeLinear takes integer zero points")
-    qmin, qmax = getattr(fq, "quant_min", None), getattr(fq, "quant_max", None)
-    if qmin is None or qmax is None:
-        raise UsageError(f"fake-quant module {name!r} has no quant_min/quant_max")
-    qmin, qmax = int(qmin), int(qmax)
-    s = scale.detach().to(torch.float32).reshape(-1).cpu()
-    z = zero_point.detach().reshape(-1).cpu()
-    if z.is_floating_point():  # learnable fake-quant keeps a float zero point; its forward rounds and clamps it
-        z = z.round().clamp(qmin, qmax)
-    eps = getattr(fq, "eps", None)
-    if isinstance(eps, torch.Tensor) and isinstance(scale, nn.Parameter):
-        s = s.clamp(min=float(eps.reshape(-1)[0]))  # a learnable scale is clamped to eps in its forward
-    per_channel = qscheme in _PER_CHANNEL or bool(getattr(fq, "is_per_channel", False))
-    if not per_channel and s.numel() != 1:
-        raise UsageError(f"fake-quant module {name!r} is per-tensor but has {s.numel()} scales")
-    if s.numel() == 0:
-        raise UsageError(f"fake-quant module {name!r} has no scales (its observer never saw data)")
-    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
-        raise UsageError(f"fake-quant module {name!r} has unusable scales {s[:3].tolist()} "
-                         "(never calibrated, or calibration saw only NaN/Inf)")
-    return _make_spec(name, s.tolist(), [int(v) for v in z.tolist()], qmin, qmax,
-                      int(getattr(fq, "ch_axis", 0)) if per_channel else None)
-
-
-def spec_from_qtensor(t: torch.Tensor, name: str) -> QSpec:
-    """Parameters of a quantized torch tensor (what the converted model computed with)."""
-    if t.dtype not in _QDTYPE_RANGE:
-        raise UsageError(f"{name}: quantized tensor of type {t.dtype}; TIDL's prequantized import takes 8-bit "
-                         "(quint8/qint8) only (tidl.md §2)")
-    qmin, qmax = _QDTYPE_RANGE[t.dtype]
-    qs = t.qscheme()
-    if qs in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        return _make_spec(name, [float(t.q_scale())], [int(t.q_zero_point())], qmin, qmax, None)
-    if qs in _PER_CHANNEL:
-        return _make_spec(name, t.q_per_channel_scales().tolist(), [int(v) for v in
-                          t.q_per_channel_zero_points().tolist()], qmin, qmax, int(t.q_per_channel_axis()))
-    raise UsageError(f"{name}: quantization scheme {qs} is not supported")
-
-
-def _make_spec(name: str, scale: Sequence[float], zp: Sequence[int], qmin: int, qmax: int,
-               axis: int | None) -> QSpec:
-    spec = QSpec(tuple(float(v) for v in scale), tuple(int(v) for v in zp), qmin, qmax, axis)
-    if not spec.fits_8bit:
-        raise UsageError(f"{name}: integer range [{qmin}, {qmax}] needs {spec.bits} bits; TIDL's prequantized import "
-                         "takes 8-bit (int8/uint8) Q/DQ only (tidl.md §2); quantize this site to 8 bits or fewer")
-    lo, hi = spec.dtype_range
-    bad = [v for v in spec.zero_point if not lo <= v <= hi]
-    if bad:
-        raise UsageError(f"{name}: zero point {bad[0]} outside the {'int8' if spec.signed else 'uint8'} range")
-    return spec
-
-
-# ------------------------------------------------------------------------------------- modules used in exports
-
-
-class _QDQ(nn.Module):
-    """One quantization site: ``x -> Q/DQ`` (a converted model's quantize or requantize)."""
-
-    def __init__(self, spec: QSpec, site: str) -> None:
-        super().__init__()
-        self.spec, self.site = spec, site
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qdq(x, self.spec, self.site)
-
-
-class _Lowered(nn.Module):
-    """A converted module as float computation: ``DQ(weight)``, the float op, ``Q/DQ`` of the output."""
-
-    def __init__(self, fn: Callable[..., torch.Tensor], site: str, out_spec: QSpec | None,
-                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 params: dict[str, torch.Tensor | None] | None = None) -> None:
-        super().__init__()
-        self.fn, self.site, self.out_spec = fn, site, out_spec
-        self.weight_spec: QSpec | None = None
-        if weight is not None:
-            if weight.is_quantized:
-                self.weight_spec = spec_from_qtensor(weight, f"{site}.weight")
-                weight = weight.dequantize()
-            self.register_buffer("weight", weight.detach().clone())
-        else:
-            self.weight = None
-        self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
-        for k, v in (params or {}).items():
-            self.register_buffer(k, None if v is None else v.detach().clone())
-
-    def forward(self, *args: Any) -> torch.Tensor:
-        w = self.weight
-        if w is not None and self.weight_spec is not None:
-            w = qdq(w, self.weight_spec, f"{self.site}.weight")
-        y = self.fn(self, w, *args)
-        return y if self.out_spec is None else qdq(y, self.out_spec, self.site)
-
-
-class _Requant(nn.Module):
-    """A float module applied to a quantized tensor in an eager converted model, followed by its Q/DQ."""
-
-    def __init__(self, inner: nn.Module, spec: QSpec, site: str) -> None:
-        super().__init__()
-        self.inner, self.spec, self.site = inner, spec, site
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return qdq(self.inner(*args, **kwargs), self.spec, self.site)
-
-
-class _LoweredFunctional(nn.Module):
-    """Eager ``QFunctional`` (add/cat/mul... as methods) as float ops + Q/DQ; methods go through ``__call__`` so the
-    exporters see a module call named after the attribute."""
-
-    _OPS: dict[str, Callable[..., torch.Tensor]] = {
-        "add": lambda a, b: a + b, "add_relu": lambda a, b: F.relu(a + b), "mul": lambda a, b: a * b,
-        "mul_relu": lambda a, b: F.relu(a * b), "add_scalar": lambda a, b: a + b, "mul_scalar": lambda a, b: a * b,
-        "matmul": torch.matmul,
-    }
-
-    def __init__(self, specs: dict[str, QSpec], site: str) -> None:
-        super().__init__()
-        self.specs, self.site = specs, site
-
-    def forward(self, op: str, *args: Any, **kwargs: Any) -> torch.Tensor:
-        y = torch.cat(*args, **kwargs) if op == "cat" else self._OPS[op](*args, **kwargs)
-        spec = self.specs.get(op)
-        return y if spec is None else qdq(y, spec, self.site)
-
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self("add", a, b)
-
-    def add_relu(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self("add_relu", a, b)
-
-    def mul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self("mul", a, b)
-
-    def mul_relu(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self("mul_relu", a, b)
-
-    def add_scalar(self, a: torch.Tensor, b: float) -> torch.Tensor:
-        return self("add_scalar", a, b)
-
-    def mul_scalar(self, a: torch.Tensor, b: float) -> torch.Tensor:
-        return self("mul_scalar", a, b)
-
-    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self("matmul", a, b)
-
-    def cat(self, xs: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
-        return self("cat", xs, dim=dim)
-
-
-def _conv_fn(ndim: int, transposed: bool, relu: bool, stride: Any, padding: Any, dilation: Any, groups: int,
-             output_padding: Any = 0) -> Callable[..., torch.Tensor]:
-    conv = [F.conv1d, F.conv2d, F.conv3d][ndim - 1]
-    convt = [F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d][ndim - 1]
-
-    def fn(m: Any, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if transposed:
-            y = convt(x, w, m.bias, stride, padding, output_padding, groups, dilation)
-        else:
-            y = conv(x, w, m.bias, stride, padding, dilation, groups)
-        return F.relu(y) if relu else y
-
-    return fn
-
-
-def _linear_fn(post: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[..., torch.Tensor]:
-    def fn(m: Any, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, w, m.bias)
-        return y if post is None else post(y)
-
-    return fn
-
-
-def _lower_quantized_module(m: Any, site: str, out_spec: QSpec | None) -> nn.Module:
-    """A converted (``torch.ao.nn.quantized``) or reference module as float computation with Q/DQ sites."""
-    cls = type(m).__name__
-    kind = compat.module_kind(m)
-    if cls == "Quantize":
-        if out_spec is None:
-            raise UsageError(f"{site}: Quantize module whose output was not recorded")
-        return _QDQ(out_spec, site)
-    if cls == "DeQuantize":
-        return nn.Identity()
-    if kind == "reference":
-        w_q = m.get_quantized_weight() if hasattr(m, "get_quantized_weight") else None
-        if w_q is None:
-            raise UsageError(f"{site}: reference module {cls} without a quantized weight")
-        return _weighted(m, cls, site, None, w_q)
-    if hasattr(m, "_packed_params") or cls.startswith(("Conv", "Linear")):
-        w_q = m.weight() if callable(getattr(m, "weight", None)) else None
-        if w_q is None:
-            raise UsageError(f"{site}: cannot read the weight of quantized {cls}")
-        return _weighted(m, cls, site, out_spec, w_q)
-    lowered = _lower_unweighted(m, cls, site, out_spec)
-    if lowered is None:
-        raise UsageError(f"{site}: converted module {type(m).__module__}.{cls} has no lowering in tiexport yet; "
-                         "export the fake-quant model (before convert) instead")
-    return lowered
-
-
-def _weighted(m: Any, cls: str, site: str, out_spec: QSpec | None, w_q: torch.Tensor) -> _Lowered:
-    bias = m.bias() if callable(getattr(m, "bias", None)) else getattr(m, "bias", None)
-    if cls.startswith("Conv"):
-        if getattr(m, "padding_mode", "zeros") != "zeros":
-            raise UsageError(f"{site}: quantized {cls} with padding_mode {m.padding_mode!r} is not supported")
-        transposed = "Transpose" in cls
-        ndim = w_q.dim() - 2
-        fn = _conv_fn(ndim, transposed, "ReLU" in cls, m.stride, m.padding, m.dilation, m.groups,
-                      getattr(m, "output_padding", 0))
-        return _Lowered(fn, site, out_spec, weight=w_q, bias=bias)
-    if cls.startswith("Linear"):
-        post: Callable[[torch.Tensor], torch.Tensor] | None = None
-        if cls == "LinearReLU":
-            post = F.relu
-        elif cls == "LinearLeakyReLU":
-            slope = float(getattr(m, "negative_slope", 0.01))
-            post = lambda y: F.leaky_relu(y, slope)  # noqa: E731
-        elif cls == "LinearTanh":
-            post = torch.tanh
-        return _Lowered(_linear_fn(post), site, out_spec, weight=w_q, bias=bias)
-    raise UsageError(f"{site}: quantized module {cls} has no lowering in tiexport yet")
-
-
-def _lower_unweighted(m: Any, cls: str, site: str, out_spec: QSpec | None) -> nn.Module | None:
-    def act(f: Callable[[torch.Tensor], torch.Tensor]) -> _Lowered:
-        return _Lowered(lambda _m, _w, x: f(x), site, out_spec)
-
-    if cls == "LayerNorm":
-        shape, eps = tuple(m.normalized_shape), float(m.eps)
-        return _Lowered(lambda lm, _w, x: F.layer_norm(x, shape, lm.ln_weight, lm.bias, eps), site, out_spec,
-                        bias=m.bias, params={"ln_weight": m.weight})
-    if cls == "GroupNorm":
-        groups, eps = int(m.num_groups), float(m.eps)
-        return _Lowered(lambda lm, _w, x: F.group_norm(x, groups, lm.gn_weight, lm.bias, eps), site, out_spec,
-                        bias=m.bias, params={"gn_weight": m.weight})
-    if cls.startswith("InstanceNorm"):
-        eps = float(m.eps)
-        return _Lowered(lambda lm, _w, x: F.instance_norm(x, weight=lm.in_weight, bias=lm.bias, eps=eps), site,
-                        out_spec, bias=m.bias, params={"in_weight": m.weight})
-    if cls in ("BatchNorm2d", "BatchNorm3d", "BNReLU2d", "BNReLU3d"):
-        eps, relu = float(m.eps), "ReLU" in cls
-        return _Lowered(lambda lm, _w, x: (F.relu if relu else (lambda t: t))(F.batch_norm(
-            x, lm.running_mean, lm.running_var, lm.bn_weight, lm.bias, False, 0.0, eps)), site, out_spec,
-            bias=m.bias, params={"bn_weight": m.weight, "running_mean": m.running_mean,
-                                 "running_var": m.running_var})
-    simple: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "ReLU6": F.relu6, "Hardswish": F.hardswish, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh,
-        "Dropout": lambda x: x, "ReLU": F.relu,
-    }
-    if cls in simple:
-        return act(simple[cls])
-    if cls == "ELU":
-        alpha = float(m.alpha)
-        return act(lambda x: F.elu(x, alpha))
-    if cls == "LeakyReLU":
-        slope = float(m.negative_slope)
-        return act(lambda x: F.leaky_relu(x, slope))
-    if cls == "Softmax":
-        dim = m.dim
-        return act(lambda x: F.softmax(x, dim))
-    if cls == "Hardtanh":
-        lo, hi = float(m.min_val), float(m.max_val)
-        return act(lambda x: F.hardtanh(x, lo, hi))
-    return None
-
-
-# -------------------------------------------------------------------------- FX: functional quantized ops
-
-
-def _q_add_relu(a: Any, b: Any) -> Any:
-    return F.relu(a + b)
-
-
-def _q_mul_relu(a: Any, b: Any) -> Any:
-    return F.relu(a * b)
-
-
-# torch.ops.quantized.<name> -> (float function, number of leading arguments it takes); output scale/zero point
-# arguments that follow are dropped (the probe recorded the output's parameters).
-_QUANTIZED_FUNCTIONS: dict[str, tuple[Callable[..., Any], int]] = {
-    "add": (operator.add, 2), "add_relu": (_q_add_relu, 2), "mul": (operator.mul, 2), "mul_relu": (_q_mul_relu, 2),
-    "add_scalar": (operator.add, 2), "mul_scalar": (operator.mul, 2), "add_out": (operator.add, 2),
-    "matmul": (torch.matmul, 2), "cat": (torch.cat, 2), "softmax": (torch.softmax, 2),
-    "hardswish": (F.hardswish, 1), "sigmoid": (torch.sigmoid, 1), "relu6": (F.relu6, 1), "gelu": (F.gelu, 1),
-    "leaky_relu": (F.leaky_relu, 2), "elu": (F.elu, 1), "hardtanh": (F.hardtanh, 3), "clamp": (torch.clamp, 3),
-    "threshold": (F.threshold, 3), "layer_norm": (F.layer_norm, 5), "group_norm": (F.group_norm, 5),
-    "instance_norm": (lambda x, w, b, eps: F.instance_norm(x, weight=w, bias=b, eps=eps), 4),
-    "batch_norm": (lambda x, w, b, m, v, eps: F.batch_norm(x, m, v, w, b, False, 0.0, eps), 6),
-    "batch_norm1d": (lambda x, w, b, m, v, eps: F.batch_norm(x, m, v, w, b, False, 0.0, eps), 6),
-    "batch_norm2d": (lambda x, w, b, m, v, eps: F.batch_norm(x, m, v, w, b, False, 0.0, eps), 6),
-    "batch_norm3d": (lambda x, w, b, m, v, eps: F.batch_norm(x, m, v, w, b, False, 0.0, eps), 6),
-    "batch_norm2d_relu": (lambda x, w, b, m, v, eps: F.relu(F.batch_norm(x, m, v, w, b, False, 0.0, eps)), 6),
-}
-# Functional quantized conv/linear take packed weights; they become _Lowered modules.
-_PACKED_FUNCTIONS = ("linear", "linear_relu", "conv1d", "conv2d", "conv3d", "conv1d_relu", "conv2d_relu",
-                     "conv3d_relu", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
-
-# Ops that only rearrange or view values: quantization passes through them, no Q/DQ after (tidl.md §2, last rows).
-_VIEW_METHODS = frozenset({"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze",
-                           "unsqueeze", "expand", "chunk", "split", "size", "detach", "clone", "unflatten",
-                           "view_as", "reshape_as", "t", "dequantize", "unbind"})
-_VIEW_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-                             torch.unsqueeze, operator.getitem, torch.chunk, torch.split, torch.t, torch.unbind})
-_VIEW_MODULES = (nn.Flatten, nn.Identity, nn.Dropout, nn.Unflatten)
-
-
-def _is_quantized_function(target: Any) -> str | None:
-    """The op name of a ``torch.ops.quantized.*`` target (packet or overload), else None."""
-    qual = getattr(target, "_qualified_op_name", None) or getattr(getattr(target, "_schema", None), "name", None)
-    if isinstance(qual, str) and qual.startswith("quantized::"):
-        return qual.split("::", 1)[1]
-    return None
-
-
-def _is_quantize_call(node: torch.fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in (torch.quantize_per_tensor, torch.quantize_per_channel,
-                               getattr(torch, "quantize_per_tensor_dynamic", None))
-    return node.op == "call_method" and node.target in ("quantize_per_tensor", "quantize_per_channel")
-
-
-def _is_dequantize_call(node: torch.fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target is torch.dequantize
-    return node.op == "call_method" and node.target == "dequantize"
-
-
-def _is_view(node: torch.fx.Node, root: nn.Module) -> bool:
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS
-    if node.op == "call_function":
-        return node.target in _VIEW_FUNCTIONS
-    if node.op == "call_module":
-        return isinstance(root.get_submodule(str(node.target)), _VIEW_MODULES)
-    return False
-
-
-class _Probe(torch.fx.Interpreter):
-    """Runs a converted GraphModule and records the quantization of every quantized tensor it produces."""
-
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.specs: dict[str, QSpec] = {}
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor) and out.is_quantized:
-            self.specs[n.name] = spec_from_qtensor(out, n.name)
-        return out
-
-
-def _graph_is_quantized(gm: torch.fx.GraphModule) -> bool:
-    for node in gm.graph.nodes:
-        if _is_quantize_call(node) or (node.op == "call_function" and _is_quantized_function(node.target)):
-            return True
-        if node.op == "call_module":
-            try:
-                sub = gm.get_submodule(str(node.target))
-            except AttributeError:
-                continue
-            if compat.module_kind(sub) != "float":
-                return True
-    return False
-
-
-def lower_converted_graph(gm: torch.fx.GraphModule, args: tuple[Any, ...], prefix: str = "") -> torch.fx.GraphModule:
-    """A new GraphModule computing ``gm`` in float with Q/DQ sites; ``gm`` itself and its float submodules are shared,
-    not modified. ``args`` are ``gm``'s inputs for the probe run; ``prefix`` is ``gm``'s qualified name."""
-    probe = _Probe(gm)
-    with torch.no_grad(), compat.quiet_torch():
-        probe.run(*args)
-    specs = probe.specs
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, Any] = {}
-    root: dict[str, Any] = {}
-    used = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
-    used |= {name for name, _ in gm.named_children()}
-
-    def site_name(base: str) -> str:
-        name, k = base, 1
-        while name in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name)
-        return name
-
-    def full(name: str) -> str:
-        return f"{prefix}.{name}" if prefix else name
-
-    def arg(a: Any) -> Any:
-        return torch.fx.node.map_arg(a, lambda n: env[n])
-
-    def add_module(target: str, module: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.Node:
-        root[target] = module
-        return graph.call_module(target, inputs)
-
-    def requant(node: torch.fx.Node, value: torch.fx.Node, site: str) -> torch.fx.Node:
-        """Q/DQ after ``value`` with what the converted model's output of ``node`` was quantized with; the site is
-        named after the module (or FX node) whose output it quantizes."""
-        spec = specs.get(node.name)
-        if spec is None:
-            return value
-        return add_module(site_name(node.name), _QDQ(spec, full(site)), (value,))
-
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            env[node] = graph.placeholder(node.target, default_value=node.args[0] if node.args else
-                                          inspect.Signature.empty)
-            env[node].meta = dict(node.meta)
-        elif node.op == "output":
-            graph.output(arg(node.args[0]))
-        elif node.op == "get_attr":
-            obj = _getattr_path(gm, str(node.target))
-            if isinstance(obj, (torch.Tensor, nn.Module)):
-                root[str(node.target)] = obj
-                env[node] = graph.get_attr(str(node.target))
-            else:  # packed params (ScriptObject): only the lowering below reads them, via the original graph
-                env[node] = None
-        elif _is_quantize_call(node):
-            spec = specs.get(node.name)
-            if spec is None:
-                raise UsageError(f"{node.name}: quantize call whose output was not recorded")
-            target = site_name(node.name)
-            env[node] = add_module(target, _QDQ(spec, full(target)), (arg(node.args[0]),))
-        elif _is_dequantize_call(node):
-            env[node] = arg(node.args[0])
-        elif node.op == "call_function" and (qname := _is_quantized_function(node.target)):
-            env[node] = _lower_quantized_call(gm, node, qname, arg, specs, root, graph, site_name, full)
-        elif node.op == "call_module":
-            sub = gm.get_submodule(str(node.target))
-            if compat.module_kind(sub) != "float":
-                lowered = _lower_quantized_module(sub, full(str(node.target)), specs.get(node.name))
-                env[node] = add_module(str(node.target), lowered, tuple(arg(a) for a in node.args))
-            else:
-                root[str(node.target)] = _lower_container(sub, full(str(node.target)))
-                value = graph.call_module(str(node.target), arg(node.args), arg(node.kwargs))
-                env[node] = value if _is_view(node, gm) else requant(node, value, str(node.target))
-        else:  # call_function / call_method on float or quantized tensors: same op in float, Q/DQ if it was quantized
-            value = graph.create_node(node.op, node.target, arg(node.args), arg(node.kwargs), name=node.name)
-            env[node] = value if _is_view(node, gm) else requant(node, value, node.name)
-    new = torch.fx.GraphModule(root, graph, class_name=f"{type(gm).__name__}Lowered")
-    new.graph.eliminate_dead_code()
-    new.delete_all_unused_submodules()
-    new.recompile()
-    new.training = False
-    return new
-
-
-def _has_quantized_descendant(m: nn.Module) -> bool:
-    return any(compat.module_kind(c) != "float" for c in m.modules() if c is not m)
-
-
-def _lower_container(m: nn.Module, name: str) -> nn.Module:
-    """``m`` itself when it holds no quantized/reference module; else a shallow copy whose quantized children are
-    lowered (a fused float ConvReLU2d holding a reference Conv2d after ``convert_to_reference_fx``). The user's
-    module is not modified."""
-    if not _has_quantized_descendant(m):
-        return m
-    new = copy.copy(m)
-    new.__dict__["_modules"] = dict(m._modules)
-    for child_name, child in m._modules.items():
-        if child is None:
-            continue
-        qual = f"{name}.{child_name}" if name else child_name
-        if compat.module_kind(child) != "float":
-            new._modules[child_name] = _lower_quantized_module(child, qual, None)
-        elif _has_quantized_descendant(child):
-            new._modules[child_name] = _lower_container(child, qual)
-    return new
-
-
-def _lower_quantized_call(gm: torch.fx.GraphModule, node: torch.fx.Node, qname: str, arg: Callable[[Any], Any],
-                          specs: dict[str, QSpec], root: dict[str, Any], graph: torch.fx.Graph,
-                          site_name: Callable[[str], str], full: Callable[[str], str]) -> torch.fx.Node:
-    spec = specs.get(node.name)
-    if qname in _PACKED_FUNCTIONS:
-        packed = _getattr_path(gm, str(node.args[1].target)) if isinstance(node.args[1], torch.fx.Node) else None
-        if packed is None:
-            raise UsageError(f"{node.name}: quantized.{qname} without packed weights")
-        w_q, bias = packed.unpack()
-        target = site_name(node.name)
-        if qname.startswith("linear"):
-            lowered = _Lowered(_linear_fn(F.relu if qname.endswith("relu") else None), full(target), spec,
-                               weight=w_q, bias=bias)
-        else:
-            transposed = "transpose" in qname
-            lowered = _Lowered(_conv_fn(w_q.dim() - 2, transposed, qname.endswith("relu"), packed.stride(),
-                                        packed.padding(), packed.dilation(), packed.groups(),
-                                        packed.output_padding() if transposed else 0),
-                               full(target), spec, weight=w_q, bias=bias)
-        root[target] = lowered
-        return graph.call_module(target, (arg(node.args[0]),))
-    if qname not in _QUANTIZED_FUNCTIONS:
-        raise UsageError(f"{node.name}: torch.ops.quantized.{qname} has no lowering in tiexport yet; export the "
-                         "fake-quant model (before convert_fx) instead")
-    fn, nargs = _QUANTIZED_FUNCTIONS[qname]
-    args = tuple(arg(a) for a in node.args[:nargs])
-    kwargs = {k: arg(v) for k, v in node.kwargs.items() if k not in ("scale", "zero_point", "output_scale",
-                                                                       "output_zero_point")}
-    value = graph.call_function(fn, args, kwargs)
-    if spec is None:
-        return value
-    target = site_name(node.name)
-    root[target] = _QDQ(spec, full(target))
-    return graph.call_module(target, (value,))
-
-
-def _getattr_path(obj: Any, path: str) -> Any:
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-# -------------------------------------------------------------------------------------------- the context manager
 
 
 @dataclass
@@ -724,7 +194,7 @@ class ExportLowering:
             if bn.running_var is None or bn.running_mean is None:
                 continue  # no running statistics to fold: keep the module's own forward
             with torch.no_grad():
-                factor, bias = compat.conv_bn_folding(m)
+                factor, bias = conv_bn_folding(m)
                 weight = m.weight * factor.reshape([-1] + [1] * (m.weight.dim() - 1))
             for buf_name, value in (("folded_weight", weight), ("folded_bias", bias)):
                 if hasattr(m, buf_name):
@@ -739,7 +209,7 @@ class ExportLowering:
         for m in model.modules():
             if compat.module_kind(m) != "float":
                 return True
-            if isinstance(m, torch.fx.GraphModule) and _graph_is_quantized(m):
+            if isinstance(m, torch.fx.GraphModule) and graph_is_quantized(m):
                 return True
         return False
 
@@ -758,7 +228,7 @@ class ExportLowering:
 
     def _lower_converted(self, model: nn.Module) -> nn.Module:
         graphs = [(n, m) for n, m in model.named_modules()
-                  if isinstance(m, torch.fx.GraphModule) and _graph_is_quantized(m)]
+                  if isinstance(m, torch.fx.GraphModule) and graph_is_quantized(m)]
         top = [(n, m) for n, m in graphs if not any(n != o and (o == "" or n.startswith(o + ".")) for o, _ in graphs)]
         captured: dict[str, tuple[Any, ...]] = {}
         eager_specs: dict[str, list[QSpec | None]] = defaultdict(list)
@@ -800,7 +270,7 @@ class ExportLowering:
             if id(m) in inside_graph or id(m) in internals or name == "":
                 continue
             if type(m).__name__ == "QFunctional":
-                self._swap(model, name, _LoweredFunctional(func_specs.get(name, {}), name))
+                self._swap(model, name, LoweredFunctional(func_specs.get(name, {}), name))
                 continue
             specs = eager_specs.get(name)
             if specs is None:
@@ -812,9 +282,9 @@ class ExportLowering:
             spec = next(iter(distinct)) if distinct else None
             kind = compat.module_kind(m)
             if kind != "float":
-                self._swap(model, name, _lower_quantized_module(m, name, spec))
-            elif spec is not None and not isinstance(m, _VIEW_MODULES):
-                self._swap(model, name, _Requant(m, spec, name))
+                self._swap(model, name, lower_quantized_module(m, name, spec))
+            elif spec is not None and not isinstance(m, VIEW_MODULES):
+                self._swap(model, name, Requant(m, spec, name))
         return model
 
     def _swap(self, model: nn.Module, name: str, new: nn.Module) -> None:
@@ -871,4 +341,5 @@ def _record_method(fn: Callable[..., Any], store: dict[str, QSpec], op: str, nam
 def _few(names: Sequence[str], k: int = 3) -> str:
     shown = ", ".join(names[:k])
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
+
 

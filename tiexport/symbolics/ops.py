@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tiexport.symbolics.qdq import OP_NAME, OP_NAMESPACE
+from tiexport.symbolics.names import OP_NAME, OP_NAMESPACE
 
 __all__ = ["OP_NAME", "OP_NAMESPACE", "QSpec", "qdq", "quantize_dequantize"]
 

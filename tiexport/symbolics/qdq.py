@@ -18,6 +18,7 @@ from onnx.defs import OpSchema
 
 from tiexport import compat
 from tiexport.passes.expand_markers import MARKER_DOMAIN, MARKER_OP
+from tiexport.symbolics.names import OP_NAME, OP_NAMESPACE
 from tiexport.symbolics.registry import REGISTRY, ExportOp
 
 __all__ = [
@@ -30,9 +31,6 @@ __all__ = [
     "ts_quantize_dequantize",
 ]
 
-# The torch op (defined in tiexport.symbolics.ops, which imports torch; this module does not).
-OP_NAMESPACE = "tiexport"
-OP_NAME = "quantize_dequantize"
 
 MARKER_SCHEMA = OpSchema(
     MARKER_OP, MARKER_DOMAIN, 1,

@@ -1,0 +1,110 @@
+"""Conv+BatchNorm folding for torch.ao's QAT Conv+BN modules: one formula for training, calibration and export.
+
+torch's QAT Conv+BN modules (``torch.ao.nn.intrinsic.qat.ConvBn2d``...) fake-quantize the BN-folded weight. The
+frozen forward installed here and the export's folding (:mod:`tiexport.symbolics.lowering`) both use
+:func:`conv_bn_folding`, so that training, calibration and the exported ONNX quantize the same values and add the
+same bias; :func:`init_weight_qparams` observes those folded weights before the first forward.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+from tiexport import compat
+from tiexport.quantization.reuse import reuse_result
+
+__all__ = ["conv_bn_folding", "init_weight_qparams", "install_conv_bn_forward"]
+
+
+def install_conv_bn_forward(module: Any) -> int:
+    """Give every torch.ao QAT Conv+BN module in ``module`` a cheaper forward of the same function.
+
+    torch's ``_ConvBnNd._forward_approximate`` runs ``bn(conv(x, fq(W * f)) / f + b_c)`` with ``f = g/std`` per
+    output channel: the division and the bias add are passes over the whole activation, forward and backward
+    (``DivBackward`` alone was 12 % of a ResNet-20 QAT step on CPU, bench/RESULTS.md, QAT section). Installed per
+    instance on ``_forward_approximate``:
+
+    - batch norm updating (training-mode statistics): ``bn(conv(x, fq(W * f) / f, b_c))``. Convolution is linear
+      in its weight per output channel, so dividing the fake-quantized weight by ``f`` is the same function as
+      dividing the output, on a tensor the size of the weight; the conv adds ``b_c`` itself. Gradients reach
+      ``W``, ``g`` and ``b_c`` through the same expressions (equal up to float rounding, a test holds it).
+    - batch norm frozen (running statistics): ``conv(x, fq(W * f), (b_c - mean) * f + beta)``, torch's own
+      "Z_inference" formula and what the exported ONNX (and TIDL) computes.
+
+    Falls back to torch's method where it would not apply (no running statistics, a batch norm without affine
+    weight). Returns how many modules it set.
+    """
+    conv_bn = compat.ao_classes()["conv_bn_qat"]
+    count = 0
+    for m in module.modules():
+        if conv_bn and isinstance(m, conv_bn) and callable(getattr(type(m), "_forward_approximate", None)):
+            m._forward_approximate = types.MethodType(_conv_bn_forward, m)
+            count += 1
+    return count
+
+
+def conv_bn_folding(m: Any) -> tuple[Any, Any]:
+    """``(factor, bias)`` of a QAT Conv+BN module with running statistics: the folded weight is ``weight * factor``
+    per output channel (``gamma / std``, the expression torch's ``_forward_approximate`` fake-quantizes) and the
+    folded bias ``beta + (b_c - mean) * factor``. One definition for the frozen forward below and the export's
+    folding (tiexport.symbolics.lowering), so that both fake-quantize the same values and add the same bias."""
+    bn = m.bn
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+    factor = gamma / std
+    conv_bias = m.bias if m.bias is not None else torch.zeros_like(std)
+    return factor, beta + (conv_bias - bn.running_mean) * factor
+
+
+def _conv_bn_forward(self: Any, x: Any) -> Any:
+    bn = self.bn
+    if bn.running_var is None or bn.running_mean is None or bn.weight is None:
+        return type(self)._forward_approximate(self, x)
+    if bn.training:
+        factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape([-1] + [1] * (self.weight.dim() - 1))
+        weight = self.weight_fake_quant(self.weight * factor) / factor
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return bn(self._conv_forward(x, weight.to(x.dtype), bias))
+    factor, bias = conv_bn_folding(self)
+    weight = self.weight_fake_quant(_folded_weight(self, factor))
+    return self._conv_forward(x, weight, bias.to(x.dtype))
+
+
+def _folded_weight(m: Any, factor: Any) -> Any:
+    """``m.weight * factor`` per output channel; without autograd, the same tensor object as long as the weight,
+    gamma, running variance and eps are unchanged (:func:`reuse_result`), so that the weight fake-quant can reuse
+    its output (``TidlFakeQuantize``: PTC calibration and evaluation quantize each weight once)."""
+    shape = [-1] + [1] * (m.weight.dim() - 1)
+    sources = (m.weight, m.bn.weight, m.bn.running_var)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources):
+        m.__dict__.pop("_folded_weight_cache", None)
+        return m.weight * factor.reshape(shape)
+    return reuse_result(m, "_folded_weight_cache", sources, float(m.bn.eps), lambda: m.weight * factor.reshape(shape))
+
+
+def init_weight_qparams(graph_module: torch.nn.Module) -> None:
+    """Give every weight fake-quant its scale from the weights now, before any forward pass.
+
+    Weights are known at wrap time; without this, observers frozen from the start (``num_observer_update_epochs=0``)
+    would leave per-channel weight scales at torch's placeholder, a single 1.0. Conv+BN QAT modules quantize the
+    BN-folded weight, so that is what is observed.
+    """
+    with torch.no_grad():
+        for m in graph_module.modules():
+            fq = getattr(m, "weight_fake_quant", None)
+            weight = getattr(m, "weight", None)
+            if not isinstance(fq, FakeQuantizeBase) or not isinstance(weight, torch.Tensor):
+                continue
+            w = weight.detach()
+            bn = getattr(m, "bn", None)
+            if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm) and bn.running_var is not None and (
+                bn.weight is not None
+            ):
+                factor = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+                w = w * factor.reshape([-1] + [1] * (w.dim() - 1))
+            fq(w)
