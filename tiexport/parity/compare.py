@@ -6,23 +6,11 @@ every output and, with ``per_layer=True``, every intermediate tensor the two sha
 answers "which layer broke" (reference fact 6.4 of the shared TIDL notes: users cannot tell which layer of a QAT model
 diverges in ONNX Runtime) by naming the first tensor that exceeds its tolerance.
 
-Pass criterion, per compared tensor:
-
-* ``atol`` and ``rtol`` both None (the default) and the tensor is quantized (it is produced by a DequantizeLinear,
-  feeds a QuantizeLinear, holds the integer codes of a QuantizeLinear, or is a layout-only op such as Reshape of
-  one of those): the absolute error, measured in steps of *that tensor's own* quantization (its scale, per channel
-  where the scale is), is at most ``max_lsb`` steps on at least 99.9 % of its elements (``MIN_FRACTION``); a
-  slack of 1e-3 step absorbs float32 rounding of dequantized values. The reference model's quantization is used,
-  the candidate's where the reference has none (a float reference, or a torch module).
-* otherwise (float tensors, or ``atol``/``rtol`` given): every element satisfies
-  ``|candidate - reference| <= atol + rtol * |reference|``; defaults ``atol=1e-5``, ``rtol=1e-4``; when only one
-  of the two is given the other is 0.
-
-The report passes when every *output* passes; per-layer results are diagnostics (``first_divergence`` is the first
-tensor in topological order that exceeds its tolerance, outputs included). Metrics per tensor: max and mean absolute
-error, max relative error (over non-zero reference elements), max error in steps, share of elements within 1 step,
-SQNR in dB, cosine similarity, and the smallest ``atol`` (with the given ``rtol``, else 0) and ``max_lsb`` that
-would have passed.
+The pass criterion and the metrics are :mod:`tiexport.parity.metrics`'s: a quantized tensor passes within
+``max_lsb`` steps of its own quantization on >= 99.9 % of its elements (the reference model's quantization, the
+candidate's where the reference has none), a float tensor within ``atol + rtol * |reference|``. The report passes
+when every *output* passes; per-layer results are diagnostics (``first_divergence`` is the first tensor in
+topological order over its tolerance, outputs included).
 
 ONNX Runtime runs with graph optimizations disabled (``ORT_DISABLE_ALL``) unless ``ort_optimizations=True``: TI
 recommends that setting for QDQ models (shared TIDL notes §4), and it keeps every Q/DQ node as written, so the
@@ -48,6 +36,7 @@ from tiexport.parity.metrics import Accumulator, check_tolerances
 from tiexport.parity.report import LayerResult, ParityReport, first_divergence
 from tiexport.parity.runner import OnnxRunner, probe_candidates
 from tiexport.parity.steps import Step, step_of
+from tiexport.parity.torch_reference import run_torch_parity
 
 __all__ = ["ProgressCallback", "check_parity", "is_torch_module"]
 
@@ -99,8 +88,6 @@ def check_parity(
     report_kwargs = dict(candidate=cand_loaded.name, atol=criterion.atol, rtol=criterion.rtol,
                          max_lsb=criterion.max_lsb, per_layer=per_layer, ort_optimizations=ort_optimizations)
     if is_torch_module(reference):
-        from tiexport.parity.torch_reference import run_torch_parity
-
         return run_torch_parity(reference, cand_loaded, cand_ctx, inputs=inputs, num_samples=int(num_samples),
                                 seed=seed, criterion=criterion, per_layer=per_layer,
                                 ort_optimizations=ort_optimizations, progress=progress, report_kwargs=report_kwargs,
