@@ -9,6 +9,7 @@ not differ between devices (operator tables, opset limits) is in :mod:`tiexport.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from tiexport.errors import UsageError
 from tiexport.tidl_spec import DEFAULT_SDK, TidlSpec, get_spec
@@ -54,7 +55,7 @@ class DeviceProfile:
     sdk: str = DEFAULT_SDK
     """The TIDL SDK release whose facts (:attr:`spec`) the rules and passes apply."""
 
-    @property
+    @cached_property
     def spec(self) -> TidlSpec:
         """The TIDL facts of :attr:`sdk` (operator tables, op sets, opset and IR limits)."""
         return get_spec(self.sdk)

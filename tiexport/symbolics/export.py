@@ -170,7 +170,7 @@ def export(
                 raise ExportError(f"the {exporter} exporter failed: {first_line(exc)}") from exc
     try:
         passes = export_pipeline(opset_version)
-        proto, _result = apply_passes(proto, passes, name=f"the {exporter} export")
+        proto, _result = apply_passes(proto, passes, name=f"the {exporter} export", consume=True)
         sites = next(p for p in passes if isinstance(p, ExpandQdqMarkersPass)).sites
     except Exception as exc:
         raise ExportError(f"cleaning up the {exporter} export failed: {first_line(exc)}") from exc

@@ -79,7 +79,10 @@ OP_CONSTRAINT_RULES: tuple[OpConstraintRule, ...] = (
 _UNSUPPORTED = UnsupportedOpRule()
 
 
-def _violations_of(ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile) -> list[tuple[str, Violation]]:
+def _violations_of(ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile,
+                   rules_of: dict[str, list[OpConstraintRule]] | None = None) -> list[tuple[str, Violation]]:
+    """Why ``node`` is not offloaded on ``device``. ``rules_of``: op type -> the constraint rules that take it on
+    this device, shared by the nodes of one model (built on demand)."""
     if not device.accelerator:
         return [(_UNSUPPORTED.id, Violation(f"{device.name} has no TIDL accelerator", ""))]
     out: list[tuple[str, Violation]] = []
@@ -87,9 +90,13 @@ def _violations_of(ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfil
     if v is not None:
         out.append((_UNSUPPORTED.id, v))
     if node.domain in ("", "ai.onnx") and _attributes_match_schema(ctx, node):
-        for rule in OP_CONSTRAINT_RULES:
-            if rule.takes(node.op_type, device):
-                out.extend((rule.id, c) for c in rule.violations(ctx, node, device))
+        if rules_of is None:
+            rules_of = {}
+        rules = rules_of.get(node.op_type)
+        if rules is None:
+            rules = rules_of[node.op_type] = [r for r in OP_CONSTRAINT_RULES if r.takes(node.op_type, device)]
+        for rule in rules:
+            out.extend((rule.id, c) for c in rule.violations(ctx, node, device))
     return out
 
 
@@ -129,7 +136,8 @@ def _all_violations(ctx: ModelContext, device: DeviceProfile) -> list[list[tuple
     facts = model_facts(ctx)
     cached = facts.support.get(device)
     if cached is None:
-        cached = [_violations_of(ctx, n, device) for n in ctx.nodes]
+        rules_of: dict[str, list[OpConstraintRule]] = {}
+        cached = [_violations_of(ctx, n, device, rules_of) for n in ctx.nodes]
         facts.support[device] = cached
     return cached
 
