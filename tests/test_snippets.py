@@ -62,8 +62,11 @@ def float_model() -> onnx.ModelProto:
 
 
 P2 = tiny_conv()  # per-tensor symmetric power-of-2: the TDA4VM kind
-PER_CHANNEL = tiny_conv(w_per_channel=True, w_p2=False)  # TI's v2 WC8 kind: MMAv2 only
+PER_CHANNEL = tiny_conv(w_per_channel=True, w_p2=False)  # TI's v2 WC8 kind (TDA4VM: warnings, as TI's cl-6508)
 NP2_PER_TENSOR = tiny_conv(w_p2=False, act_scale=0.05, in_scale=1 / 255)
+ASYM_WEIGHT = tiny_conv(w_zp=2)  # an error on every TIDL device: weights are symmetric
+ROOT = Path(__file__).resolve().parents[1]
+QAT_V1 = ROOT / "fixtures" / "conformance" / "ti_v1" / "resnet_tiny_qat_v1.onnx"  # TI's own QAT v1 export
 
 
 def _call(tree: ast.AST, attr: str) -> ast.Call:
@@ -190,6 +193,13 @@ def test_undefined_names_checker_accepts_imports_params_and_builtins() -> None:
 def test_analysis_of_power_of_two_per_tensor_model() -> None:
     a = analyze_model(P2)
     assert (a.quantized, a.power_of_two, a.per_channel_weights, a.symmetric) == (True, True, False, True)
+    assert a.format == "qdq"
+
+
+def test_analysis_recognizes_ti_qat_v1() -> None:
+    a = analyze_model(str(QAT_V1))
+    assert (a.format, a.quantized, a.qat_v1_clips) == ("qat_v1", False, 11)
+    assert a.describe().startswith("TIDL QAT v1 model (11 Clip nodes")
 
 
 def test_analysis_of_per_channel_model() -> None:
@@ -210,7 +220,7 @@ def test_analysis_reads_input_name_shape_dtype_and_quant_range() -> None:
 
 def test_analysis_of_float_model() -> None:
     a = analyze_model(float_model())
-    assert (a.quantized, a.power_of_two, a.qdq_nodes) == (False, False, 0)
+    assert (a.quantized, a.power_of_two, a.qdq_nodes, a.format) == (False, False, 0, "float")
 
 
 # ------------------------------------------------------------------------------------------------ option values
@@ -220,6 +230,8 @@ def test_analysis_of_float_model() -> None:
     (PER_CHANNEL, "AM68A", 4),
     (NP2_PER_TENSOR, "AM68A", 4),
     (PER_CHANNEL, "AM62A", 4),
+    (PER_CHANNEL, "TDA4VM", 4),  # what TI compiles its per-channel QAT v2 model cl-6508 with, for TDA4VM too
+    (NP2_PER_TENSOR, "TDA4VM", 4),
 ])
 def test_runtime_options_scale_type_follows_model_and_device(model: onnx.ModelProto, device: str,
                                                              scale_type: int) -> None:
@@ -242,12 +254,40 @@ def test_runtime_options_fixed_values_for_qdq_models() -> None:
     }
 
 
+@pytest.mark.parametrize("device", ["TDA4VM", "AM68A"])
+def test_runtime_options_of_ti_qat_v1_model(device: str) -> None:
+    """edgeai-benchmark's runtime_options_onnx_qat_v1: scale type 1, accuracy_level 0 (is_qat), no
+    prequantized_model (the ranges are the Clip nodes)."""
+    opts = runtime_options(str(QAT_V1), device, tidl_tools_path="/t", artifacts_folder="a")
+    assert opts == {
+        "tidl_tools_path": "/t", "artifacts_folder": "a", "tensor_bits": 8, "accuracy_level": 0, "debug_level": 0,
+        "advanced_options:quantization_scale_type": 1, QUANT_FILE_KEY: "",
+        "advanced_options:pre_batchnorm_fold": 1, "advanced_options:add_data_convert_ops": 3,
+    }
+
+
+def test_benchmark_entry_of_ti_qat_v1_model_calls_the_v1_function() -> None:
+    src = snippet(str(QAT_V1), "TDA4VM", "benchmark", model_path="m.onnx")
+    assert undefined_names(src) == set()
+    _call(ast.parse(src), "runtime_options_onnx_qat_v1")
+    assert "runtime_options_onnx_qat_v2" not in src and "TIDL QAT v1" in src
+
+
 # ------------------------------------------------------------------------------------------------ refusals
-def test_per_channel_model_refused_for_tda4vm_with_findings() -> None:
+def test_per_channel_model_for_tda4vm_gets_ti_cl6508_options_and_a_pointer_to_fix() -> None:
+    """Warnings, not errors, on TDA4VM (TI deploys its per-channel affine cl-6508 there): the entry TI uses for
+    cl-6508, and a header that says what TDA4VM does with it."""
+    src = snippet(PER_CHANNEL, "TDA4VM", "benchmark", model_path="m.onnx")
+    _call(ast.parse(src), "runtime_options_onnx_qat_v2")
+    assert "compatible_with_warnings" in src and "tiexport fix --device TDA4VM first" in src
+    assert "cl-6508" in src
+
+
+def test_model_with_errors_refused_with_findings() -> None:
     with pytest.raises(IncompatibleModelError) as info:
-        snippet(PER_CHANNEL, "TDA4VM", "benchmark")
+        snippet(ASYM_WEIGHT, "TDA4VM", "benchmark")
     assert info.value.device == "TDA4VM"
-    assert "TIDL022" in {f.rule_id for f in info.value.findings}
+    assert {f.rule_id for f in info.value.findings} == {"TIDL021"}
     assert "tiexport fix --device TDA4VM" in str(info.value)
 
 
@@ -414,7 +454,7 @@ def test_yaml_for_am62_runs_on_arm() -> None:
 @pytest.fixture
 def model_files(tmp_path: Path) -> dict[str, Path]:
     out = {}
-    for name, m in {"p2": P2, "pc": PER_CHANNEL, "float": float_model()}.items():
+    for name, m in {"p2": P2, "pc": PER_CHANNEL, "asym_w": ASYM_WEIGHT, "float": float_model()}.items():
         out[name] = tmp_path / f"{name}.onnx"
         onnx.save(m, out[name])
     return out
@@ -440,11 +480,11 @@ def test_cli_benchmark_to_stdout_is_python(model_files: dict[str, Path], capsys:
 
 def test_cli_incompatible_model_prints_findings_and_fix_pointer(model_files: dict[str, Path],
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["snippet", str(model_files["pc"]), "--device", "TDA4VM", "--format", "tidl"])
+    rc = main(["snippet", str(model_files["asym_w"]), "--device", "TDA4VM", "--format", "tidl"])
     captured = capsys.readouterr()
     assert rc == 1
     assert captured.out == ""
-    assert "TIDL022" in captured.err and "tiexport fix --device TDA4VM" in captured.err
+    assert "TIDL021" in captured.err and "tiexport fix --device TDA4VM" in captured.err
 
 
 def test_cli_float_model_exits_1(model_files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -30,6 +30,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def _add_sdk_option(p: argparse.ArgumentParser) -> None:
+    from tiexport.tidl_spec import DEFAULT_SDK, SDK_VERSIONS
+
+    p.add_argument("--sdk", choices=SDK_VERSIONS, default=None, metavar="VERSION",
+                   help=f"TIDL SDK release to check against: {', '.join(SDK_VERSIONS)} (default: {DEFAULT_SDK}, the "
+                        "latest tiexport knows); operator tables and constraints differ between releases")
+
+
 def _add_output_options(p: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
     p.add_argument("--format", choices=formats, default=formats[0], help="report format (default: %(default)s)")
     p.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout")
@@ -52,7 +60,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from tiexport.validators.validate import validate
 
     devices = args.device or ["all"]
-    report = validate(args.model, device=devices)
+    report = validate(args.model, device=devices, sdk=args.sdk)
     colour = args.output is None and use_colour(sys.stdout)
     _emit(render(report, args.format, colour=colour, rule_titles=rule_titles()), args.output, (args.model,))
     return report.exit_code(args.fail_on)
@@ -64,6 +72,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="the .onnx file")
     p.add_argument("--device", "-d", action="append", metavar="NAME",
                    help="TDA4VM, AM62A, AM67A, AM68A, AM69A, AM62 or 'all' (repeatable; default all)")
+    _add_sdk_option(p)
     _add_output_options(p, ("text", "json", "sarif"))
     p.add_argument("--fail-on", choices=("error", "warning", "never"), default="error",
                    help="exit 1 when a finding of this severity or worse exists (default: %(default)s)")
@@ -83,6 +92,7 @@ def _cmd_rules(args: argparse.Namespace) -> int:
         rows.append({
             "rule_id": rule.id, "category": rule.category, "severity": rule.severity, "title": rule.title,
             "devices": [name for name, p in DEVICES.items() if rule.applies_to(p)],
+            "sources": list(rule.sources), "advice": rule.advice_parts or ("" if rule.sources else "every check"),
             "doc": " ".join(doc.split()) if args.verbose_docs else "",
         })
     if args.format == "json":
@@ -92,6 +102,10 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     for r in rows:
         devices = "all" if len(r["devices"]) == len(DEVICES) else ",".join(r["devices"])
         lines.append(f"{r['rule_id']}  {r['category']:<18} {r['severity']:<8} {r['title']}  [{devices}]")
+        for cite in r["sources"]:
+            lines.append(f"    source: {cite}")
+        if r["advice"]:
+            lines.append(f"    tiexport advice (no TI source, warnings at most): {r['advice']}")
         if r["doc"]:
             lines.append(f"    {r['doc']}")
     _emit("\n".join(lines), None)
@@ -168,7 +182,7 @@ def _cmd_snippet(args: argparse.Namespace) -> int:
     try:
         text = snippet(args.model, args.device, args.format, task=args.task, model_path=args.model_path,
                        metrics=_parse_metrics(args.metric), tidl_tools_path=args.tidl_tools_path,
-                       artifacts_folder=args.artifacts_folder)
+                       artifacts_folder=args.artifacts_folder, sdk=args.sdk)
     except IncompatibleModelError as exc:
         # the findings go to stderr: stdout is where the snippet would have gone (often a file or a pipe)
         sys.stderr.write(exc.report.to_text(colour=False))
@@ -188,6 +202,7 @@ def _add_snippet(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="the .onnx file")
     p.add_argument("--device", "-d", required=True, metavar="NAME",
                    help="TDA4VM, AM62A, AM67A, AM68A, AM69A or AM62 (aliases accepted)")
+    _add_sdk_option(p)
     p.add_argument("--format", "-f", choices=("benchmark", "tidl", "tidl-json", "yaml"), default="benchmark",
                    help="snippet kind (default: %(default)s)")
     p.add_argument("--task", choices=("classification", "detection", "segmentation"), default="classification",
@@ -289,9 +304,10 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     G_LOGGER.severity = G_LOGGER.CRITICAL + 1
     protect = () if overwrite_input else (args.model,)
     _fixed, report = fix(args.model, device=args.device, input_shapes=shapes, power_of_two=args.power_of_two,
-                         quantize_bias=args.quantize_bias, inputs=args.inputs, parity=args.parity,
+                         quantize_bias=args.quantize_bias, align_concat=args.align_scales, inputs=args.inputs,
+                         parity=args.parity,
                          num_samples=args.num_samples, seed=args.seed, max_lsb=args.max_lsb, output=out,
-                         protect=(*protect, *((args.inputs,) if args.inputs else ())))
+                         protect=(*protect, *((args.inputs,) if args.inputs else ())), sdk=args.sdk)
     _emit(json.dumps(report.to_dict(), indent=2) if args.format == "json" else report.to_text(), None)
     return report.exit_code
 
@@ -300,15 +316,17 @@ def _add_fix(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fix", help="rewrite a QDQ ONNX model so that it fits a TIDL device, and check the result",
         description="Run the device's pass pipeline (fold weight Q/DQ, remove redundant Q/DQ, static shapes; per "
-                    "device: per-tensor weights, symmetric zero points, power-of-two scales, int32 bias, aligned "
-                    "Concat/Add scales) to a fixed point, write OUT atomically, and print what each pass changed, "
-                    "the parity of OUT against MODEL in ONNX Runtime, and the findings that remain. MODEL is never "
+                    "device, only what TI's documents ask for: per-tensor weights, symmetric zero points, "
+                    "power-of-two scales, bias at s_in * s_w) to a fixed point, write OUT atomically, and print what "
+                    "each pass changed, the parity of OUT against MODEL in ONNX Runtime, and the findings that "
+                    "remain. A model that already meets the device keeps its numerics bit for bit. MODEL is never "
                     "modified. Exit 0 OUT has no errors for the device; 1 OUT written but errors remain that no pass "
                     "can fix; 2 unusable input or usage error (nothing written).")
     p.add_argument("model", metavar="MODEL", help="the QDQ .onnx model")
     p.add_argument("--output", "-o", metavar="OUT", help="where to write the fixed model (never MODEL itself)")
     p.add_argument("--device", "-d", required=True, metavar="NAME",
                    help="one of TDA4VM, AM62A, AM67A, AM68A, AM69A, AM62 (or an alias)")
+    _add_sdk_option(p)
     p.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
                    help="pin an input's shape, e.g. input:1x3x224x224 (repeatable; a dynamic batch alone is "
                         "pinned to 1 anyway)")
@@ -320,6 +338,9 @@ def _add_fix(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize-bias", action=argparse.BooleanOptionalAction, default=None,
                    help="write float Conv/Gemm biases as int32 + DequantizeLinear (default: as the device profile "
                         "says)")
+    p.add_argument("--align-scales", action="store_true",
+                   help="also align Concat input scales (and Add input scales on TDA4VM) to the largest: tiexport "
+                        "advice, no TI document asks for it, and it changes numerics")
     p.add_argument("--in-place", action="store_true", help="allow OUT to be MODEL (or omit -o to rewrite MODEL)")
     p.add_argument("--no-parity", dest="parity", action="store_false", help="skip the parity check")
     p.add_argument("--num-samples", "-n", type=int, default=4, metavar="N",

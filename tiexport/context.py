@@ -178,6 +178,34 @@ class ModelContext:
     def is_quantized(self) -> bool:
         return any(n.op_type in QDQ_OPS for n in self.nodes)
 
+    @cached_property
+    def qat_v1_clips(self) -> tuple[onnx.NodeProto, ...]:
+        """The Clip nodes of a TIDL QAT v1 model, or () when the model is not one.
+
+        TI's legacy QAT (torchmodelopt v1) exports a float graph with no Q/DQ whose activation ranges are Clip nodes
+        at powers of two (PACT2: ``[0, 2**k]`` after a ReLU, ``[-2**k, 2**k]`` otherwise) after (nearly) every
+        layer. Recognized when there are no Q/DQ nodes, at least two such Clips, and at least one for every two
+        Conv/Gemm/MatMul layers: a float model's ReLU6 (Clip 0..6) or one Clip(0, 1) does not qualify.
+        """
+        if self.is_quantized:
+            return ()
+        clips = []
+        for node in self.nodes_of("Clip"):
+            lo = self.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            hi = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if self.opset < 11:  # min/max were attributes before opset 11
+                lo_a, hi_a = self.attr(node, "min"), self.attr(node, "max")
+                lo = None if lo_a is None else np.asarray(lo_a, np.float32)
+                hi = None if hi_a is None else np.asarray(hi_a, np.float32)
+            if lo is None or hi is None or lo.size != 1 or hi.size != 1:
+                continue
+            lo_v, hi_v = float(np.asarray(lo).ravel()[0]), float(np.asarray(hi).ravel()[0])
+            mant, _ = np.frexp(hi_v)
+            if hi_v > 0 and mant == 0.5 and lo_v in (0.0, -hi_v):
+                clips.append(node)
+        layers = sum(1 for n in self.nodes if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose"))
+        return tuple(clips) if len(clips) >= 2 and 2 * len(clips) >= layers else ()
+
     def node_name(self, node: onnx.NodeProto) -> str:
         """The node's name, or a stable stand-in for unnamed nodes (its first output)."""
         if node.name:

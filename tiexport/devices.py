@@ -1,14 +1,17 @@
 """TI device profiles as data: what each SoC's TIDL accepts for prequantized (QDQ) models.
 
-Source: ``shared/reference/tidl.md`` §1 (device table), §2 (quantization rules), §3 (compile limits) and §4
-(``quantization_scale_type``). Rules and passes read these fields; none of them hard-code a device name. What does
-not differ between devices (operator tables, opset limits) is in :mod:`tiexport.tidl_spec`, reached through
-:attr:`DeviceProfile.spec` for the profile's SDK release.
+Sources (:mod:`tiexport.tidl_spec.sources`): edgeai-tidl-tools ``docs/supported_ops_rts_versions.md`` "Feature set
+comparison across devices" and ``docs/tidl_fsg_quantization.md`` (TDA4VM, listed as AM68PA/J721E, supports neither
+asymmetric nor per-channel quantization), edgeai-tensorlab torchmodelopt's quantization README (TDA4VM uses
+per-tensor power-of-2 quantization) and edgeai-benchmark's device presets (``quantization_scale_type`` 1 on TDA4VM,
+4 on the MMAv2 devices, no TIDL offload on AM62). Rules and passes read these fields; none of them hard-code a device
+name. What is the same for every device of a TIDL release (operator tables, opset limits, device lists inside
+operator rows) is in :mod:`tiexport.tidl_spec`, reached through :attr:`DeviceProfile.spec` for the profile's SDK.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from tiexport.errors import UsageError
@@ -28,29 +31,28 @@ class DeviceProfile:
     """Matrix-multiply accelerator generation: 1 (TDA4VM), 2 (AM6xA), 0 for none (AM62)."""
     aliases: tuple[str, ...] = ()
     per_channel_weights: bool = True
-    """Weights may be per-channel (MMAv2); TDA4VM takes per-tensor only (tidl.md §1)."""
+    """Weights may be per-channel (MMAv2); TDA4VM does not support per-channel quantization."""
     asymmetric_activations: bool = True
-    """Layers that allow it may take asymmetric (zero point != 0) activations; TDA4VM: symmetric only (tidl.md §1)."""
+    """Layers that allow it may take asymmetric (zero point != 0) activations; TDA4VM supports symmetric only."""
     power_of_two_scales: bool = False
-    """Every scale must be an exact power of two (TDA4VM, tidl.md §1)."""
+    """TIDL quantizes with power-of-2 scales (TDA4VM: scale type 1 in edgeai-benchmark's preset)."""
     quantize_bias: bool = False
-    """The fix pipeline writes Conv/Gemm bias as int32 + DequantizeLinear (tidl.md §2 "Bias"). Off on every device,
-    as in TI's optimizer: TIDL quantizes a float bias itself, and rounding it here would move the ONNX model away
-    from the PyTorch fake-quant model (which keeps float bias); ``tiexport fix --quantize-bias`` turns it on."""
+    """The fix pipeline writes Conv/Gemm bias as int32 + DequantizeLinear (TI's optimizer rule ``add_bias_qdq``). Off
+    on every device, as in TI's optimizer: TIDL quantizes a float bias itself, and rounding it here would move the ONNX
+    model away from the PyTorch fake-quant model (which keeps float bias); ``tiexport fix --quantize-bias`` turns it
+    on."""
     bias_bits: int = 32
-    """TIDL clips bias to this many bits by default (16 on TDA4VM, tidl.md §2 "Bias")."""
+    """Bias width TIDL keeps (16 on TDA4VM: edgeai-benchmark's runtime options, "the bias is clipped to 16bits
+    (default in TDA4VM)"; TIDL adjusts the weight scale to avoid clipping unless ``bias_clipping`` is 1)."""
     align_add_scales: bool = False
-    """Align the scales of Add inputs, not only Concat inputs (inference in tidl.md §2: TIDL requantizes otherwise)."""
-    lut_nonlinearities: bool = True
-    """Sigmoid/Tanh/GELU... accelerated by lookup tables (AM62A has none, tidl.md §1)."""
-    conv_3x3_stride_3: bool = True
-    """3x3 stride-3 convolution supported (not on AM62A/AM67A, tidl.md §1)."""
+    """``fix --align-scales`` aligns Add inputs too, not only Concat inputs (tiexport advice, TIDL032)."""
     quantization_scale_type: int = 4
-    """``advanced_options:quantization_scale_type`` for prequantized models on this device (tidl.md §4)."""
-    max_num_subgraphs: int = 16
-    """Compile option ``max_num_subgraphs`` (its default; tidl.md §3 "Other compile limits")."""
-    max_num_subgraph_nodes: int = 2048
-    """Node limit per TIDL subgraph that rule TIDL041 applies (tidl.md §3 "Other compile limits")."""
+    """``advanced_options:quantization_scale_type`` edgeai-benchmark's preset gives this device (1 on TDA4VM: power of
+    2; 4 on MMAv2: non-power-of-2 per-channel; edgeai-tidl-tools ``examples/osrt_python/README.md`` lists them)."""
+    max_num_subgraphs: int | None = None
+    """Compile option ``max_num_subgraphs`` the user sets (None: the SDK's default, ``spec.max_num_subgraphs``)."""
+    max_num_subgraph_nodes: int | None = None
+    """``advanced_options:max_num_subgraph_nodes`` the user sets (None: the SDK's default, when it documents one)."""
     notes: tuple[str, ...] = field(default_factory=tuple)
     sdk: str = DEFAULT_SDK
     """The TIDL SDK release whose facts (:attr:`spec`) the rules and passes apply."""
@@ -88,15 +90,12 @@ DEVICES: dict[str, DeviceProfile] = {
             name="AM62A",
             soc="am62a",
             aliases=("AM62AX",),
-            lut_nonlinearities=False,
-            conv_3x3_stride_3=False,
             **_MMAV2,  # type: ignore[arg-type]
         ),
         DeviceProfile(
             name="AM67A",
             soc="am67a",
             aliases=("J722S", "TDA4AEN", "AM67"),
-            conv_3x3_stride_3=False,
             **_MMAV2,  # type: ignore[arg-type]
         ),
         DeviceProfile(
@@ -133,27 +132,36 @@ def device_names() -> list[str]:
     return list(DEVICES)
 
 
-def get_device(name: str | DeviceProfile) -> DeviceProfile:
-    """Look a device up by its name, tidl-tools SOC name or an alias (case-insensitive)."""
+def get_device(name: str | DeviceProfile, sdk: str | None = None) -> DeviceProfile:
+    """Look a device up by its name, tidl-tools SOC name or an alias (case-insensitive). ``sdk``: the TIDL SDK
+    release whose facts apply (``"10.1"``...; None: the profile's own, by default the latest known)."""
     if isinstance(name, DeviceProfile):
-        return name
-    key = _LOOKUP.get(str(name).strip().upper())
-    if key is None:
-        raise UsageError(f"unknown device {name!r}; known: {', '.join(DEVICES)} (or 'all')")
-    return DEVICES[key]
+        profile = name
+    else:
+        key = _LOOKUP.get(str(name).strip().upper())
+        if key is None:
+            raise UsageError(f"unknown device {name!r}; known: {', '.join(DEVICES)} (or 'all')")
+        profile = DEVICES[key]
+    if sdk is not None:
+        spec = get_spec(sdk)  # UsageError for an unknown release
+        if spec.sdk != profile.sdk:
+            profile = replace(profile, sdk=spec.sdk)
+    return profile
 
 
 def resolve_devices(names: str | DeviceProfile | list[str | DeviceProfile] | tuple[str | DeviceProfile, ...] | None,
-                    ) -> list[DeviceProfile]:
-    """Turn a device argument (one name, a list, ``'all'`` or None = all) into profiles, without duplicates."""
+                    sdk: str | None = None) -> list[DeviceProfile]:
+    """Turn a device argument (one name, a list, ``'all'`` or None = all) into profiles, without duplicates, for
+    TIDL SDK ``sdk`` (None: each profile's own)."""
     if names is None:
-        return list(DEVICES.values())
+        names = ["all"]
     if isinstance(names, (str, DeviceProfile)):
         names = [names]
     out: list[DeviceProfile] = []
     for n in names:
         profiles = list(DEVICES.values()) if isinstance(n, str) and n.strip().lower() == "all" else [get_device(n)]
         for p in profiles:
+            p = get_device(p, sdk)
             if p not in out:
                 out.append(p)
     if not out:

@@ -19,11 +19,17 @@ for the device. Facts used (``shared/reference/tidl.md``):
 Decisions:
 
 - Scale type: per-channel weights -> 4 (``runtime_options_onnx_qat_v2``); otherwise every scale a power of two -> 1
-  (``runtime_options_onnx_qat_v2_p2``), on every device, as TI does for its ``wt8sp2-at8sp2`` QAT models; otherwise
-  4 on MMAv2 devices. On TDA4VM a per-channel or non-power-of-2 model never gets this far: validate rejects it.
-  The choice is written explicitly because the benchmark applies the qat_v2 function's scale type over the device
-  preset (edgeai-benchmark ``core/runtime_options.py``): calling ``runtime_options_onnx_qat_v2`` for TDA4VM would
-  ask it for scale type 4, which it does not support.
+  (``runtime_options_onnx_qat_v2_p2``), on every device, as TI does for its ``wt8sp2-at8sp2`` QAT models (cl-6507);
+  otherwise 4. That includes TDA4VM: TI's own per-channel affine QAT v2 model (cl-6508) is compiled for every device
+  with ``runtime_options_onnx_qat_v2`` (edgeai-tensorlab r11.0 ``edgeai-benchmark/configs/classification_v2.py``
+  L63-66), whose scale type 4 overrides the TDA4VM preset's 1 (``core/runtime_options.py``: the function's kwargs
+  win over ``self.runtime_options``), and TI ships TDA4VM artifacts of it. TI's docs say TDA4VM supports neither
+  asymmetric nor per-channel quantization, so validate warns and the header says what ``tiexport fix --device
+  TDA4VM`` changes.
+- TI's legacy QAT v1 model (a float graph with power-of-2 Clip ranges, :attr:`ModelContext.qat_v1_clips`):
+  ``runtime_options_onnx_qat_v1`` (scale type 1, ``accuracy_level`` 0 via ``is_qat``, no ``prequantized_model``),
+  as the v1 docs (``quantization/v1/docs/qat.md`` L120-126) and edgeai-benchmark r11.0 ``core/runtime_options.py``
+  L292-295 say.
 - AM62 (no accelerator): ``benchmark`` and ``yaml`` are generated (the benchmark's AM62 preset turns
   ``tidl_offload`` off, so the entry runs on the Arm cores; the YAML says ``tidl_offload: false`` and carries no
   runtime options); ``tidl``/``tidl-json`` and :func:`runtime_options` refuse with a UsageError, because there is no
@@ -50,7 +56,7 @@ from tiexport.context import ModelContext, dtype_name
 from tiexport.devices import DeviceProfile, get_device
 from tiexport.errors import TiexportError, UsageError
 from tiexport.onnx_io import LoadedModel, as_model
-from tiexport.tidl_spec import get_spec, is_power_of_two
+from tiexport.tidl_spec import PASS_THROUGH, is_power_of_two
 from tiexport.validators.report import DeviceReport, Finding, Report
 from tiexport.validators.rules.qdq import NotPrequantizedRule
 
@@ -78,6 +84,8 @@ _BENCHMARK_FUNCTION = {
     SCALE_TYPE_P2: "runtime_options_onnx_qat_v2_p2",
     SCALE_TYPE_NP2_PERCHAN: "runtime_options_onnx_qat_v2",
 }
+BENCHMARK_QAT_V1_FUNCTION = "runtime_options_onnx_qat_v1"
+FORMAT_QDQ, FORMAT_QAT_V1, FORMAT_FLOAT = "qdq", "qat_v1", "float"
 QUANT_FILE_KEY = "advanced_options:quant_params_proto_path"
 """The value of edgeai-benchmark's ``constants.ADVANCED_OPTIONS_QUANT_FILE_KEY`` (tidl.md §5)."""
 
@@ -166,6 +174,9 @@ class ModelAnalysis:
     name: str
     quantized: bool
     """The model has QuantizeLinear/DequantizeLinear nodes."""
+    format: str
+    """``qdq`` (Q/DQ nodes: ``prequantized_model: 1``), ``qat_v1`` (TI's legacy QAT: a float graph whose ranges are
+    power-of-2 Clip nodes) or ``float``."""
     power_of_two: bool
     """Every Q/DQ scale (weights, activations, int32 bias) is an exact power of two."""
     per_channel_weights: bool
@@ -176,9 +187,13 @@ class ModelAnalysis:
     """Every weight zero point is 0."""
     qdq_nodes: int
     inputs: tuple[InputInfo, ...] = field(default_factory=tuple)
+    qat_v1_clips: int = 0
+    """Clip nodes at power-of-2 ranges of a QAT v1 model."""
 
     def describe(self) -> str:
         """One line for snippet headers."""
+        if self.format == FORMAT_QAT_V1:
+            return f"TIDL QAT v1 model ({self.qat_v1_clips} Clip nodes at power-of-2 ranges, no Q/DQ nodes)"
         if not self.quantized:
             return "float model (no Q/DQ nodes)"
         return (f"{'power-of-2' if self.power_of_two else 'non-power-of-2'} scales, "
@@ -210,9 +225,12 @@ def _analyze(ctx: ModelContext) -> ModelAnalysis:
             per_channel = True
     inputs = tuple(_input_info(ctx, vi.name) for vi in ctx.graph_inputs)
     quantized = ctx.is_quantized
+    v1 = len(ctx.qat_v1_clips)
     return ModelAnalysis(
         name=ctx.name,
         quantized=quantized,
+        format=FORMAT_QDQ if quantized else FORMAT_QAT_V1 if v1 else FORMAT_FLOAT,
+        qat_v1_clips=v1,
         power_of_two=quantized and all_p2,
         per_channel_weights=per_channel,
         symmetric=symmetric,
@@ -227,7 +245,7 @@ def _input_info(ctx: ModelContext, name: str) -> InputInfo:
     q_dtype: str | None = None
     q_range: tuple[float, float] | None = None
     # the same search as rule TIDL023: through Cast and the ops quantization passes through
-    quantizers = list(ctx.input_quantizers(name, get_spec().pass_through | {"Cast"}))
+    quantizers = list(ctx.input_quantizers(name, PASS_THROUGH | {"Cast"}))
     if quantizers:
         qp = ctx.qparams(quantizers[0])
         if qp is not None:
@@ -252,26 +270,25 @@ def analyze_model(model: Any) -> ModelAnalysis:
 def scale_type(analysis: ModelAnalysis, device: str | DeviceProfile) -> int:
     """``advanced_options:quantization_scale_type`` for this model on this device (tidl.md §4).
 
-    Per-channel weights -> 4; all scales power of two -> 1; else 4 where the device takes non-power-of-2 scales.
-    Raises UsageError for a model the device cannot take (validate reports those as errors first).
+    QAT v1 -> 1; per-channel weights -> 4; all scales power of two -> 1; else 4, on every device, TDA4VM included
+    (TI compiles its per-channel affine QAT v2 model cl-6508 so for TDA4VM; see the module docstring). Raises
+    UsageError for a float model.
     """
-    dev = get_device(device)
+    get_device(device)  # an unknown device is a usage error whatever the model
+    if analysis.format == FORMAT_QAT_V1:
+        return SCALE_TYPE_P2
     if not analysis.quantized:
         raise UsageError(f"{analysis.name}: float model, no prequantized scale type applies")
     if analysis.per_channel_weights:
-        if not dev.per_channel_weights:
-            raise UsageError(f"{analysis.name}: per-channel weights, which {dev.name} does not take")
         return SCALE_TYPE_NP2_PERCHAN
     if analysis.power_of_two:
         return SCALE_TYPE_P2
-    if dev.power_of_two_scales:
-        raise UsageError(f"{analysis.name}: non-power-of-2 scales, which {dev.name} does not take")
     return SCALE_TYPE_NP2_PERCHAN
 
 
-def benchmark_function(scale: int) -> str:
-    """The edgeai-benchmark settings method that sets this scale type for a QDQ model (tidl.md §5)."""
-    return _BENCHMARK_FUNCTION[scale]
+def benchmark_function(scale: int, fmt: str = FORMAT_QDQ) -> str:
+    """The edgeai-benchmark settings method that sets this scale type for a QDQ (or QAT v1) model (tidl.md §5)."""
+    return BENCHMARK_QAT_V1_FUNCTION if fmt == FORMAT_QAT_V1 else _BENCHMARK_FUNCTION[scale]
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -294,9 +311,9 @@ def _check(model: Any, device: str | DeviceProfile) -> _Checked:
     ctx = ModelContext(loaded)
     analysis = _analyze(ctx)
     errors = [f for f in dev_report.findings if f.severity == "error"]
-    if not analysis.quantized and not any(f.category == "not_prequantized" for f in errors):
+    if analysis.format == FORMAT_FLOAT and not any(f.category == "not_prequantized" for f in errors):
         # The rule skips devices without an accelerator; a snippet for a float model is still wrong there.
-        errors.extend(NotPrequantizedRule().check(ctx, dev))
+        errors.extend(f for f in NotPrequantizedRule().check(ctx, dev) if f.severity == "error")
         dev_report = DeviceReport(dev.name, [*dev_report.findings, *errors])
         report = Report(model=report.model, devices={dev.name: dev_report})
     if errors:
@@ -332,13 +349,16 @@ def _model_path(loaded: LoadedModel, model_path: str | None) -> str:
 
 def _options(checked: _Checked, tidl_tools_path: str, artifacts_folder: str) -> dict[str, Any]:
     st = scale_type(checked.analysis, checked.device)
+    # QAT v1: TIDL reads the ranges from the Clip nodes (accuracy_level 0, scale type 1); prequantized_model is for
+    # Q/DQ models only (edgeai-benchmark's runtime_options_onnx_qat_v1 leaves it out)
+    prequantized = {} if checked.analysis.format == FORMAT_QAT_V1 else {"advanced_options:prequantized_model": 1}
     return {
         "tidl_tools_path": tidl_tools_path,
         "artifacts_folder": artifacts_folder,
         "tensor_bits": 8,
         "accuracy_level": 0,
         "debug_level": 0,
-        "advanced_options:prequantized_model": 1,
+        **prequantized,
         "advanced_options:quantization_scale_type": st,
         QUANT_FILE_KEY: "",
         "advanced_options:pre_batchnorm_fold": 1,
@@ -352,6 +372,7 @@ def runtime_options(
     *,
     tidl_tools_path: str = "$TIDL_TOOLS_PATH",
     artifacts_folder: str | None = None,
+    sdk: str | None = None,
 ) -> dict[str, Any]:
     """The TIDL ONNX Runtime delegate options for this model on this device (tidl.md §4), as a plain dict.
 
@@ -359,9 +380,10 @@ def runtime_options(
     ``prequantized_model`` 1, ``debug_level`` 0 and an empty quant-params file (tidl.md §5, §6.6) are fixed for QDQ
     models. ``tidl_tools_path`` defaults to the literal ``$TIDL_TOOLS_PATH`` (expand it, e.g. with ``envsubst``);
     ``artifacts_folder`` to ``artifacts/<model>_<device>``.
+    ``sdk``: the TIDL SDK release to validate against (None: the latest known).
     Raises IncompatibleModelError when validate finds errors, UsageError for AM62 (no accelerator).
     """
-    dev = get_device(device)
+    dev = get_device(device, sdk)
     if not dev.accelerator:  # independent of the model: say so before validating it
         raise _no_accelerator(dev)
     checked = _check(model, dev)
@@ -379,6 +401,7 @@ def snippet(
     *,
     tidl_tools_path: str | None = None,
     artifacts_folder: str | None = None,
+    sdk: str | None = None,
 ) -> str:
     """Generate a deployment snippet for ``model`` on ``device``.
 
@@ -386,13 +409,14 @@ def snippet(
     ``tidl-json`` (the same options, JSON) or ``yaml`` (edgeai-modelzoo style config). ``task``: classification,
     detection or segmentation (pre/post-processing calls and the metric key). ``model_path``: the path written into
     the snippet (default: the model's path). ``metrics``: ``model_info.metric_reference`` (default: the task's metric
-    key with ``None``). Raises IncompatibleModelError when the model is not deployable on the device.
+    key with ``None``). ``sdk``: the TIDL SDK release to validate against (None: the latest known). Raises
+    IncompatibleModelError when the model is not deployable on the device.
     """
     if format not in FORMATS:
         raise UsageError(f"unknown snippet format {format!r}; choose one of {', '.join(FORMATS)}")
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    dev = get_device(device)
+    dev = get_device(device, sdk)
     if format in ("tidl", "tidl-json") and not dev.accelerator:
         raise _no_accelerator(dev)
     checked = _check(model, dev)
@@ -416,7 +440,8 @@ def _header(checked: _Checked, what: str, comment: str = "#") -> list[str]:
     a = checked.analysis
     warnings = checked.report.count("warning")
     lines = [
-        f"{what} generated by tiexport {__version__} for {a.name} on {checked.device.name}.",
+        f"{what} generated by tiexport {__version__} for {a.name} on {checked.device.name}, checked against TIDL "
+        f"SDK {checked.device.sdk}.",
         f"Model: {a.describe()}.",
     ]
     for inp in a.inputs:
@@ -427,7 +452,15 @@ def _header(checked: _Checked, what: str, comment: str = "#") -> list[str]:
     if checked.device.accelerator:
         st = scale_type(a, checked.device)
         lines.append(f"quantization_scale_type {st} ({'power-of-2' if st == 1 else 'non-power-of-2 per-channel'}), "
-                     f"edgeai-benchmark: settings.{benchmark_function(st)}.")
+                     f"edgeai-benchmark: settings.{benchmark_function(st, a.format)}.")
+        if a.format == FORMAT_QAT_V1:
+            lines.append("TIDL QAT v1: TIDL takes the ranges from the Clip nodes (accuracy_level 0, no "
+                         "prequantized_model); TI documents this flow for TDA4VM.")
+        elif not checked.device.per_channel_weights and (st == SCALE_TYPE_NP2_PERCHAN or not a.symmetric):
+            lines.append(f"{checked.device.name} supports neither per-channel nor asymmetric quantization (TI's docs); "
+                         "TI compiles such models for it with these options (cl-6508) and TIDL imports them on its "
+                         f"own grid. For outputs that match this model, run tiexport fix --device "
+                         f"{checked.device.name} first.")
     else:
         lines.append(f"{checked.device.name} has no TIDL accelerator: the model runs in ONNX Runtime on the Arm cores.")
     lines.append(f"tiexport validate: {checked.report.verdict}"
@@ -468,8 +501,9 @@ def _benchmark_python(checked: _Checked, task: str, model_path: str, stem: str,
     a = checked.analysis
     t = _TASKS[task]
     st = scale_type(a, checked.device) if checked.device.accelerator else (
-        SCALE_TYPE_P2 if a.power_of_two and not a.per_channel_weights else SCALE_TYPE_NP2_PERCHAN)
-    func = benchmark_function(st)
+        SCALE_TYPE_P2 if a.format == FORMAT_QAT_V1 or (a.power_of_two and not a.per_channel_weights)
+        else SCALE_TYPE_NP2_PERCHAN)
+    func = benchmark_function(st, a.format)
     mean, scale = _mean_scale(a)
     rc = _resize_crop(a, task)
     pre_args = f"resize={rc[0]!r}, crop={rc[1]!r}" if rc else ""
@@ -505,7 +539,9 @@ def _benchmark_python(checked: _Checked, task: str, model_path: str, stem: str,
         f"        'postprocess': postproc_transforms.{t.postprocess_call},",
         "    }",
         "",
-        "    # never read a stale <model>_qparams.prototxt: the scales come from the model's Q/DQ nodes",
+        "    # never read a stale <model>_qparams.prototxt: the "
+        + ("ranges come from the model's Clip nodes" if a.format == FORMAT_QAT_V1
+           else "scales come from the model's Q/DQ nodes"),
         "    quant_params_proto_path_disable_option = {constants.ADVANCED_OPTIONS_QUANT_FILE_KEY: ''}",
         "",
         "    pipeline_configs = {",

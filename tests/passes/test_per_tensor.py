@@ -10,10 +10,8 @@ from fixtures.models import tiny_conv
 from tests.passes.helpers import apply, assert_valid, const, node, outputs_of, random_feed
 from tiexport.passes.graph import dequantize
 from tiexport.passes.per_tensor import ConvertPerChannelToPerTensorPass
-from tiexport.tidl_spec import get_spec
+from tiexport.tidl_spec import PER_TENSOR_WEIGHT_OPS
 from tiexport.validators.validate import validate
-
-PER_TENSOR_WEIGHT_OPS = get_spec().per_tensor_weight_ops
 
 
 def _pointwise(scales_equal: bool = False) -> onnx.ModelProto:

@@ -116,11 +116,15 @@ def test_fixable_findings_are_gone_for_an_ort_quantize_static_model(ort_models: 
 
 
 @pytest.mark.torch
-def test_ort_model_on_tda4vm_has_no_errors_left(ort_models: dict[str, Path]) -> None:
+def test_ort_model_on_tda4vm_has_no_fixable_warnings_left(ort_models: dict[str, Path]) -> None:
+    """TDA4VM imports an ORT per-channel affine model on its own grid (warnings); fix puts it on TDA4VM's grid."""
     before = _findings(ort_models["per_channel"], "TDA4VM")
-    assert sum(f.fixable and f.severity == "error" for f in before) > 10
-    _, report = fix(ort_models["per_channel"], "TDA4VM", num_samples=2)
+    assert sum(f.fixable and f.severity == "warning" for f in before) > 10
+    assert not [f for f in before if f.severity == "error"]
+    fixed, report = fix(ort_models["per_channel"], "TDA4VM", num_samples=2)
     assert report.exit_code == 0 and not report.errors
+    assert not [f for f in _findings(fixed, "TDA4VM") if f.fixable]
+    assert {f.rule_id for f in before if f.fixable} >= {"TIDL020", "TIDL021", "TIDL022"}
 
 
 def _concat_with_input(in_zp: int) -> onnx.ModelProto:

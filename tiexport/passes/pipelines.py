@@ -37,6 +37,7 @@ from tiexport.passes.reshape_allowzero import ClearReshapeAllowzeroPass
 from tiexport.passes.static_shapes import InferShapesPass, PinInputShapesPass
 from tiexport.passes.symmetric import EnforceSymmetricPass
 from tiexport.passes.weight_transpose import FoldWeightTransposePass
+from tiexport.tidl_spec import PER_TENSOR_WEIGHT_OPS
 
 __all__ = ["export_pipeline", "fix_pipeline"]
 
@@ -47,9 +48,14 @@ def fix_pipeline(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     power_of_two: str = "ceil",
     quantize_bias: bool | None = None,
-    align_concat: bool = True,
+    align_concat: bool = False,
 ) -> list[Pass]:
-    """The ordered passes that make a QDQ model deployable on one device (see the module docstring)."""
+    """The ordered passes that make a QDQ model deployable on one device (see the module docstring).
+
+    Only what TI's sources ask for runs by default, so a model that already meets them keeps its numerics bit for
+    bit: ``align_concat`` (aligning Concat, and on TDA4VM Add, input scales: tiexport advice) and ``quantize_bias``
+    (None: the profile's, off everywhere) are opt-in. A bias already at ``s_in * s_w`` is left alone; one that is not
+    (or that another pass moved off it) is requantized there, as TIDL does at import."""
     profile = get_device(device)
     spec = profile.spec
     passes: list[Pass] = [
@@ -62,18 +68,19 @@ def fix_pipeline(
         MergeDuplicateQdqPass(),
         RemoveDeadNodesPass(),
     ]
-    if profile.quantize_bias if quantize_bias is None else quantize_bias:
+    bias = profile.quantize_bias if quantize_bias is None else quantize_bias
+    if bias:
         passes.append(QuantizeBiasPass())
     if profile.accelerator:
         # the quantization rules below are TIDL's; on a device without an accelerator ONNX Runtime takes any grid
         passes.append(ConvertPerChannelToPerTensorPass(None if not profile.per_channel_weights
-                                                       else spec.per_tensor_weight_ops))
+                                                       else PER_TENSOR_WEIGHT_OPS))
         passes.append(EnforceSymmetricPass(activations=not profile.asymmetric_activations))
         if align_concat:
             passes.append(AlignConcatScalesPass(add=profile.align_add_scales))
         if profile.power_of_two_scales:
             passes.append(EnforcePowerOfTwoScalesPass(power_of_two))  # type: ignore[arg-type]
-        passes.append(AlignBiasScalePass())
+        passes.append(AlignBiasScalePass())  # a no-op where the bias already sits at s_in * s_w
     passes.append(InferShapesPass())
     return passes
 

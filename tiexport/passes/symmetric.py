@@ -27,7 +27,7 @@ from tiexport.passes.graph import (
     set_qdq_params,
 )
 
-__all__ = ["EnforceSymmetricPass", "symmetric_target"]
+__all__ = ["EnforceSymmetricPass", "is_ti_convention", "symmetric_target"]
 
 _SIGNED: dict[np.dtype, np.dtype] = {np.dtype(np.uint8): np.dtype(np.int8), np.dtype(np.int8): np.dtype(np.int8),
            np.dtype(np.uint16): np.dtype(np.int16), np.dtype(np.int16): np.dtype(np.int16)}
@@ -39,11 +39,21 @@ _INPUT_PATH_OPS = frozenset({"Cast", "Reshape", "Transpose", "Flatten", "Squeeze
                              "Dropout", "Split", "Slice", "Pad"})
 
 
+def is_ti_convention(qp: QParams) -> bool:
+    """uint8 (uint16) with zero point 127 (32767): how TI's v2 symmetric observers write a symmetric grid."""
+    if qp.dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+        return False
+    mid = (int(qrange(qp.dtype)[1]) - 1) // 2  # type: ignore[index]
+    return bool(np.all(qp.zero_point.astype(np.int64) == mid))
+
+
 def symmetric_target(qp: QParams, non_negative: bool) -> tuple[np.ndarray, np.dtype, bool] | None:
     """(scale, quantized type, exact) of a zero-point-0 grid covering ``qp``'s range; None if the type is unknown.
 
     - uint8 zp 128 -> int8 zp 0, same scale (the same grid: exact);
     - a grid whose lowest value is 0 (int8 zp -128) -> uint8 zp 0, same scale (exact);
+    - uint8 zp 127, TI's symmetric convention -> int8 zp 0, same scale: the grid shifted by one step, so only the
+      ends move, by one step (``ti_convention``; TI's v2 WT8SYMP2_AT8SYMP2 / WC8SYMP2_AT8SYMP2 exports);
     - a non-negative tensor -> uint8 zp 0 with the old top of the range: ``s' = hi / 255``;
     - otherwise int8 zp 0 covering both ends: ``s' = max(hi / 127, -lo / 128)``.
     """
@@ -59,6 +69,8 @@ def symmetric_target(qp: QParams, non_negative: bool) -> tuple[np.ndarray, np.dt
         return scale, signed, True
     if np.all(z == lo_q) and qp.dtype.kind == "i":  # int8 zp -128 is uint8 zp 0
         return scale, unsigned, True
+    if is_ti_convention(qp):  # uint8 zp 127: keep the scale, move the grid one step
+        return scale, signed, False
     lo, hi = qp.float_range()
     if non_negative or np.all(lo >= 0):
         new = np.maximum(hi, 0) / u_hi
@@ -75,6 +87,7 @@ class EnforceSymmetricPass(Pass):
 
         DQ(Q(x, s, 128, uint8)), s, 128) -> DQ(Q(x, s, 0, int8), s, 0)        same grid (exact)
         DQ(Q(x, s, -128, int8))          -> DQ(Q(x, s, 0, uint8))              same grid (exact)
+        DQ(Q(x, s, 127, uint8))          -> DQ(Q(x, s, 0, int8))               grid moved one step (ends: 1 step)
         DQ(Q(relu(x), s, z, uint8))      -> DQ(Q(relu(x), s', 0, uint8))       s' = (255 - z) s / 255
         DQ(Q(x, s, z))                   -> DQ(Q(x, s', 0, int8))              s' covers [(lo - z) s, (hi - z) s]
         DQ(w_q, s, z)  (weight)          -> DQ(w_q - z, s, 0, int8)            exact when w_q - z fits int8
@@ -82,7 +95,8 @@ class EnforceSymmetricPass(Pass):
 
     A QuantizeLinear and the DequantizeLinear nodes reading it always change together. Skipped (with a note):
     per-channel activations, a QuantizeLinear whose output is a graph output or feeds something other than a
-    DequantizeLinear with its parameters.
+    DequantizeLinear with its parameters. With ``activations`` off (devices that take asymmetric activations), a
+    graph input in TI's uint8 zero point 127 convention is left as it is: TI calls that grid symmetric.
     """
 
     def __init__(self, *, activations: bool = True, weights: bool = True, graph_inputs: bool = True) -> None:
@@ -108,6 +122,8 @@ class EnforceSymmetricPass(Pass):
                     numerics |= not done
             elif node.op == "QuantizeLinear" and not is_const(node.inputs[0]) and (
                     self.activations or id(node) in input_qs):
+                if not self.activations and (qp := qparams(node)) is not None and is_ti_convention(qp):
+                    continue
                 done = self._activation(graph, node, edits, notes)
                 if done is not None:
                     changes += 1

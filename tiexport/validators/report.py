@@ -52,7 +52,11 @@ CATEGORIES: tuple[str, ...] = (
 
 @dataclass(frozen=True, order=True)
 class Finding:
-    """One rule broken at one node. ``node`` is the node name ("" for model-level findings)."""
+    """One rule broken at one node. ``node`` is the node name ("" for model-level findings).
+
+    ``source`` cites what the finding rests on (TI's documents at a release branch, or the ONNX specification);
+    ``advice`` marks a finding that rests on no such source, only on tiexport's reading: it is a warning at most.
+    """
 
     rule_id: str
     category: str
@@ -62,6 +66,8 @@ class Finding:
     message: str
     hint: str
     fixable: bool = False
+    source: str = ""
+    advice: bool = False
 
     def __post_init__(self) -> None:
         # protobuf hands back bytes for names that are not valid UTF-8; findings are always text
@@ -73,6 +79,10 @@ class Finding:
             raise ValueError(f"bad severity {self.severity!r}")
         if self.category not in CATEGORIES:
             raise ValueError(f"bad category {self.category!r}")
+        if self.advice and self.severity == "error":
+            raise ValueError(f"{self.rule_id}: advice (no source) cannot be an error")
+        if self.advice and self.source:
+            raise ValueError(f"{self.rule_id}: a finding with a source is not advice")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,12 +124,18 @@ class Report:
     model: str
     devices: dict[str, DeviceReport]
     tiexport_version: str = ""
+    sdk: str = ""
+    """The TIDL SDK release the rules checked against (``tiexport.tidl_spec``)."""
 
     def __post_init__(self) -> None:
         if not self.tiexport_version:
             from tiexport import __version__
 
             self.tiexport_version = __version__
+        if not self.sdk:
+            from tiexport.tidl_spec import DEFAULT_SDK
+
+            self.sdk = DEFAULT_SDK
 
     @property
     def findings(self) -> list[Finding]:
@@ -137,6 +153,7 @@ class Report:
         return {
             "model": self.model,
             "tiexport_version": self.tiexport_version,
+            "tidl_sdk": self.sdk,
             "devices": {
                 name: {"verdict": d.verdict, "findings": [f.to_dict() for f in d.findings]}
                 for name, d in self.devices.items()
@@ -161,7 +178,8 @@ def _text(report: Report, colour: bool, titles: dict[str, str] | None = None) ->
     for name, dev in report.devices.items():
         counts = ", ".join(f"{dev.count(s)} {s}{'s' if dev.count(s) != 1 else ''}" for s in SEVERITIES)
         key = {"incompatible": "error", "compatible_with_warnings": "warning", "compatible": "ok"}[dev.verdict]
-        lines.append(f"{paint(name, 'bold', colour)}: {paint(dev.verdict, key, colour)} ({counts})  [{report.model}]")
+        head = f"{paint(name, 'bold', colour)} (TIDL {report.sdk}): {paint(dev.verdict, key, colour)}"
+        lines.append(f"{head} ({counts})  [{report.model}]")
         for severity in SEVERITIES:
             by_rule: dict[str, list[Finding]] = {}
             for f in dev.findings:
@@ -170,18 +188,28 @@ def _text(report: Report, colour: bool, titles: dict[str, str] | None = None) ->
             for rule_id, group in by_rule.items():
                 first = group[0]
                 fixable = " [fixable: tiexport fix]" if all(f.fixable for f in group) else ""
+                advice = " [tiexport advice: no TI source]" if all(f.advice for f in group) else ""
                 title = titles.get(rule_id, first.category)
                 n = f" ({len(group)} nodes)" if len(group) > 1 else ""
-                lines.append(f"  {paint(severity, severity, colour)} {rule_id} {first.category}: {title}{n}{fixable}")
+                lines.append(f"  {paint(severity, severity, colour)} {rule_id} {first.category}: {title}{n}{fixable}"
+                             f"{advice}")
                 hints = {f.hint for f in group}
                 shared_hint = first.hint if len(hints) == 1 else ""
                 if shared_hint:
                     lines.append(f"    fix: {shared_hint}")
+                sources = {f.source for f in group if f.source}
+                shared_source = next(iter(sources)) if len(sources) == 1 and all(f.source for f in group) else ""
+                if shared_source:
+                    lines.append(f"    source: {shared_source}")
                 for f in group:
                     where = f"{f.node} ({f.op_type})" if f.node else (f.op_type or "model")
                     lines.append(f"    - {where}: {f.message}")
                     if f.hint and not shared_hint:
                         lines.append(f"      fix: {f.hint}")
+                    if f.source and not shared_source:
+                        lines.append(f"      source: {f.source}")
+                    if f.advice and not advice:
+                        lines.append("      (tiexport advice: no TI source)")
         lines.append("")
     return "\n".join(lines)
 
@@ -227,6 +255,8 @@ def _sarif(report: Report, titles: dict[str, str]) -> dict[str, Any]:
                         "op_type": f.op_type,
                         "hint": f.hint,
                         "fixable": f.fixable,
+                        "source": f.source,
+                        "advice": f.advice,
                     },
                 }
             )
@@ -239,6 +269,7 @@ def _sarif(report: Report, titles: dict[str, str]) -> dict[str, Any]:
                     "driver": {
                         "name": "tiexport",
                         "version": report.tiexport_version,
+                        "properties": {"tidl_sdk": report.sdk},
                         "rules": rules,
                     }
                 },

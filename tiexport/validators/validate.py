@@ -22,15 +22,17 @@ def validate(
     device: str | DeviceProfile | list[str | DeviceProfile] | tuple[str | DeviceProfile, ...] | None = "all",
     *,
     rules: tuple[Rule, ...] | None = None,
+    sdk: str | None = None,
 ) -> Report:
     """Check a QDQ ONNX model against TIDL's prequantized-import rules for one or more devices.
 
     ``model_or_path``: an ``onnx.ModelProto``, a path, or serialized bytes. ``device``: a name (``"TDA4VM"``), an
-    alias (``"J721S2"``), ``"all"`` or a list. Raises UnusableInputError/UsageError for unusable input; rule
-    violations are findings in the returned Report, never exceptions.
+    alias (``"J721S2"``), ``"all"`` or a list. ``sdk``: the TIDL SDK release to check against (``"10.1"``...;
+    None: the latest tiexport knows, :data:`tiexport.tidl_spec.DEFAULT_SDK`). Raises UnusableInputError/UsageError
+    for unusable input; rule violations are findings in the returned Report, never exceptions.
     """
     loaded = as_model(model_or_path)
-    profiles = resolve_devices(device)
+    profiles = resolve_devices(device, sdk)
     ctx = ModelContext(loaded)
     active = rules if rules is not None else RULES
     reports: dict[str, DeviceReport] = {}
@@ -49,7 +51,7 @@ def validate(
                 shared[key] = found
             findings.extend(found)
         reports[profile.name] = DeviceReport(profile.name, findings)
-    return Report(model=loaded.name, devices=reports)
+    return Report(model=loaded.name, devices=reports, sdk=profiles[0].sdk)
 
 
 def _run_rule(rule: Rule, ctx: ModelContext, profile: DeviceProfile) -> list[Finding]:

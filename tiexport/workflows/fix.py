@@ -57,6 +57,8 @@ class FixReport:
     """Every output equal, element for element, on every sample (None when parity did not run)."""
     output: str | None = None
     notes: list[str] = field(default_factory=list)
+    sdk: str = ""
+    """The TIDL SDK release whose facts the pipeline and the validation applied."""
 
     @property
     def numerics_changed(self) -> bool:
@@ -80,6 +82,7 @@ class FixReport:
             "model": self.model,
             "output": self.output,
             "device": self.device,
+            "tidl_sdk": self.sdk,
             "passes": [p.to_dict() for p in self.passes],
             "iterations": self.iterations,
             "converged": self.converged,
@@ -95,7 +98,7 @@ class FixReport:
 
     def to_text(self) -> str:
         out = self.output or "(not written)"
-        lines = [f"tiexport fix: {self.model} -> {out} for {self.device} "
+        lines = [f"tiexport fix: {self.model} -> {out} for {self.device} (TIDL {self.sdk}) "
                  f"({self.iterations} iteration{'s' if self.iterations != 1 else ''}"
                  f"{'' if self.converged else ', no fixed point reached'})"]
         width = max((len(p.name) for p in self.passes), default=10)
@@ -159,7 +162,7 @@ def fix(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     power_of_two: str = "ceil",
     quantize_bias: bool | None = None,
-    align_concat: bool = True,
+    align_concat: bool = False,
     inputs: Any = None,
     parity: bool = True,
     num_samples: int = 4,
@@ -168,6 +171,7 @@ def fix(
     max_iterations: int = 8,
     output: str | os.PathLike[str] | None = None,
     protect: Sequence[str | os.PathLike[str]] | None = None,
+    sdk: str | None = None,
 ) -> tuple[onnx.ModelProto, FixReport]:
     """Make a QDQ model deployable on ``device``; returns the fixed model and a :class:`FixReport`.
 
@@ -176,7 +180,8 @@ def fix(
     ``"nearest"``. ``quantize_bias``: None follows the device profile. ``inputs``: parity inputs (a ``.npz`` path,
     a dict name -> array or a list of such); None: ``num_samples`` seeded random samples. ``max_lsb``: parity
     tolerance in quantization steps of each output (see :func:`tiexport.parity.check_parity`).
-    ``output``: also write the fixed model there, atomically, and never onto a ``protect`` path (None: the input
+    ``sdk``: the TIDL SDK release whose facts apply (None: the latest known). ``output``: also write the fixed
+    model there, atomically, and never onto a ``protect`` path (None: the input
     file; ``()`` allows rewriting it in place); the bytes checked are the bytes written.
     Raises UsageError / UnusableInputError for bad arguments or input, and :class:`FixError` when the result would
     fail ``onnx.checker`` or ONNX Runtime session creation.
@@ -187,7 +192,7 @@ def fix(
         raise UsageError("fix works for one device at a time; run it once per device")
     if power_of_two not in ("ceil", "nearest"):
         raise UsageError(f"power_of_two must be 'ceil' or 'nearest', not {power_of_two!r}")
-    profile = get_device(device)
+    profile = get_device(device, sdk)
     loaded = as_model(model, load_external_data=True)
     original = loaded.model
     passes = fix_pipeline(profile, input_shapes=input_shapes, power_of_two=power_of_two,
@@ -214,7 +219,7 @@ def fix(
     before = validate(loaded, profile).devices[profile.name].findings
     after = validate(fixed, profile).devices[profile.name].findings
     report = FixReport(
-        model=loaded.name, device=profile.name, passes=result.passes, iterations=result.iterations,
+        model=loaded.name, device=profile.name, sdk=profile.sdk, passes=result.passes, iterations=result.iterations,
         converged=result.converged, remaining=list(after), findings_before=len(before),
         fixable_before=sum(1 for f in before if f.fixable),
     )

@@ -1,7 +1,8 @@
 """The Rule base class: a stable id, a title, a category, the devices it applies to, and ``check``.
 
 Adding a rule touches three files: the rule's module in this package, ``tiexport/validators/registry.py`` and its test.
-A rule's docstring says what it flags, why (citing ``shared/reference/tidl.md`` or a public TI doc) and how to fix it.
+A rule's docstring says what it flags, why and how to fix it; its ``sources`` cite the TI documents (or the ONNX
+specification) it rests on, and what no source backs is advice (``advice_parts``): warnings at most.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ class Rule:
     """Skipped on float models (those get one ``not_prequantized`` finding instead)."""
     needs_accelerator: ClassVar[bool] = True
     """Skipped on devices without a TIDL accelerator (AM62), where everything runs in ONNX Runtime on Arm."""
+    sources: ClassVar[tuple[str, ...]] = ()
+    """Citations of what the rule rests on (``tiexport.tidl_spec.sources``: TI's documents at a release branch, or
+    the ONNX specification). A rule without any is tiexport advice: its findings are warnings at most and say so."""
+    advice_parts: ClassVar[str] = ""
+    """What the rule checks that no source backs (its findings say ``advice``); every check if it has no sources."""
     device_independent: ClassVar[bool] = False
     """``check`` reads nothing of its device but the SDK facts (``device.spec``): validate runs it once per model
     and SDK release and shares the findings between devices."""
@@ -50,8 +56,14 @@ class Rule:
         fixable: bool = False,
         op_type: str | None = None,
         node_name: str | None = None,
+        source: str | None = None,
+        advice: bool | None = None,
     ) -> Finding:
-        """Build a finding of this rule at ``node`` (None: the model as a whole)."""
+        """Build a finding of this rule at ``node`` (None: the model as a whole). ``source``: the citation this
+        finding rests on (default: the rule's first); ``advice``: True for a check of this rule that rests on no
+        source (default: True only when the rule has none)."""
+        if advice is None:
+            advice = not self.sources and not source
         return Finding(
             rule_id=self.id,
             category=self.category,
@@ -61,4 +73,6 @@ class Rule:
             message=message,
             hint=hint,
             fixable=fixable,
+            source="" if advice else (source or (self.sources[0] if self.sources else "")),
+            advice=advice,
         )

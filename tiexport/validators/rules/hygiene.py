@@ -1,6 +1,12 @@
-"""Graph hygiene rules: what exporters leave behind that TIDL tolerates badly — float weights behind a
-QuantizeLinear, redundant or duplicate Q/DQ, Concat/Add inputs on different scales, bias in the wrong form
-(tidl.md §2 "Bias", "Add/Concat inputs with different scales"; §6 items 5)."""
+"""Graph hygiene rules: what exporters leave behind — float weights behind a QuantizeLinear, redundant or duplicate
+Q/DQ, Concat/Add inputs on different scales, bias in another form than TI's tooling writes.
+
+Only TIDL030 rests on a TI source (TI's model optimizer folds such weights by default, rule
+``remove_quantize_initializer``); the others are tiexport advice, warnings at most: no TI document says TIDL
+rejects redundant Q/DQ, unequal Concat/Add scales or a bias in another form (TI's optimizer writes int32 bias at
+``s_in * s_w`` with rule ``add_bias_qdq``, off by default). The 16-bit bias of TDA4VM (TIDL033's clipping part)
+rests on edgeai-benchmark's runtime options comment.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from onnx import TensorProto
 
 from tiexport.context import ModelContext, QParams
 from tiexport.devices import DeviceProfile
+from tiexport.tidl_spec.sources import BENCHMARK_BIAS_16BIT, OPTIMIZER_FOLD_WEIGHTS
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
 
@@ -21,14 +28,16 @@ __all__ = ["BiasRule", "RedundantQdqRule", "ScaleMismatchRule", "UnfoldedWeightR
 class UnfoldedWeightRule(Rule):
     """TIDL030: a float weight still sits behind a QuantizeLinear (float initializer -> Q -> DQ).
 
-    Why: TIDL's partitioner expects weights as integer initializers feeding a DequantizeLinear; Q/DQ left on float
-    weights confuse partitioning (tidl.md §6 item 5) and the weights are quantized at every inference in ONNX
-    Runtime. Fix: ``tiexport fix`` folds the QuantizeLinear into an int8 initializer, bit-exact.
+    Why: TI's model optimizer folds these into 8-bit initializers by default (rule ``remove_quantize_initializer``,
+    "reduces the model size as input becomes 8-bit"); left in place, the weights are quantized at every inference in
+    ONNX Runtime and users report partitioning trouble with them. Fix: ``tiexport fix`` folds the QuantizeLinear
+    into an int8 initializer, bit-exact.
     """
 
     id = "TIDL030"
     title = "float weight behind a QuantizeLinear (not folded)"
     category = "unfolded_weight"
+    sources = (OPTIMIZER_FOLD_WEIGHTS,)
     device_independent = True
     severity = "warning"
 
@@ -44,9 +53,9 @@ class RedundantQdqRule(Rule):
     """TIDL031: redundant Q/DQ — a DequantizeLinear straight into a QuantizeLinear with the same parameters, or
     several identical Q/DQ nodes reading the same tensor, or a Q/DQ whose result nobody uses.
 
-    Why: each extra Q/DQ pair is an extra requantization layer for TIDL and duplicate/shared DQ nodes confuse its
-    partitioning (tidl.md §6 item 5). Rewrites are exact: ``Q(DQ(x)) -> x`` for equal parameters, duplicates merged.
-    Fix: ``tiexport fix``.
+    Why (tiexport advice): each extra Q/DQ pair is an extra requantization layer for TIDL and users report
+    duplicate/shared DQ nodes confusing its partitioning. Rewrites are exact: ``Q(DQ(x)) -> x`` for equal
+    parameters, duplicates merged. Fix: ``tiexport fix``.
     """
 
     id = "TIDL031"
@@ -87,10 +96,11 @@ def _qkey(qp: QParams) -> str:
 class ScaleMismatchRule(Rule):
     """TIDL032: Concat (or Add) inputs are quantized with different scales or zero points.
 
-    Why: not documented as an error; TIDL requantizes the inputs to a common scale, which costs a layer and some
-    accuracy (inference in tidl.md §2; AMD's tools align Concat inputs for the same reason). For Add this is normal
-    on MMAv2 (info), but TDA4VM's power-of-2 eltwise prefers aligned scales (warning).
-    Fix: ``tiexport fix`` aligns Concat inputs (and Add inputs where the device profile asks) to the largest scale.
+    Why (tiexport advice, not documented by TI): TIDL requantizes Concat inputs to a common scale, which costs a
+    layer and some accuracy (AMD's tools align Concat inputs for the same reason): a warning. A residual Add on two
+    scales is what every quantizer writes, TI's own WT8SYMP2_AT8SYMP2 exports for TDA4VM included: info.
+    Fix: ``tiexport fix --align-scales`` aligns Concat inputs (and Add inputs on TDA4VM) to the largest scale (it
+    changes numerics, so it is not done unless asked).
     """
 
     id = "TIDL032"
@@ -120,28 +130,34 @@ class ScaleMismatchRule(Rule):
             shown = ", ".join(f"{s:.4g}" for s in sorted(scales))
             if node.op_type == "Concat":
                 yield self.finding(ctx, node, f"inputs on different scales ({shown}); TIDL requantizes them",
-                                   "tiexport fix aligns them to the largest scale", fixable=True)
+                                   "tiexport fix --align-scales aligns them to the largest scale (changes numerics)")
             else:
+                # a residual Add on two scales is what every quantizer writes, TI's own TDA4VM exports included
                 yield self.finding(
-                    ctx, node, f"inputs on different scales ({shown})",
-                    "tiexport fix aligns them" if device.align_add_scales else "normal for a residual Add on MMAv2",
-                    severity="warning" if device.align_add_scales else "info", fixable=device.align_add_scales,
+                    ctx, node, f"inputs on different scales ({shown}); TIDL rescales them in the Add",
+                    "tiexport fix --align-scales aligns them (changes numerics)" if device.align_add_scales
+                    else "normal for a residual Add", severity="info",
                 )
 
 
 class BiasRule(Rule):
     """TIDL033: a Conv/Gemm bias is not in the form TIDL's tooling writes, or will be clipped.
 
-    Why: TI's tooling writes bias as int32 ``round(b / (s_in * s_w))`` into a DequantizeLinear with scale
-    ``s_in * s_w`` and zero point 0 (tidl.md §2 "Bias"); a bias DQ with another scale or a non-zero zero point is
-    read inconsistently with the accumulator. On TDA4VM the bias is clipped to 16 bits by default, so int32 values
-    beyond int16 lose accuracy. A float bias is quantized by TIDL itself (info, or a fixable warning on devices whose
-    profile quantizes bias). Fix: ``tiexport fix --device NAME``.
+    Why: on TDA4VM biases are kept in 16 bits (edgeai-benchmark's runtime options: "the mode where the bias is
+    clipped to 16bits (default in TDA4VM)"; by default TIDL adjusts the weight scale instead of clipping), so int32
+    values beyond int16 change that layer's numerics. The form of the bias is tiexport advice: TI's model optimizer
+    writes bias as int32 ``round(b / (s_in * s_w))`` into a DequantizeLinear with scale ``s_in * s_w`` and zero point
+    0 (rule ``add_bias_qdq``); a bias DQ with another scale or a non-zero zero point is requantized to the
+    accumulator's scale. A float bias is quantized by TIDL itself (info). Fix: ``tiexport fix --device NAME``
+    (``--quantize-bias`` for float biases).
     """
 
     id = "TIDL033"
-    title = "bias not int32 at scale s_in * s_w, or clipped"
+    title = "bias not int32 at scale s_in * s_w, or beyond TDA4VM's 16 bits"
     category = "bias"
+    severity = "warning"
+    sources = (BENCHMARK_BIAS_16BIT,)
+    advice_parts = "the bias's type, zero point and scale (TI's optimizer's form)"
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
         for node in ctx.nodes_of("Conv", "Gemm", "ConvTranspose"):
@@ -157,6 +173,7 @@ class BiasRule(Rule):
                         if device.quantize_bias
                         else "fine; tiexport fix --quantize-bias writes it as TI's tooling does",
                         severity="warning" if device.quantize_bias else "info", fixable=device.quantize_bias,
+                        advice=True,
                     )
                     expected = _expected_bias_scale(ctx, node)
                     values = ctx.const(bias)
@@ -172,11 +189,11 @@ class BiasRule(Rule):
                 continue
             if qp.qtype != TensorProto.INT32:
                 yield self.finding(ctx, node, "bias DequantizeLinear is not int32", "quantize bias to int32",
-                                   fixable=True)
+                                   fixable=True, advice=True)
                 continue
             if not qp.symmetric:
                 yield self.finding(ctx, node, "bias zero point is not 0", "quantize bias with zero point 0",
-                                   fixable=True)
+                                   fixable=True, advice=True)
             expected = _expected_bias_scale(ctx, node)
             if expected is not None:
                 got = np.asarray(qp.scale, dtype=np.float64).ravel()
@@ -184,7 +201,7 @@ class BiasRule(Rule):
                 if not same_shape or not np.allclose(got, expected, rtol=1e-5, atol=0.0):
                     yield self.finding(ctx, node, "bias scale differs from input scale x weight scale: TIDL "
                                        "requantizes it to its accumulator scale", "requantize the bias with scale "
-                                       "s_in * s_w", severity="warning", fixable=True)
+                                       "s_in * s_w", severity="warning", fixable=True, advice=True)
             values = ctx.const(dq.input[0]) if ctx.is_const(dq.input[0]) else None
             if values is not None:
                 yield from self._clipped(ctx, node, device, values)
@@ -201,9 +218,11 @@ class BiasRule(Rule):
         n = int(np.sum((wide < -lim) | (wide > lim - 1)))
         if n:
             yield self.finding(
-                ctx, node, f"{n} bias value(s) exceed {device.bias_bits} bits and are clipped on {device.name}",
+                ctx, node, f"{n} bias value(s) exceed {device.bias_bits} bits: {device.name} keeps biases in "
+                f"{device.bias_bits} bits, so TIDL adjusts this layer's weight scale (or, with bias_clipping 1, clips "
+                "the bias)",
                 "raise the input or weight scale of this layer, or reduce the bias magnitude in training",
-                severity="warning",
+                severity="warning", source=BENCHMARK_BIAS_16BIT,
             )
 
 

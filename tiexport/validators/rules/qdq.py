@@ -1,5 +1,11 @@
-"""Quantization-format rules: is the model prequantized QDQ at all, and are its Q/DQ nodes well-formed, 8-bit,
-on the right axis and present where TIDL needs them (tidl.md §2)."""
+"""Quantization-format rules: is the model prequantized QDQ at all (or TI's legacy Clip-based QAT v1), and are its
+Q/DQ nodes well-formed, 8-bit, on the right axis and present where TIDL needs them.
+
+Sources (``tiexport.tidl_spec.sources``): edgeai-tidl-tools ``docs/tidl_fsg_quantization.md`` (QDQ models need
+``prequantized_model``; pre-quantized models are 8-bit only; QAT [TDA4VM specific] with range nodes), the ONNX
+QuantizeLinear/DequantizeLinear specification, the Q/DQ rows of the 11.0 operator table ("Only default axis = 1"),
+and TIDL's per-layer quantization table (the 11.2-era ``docs/quantization.md``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,15 @@ from onnx import TensorProto
 
 from tiexport.context import ModelContext, dtype_name
 from tiexport.devices import DeviceProfile
+from tiexport.tidl_spec import FUSED_INTO_NEXT, NEEDS_QDQ, PASS_THROUGH, get_spec
+from tiexport.tidl_spec.sources import (
+    BENCHMARK_QAT_V1_CONFIG,
+    LAYER_QUANT_TABLE,
+    ONNX_QDQ_SPEC,
+    QAT_V1_DOC,
+    QUANT_8BIT_ONLY,
+    QUANT_PREQUANTIZED_QDQ,
+)
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
 
@@ -49,20 +64,41 @@ class NotPrequantizedRule(Rule):
     """TIDL010: the model has no QuantizeLinear/DequantizeLinear: it is a float (or QOperator) model.
 
     Why: with ``advanced_options:prequantized_model: 1`` TIDL reads scales and zero points from Q/DQ nodes and skips
-    calibration (tidl.md §2). A float model has none: TIDL would calibrate it itself (``accuracy_level`` 1,
-    ``runtime_options_onnx_np2``/``_p2``, tidl.md §5), and the PyTorch QAT/PTC ranges are not used. QOperator models
-    (QLinearConv...) are a different format that the QDQ import does not read.
+    calibration (``tidl_fsg_quantization.md``: "ONNX QDQ Models: This requires prequantized_model to be set to 1").
+    A float model has none: TIDL would calibrate it itself (``accuracy_level`` 1), and the PyTorch QAT/PTC ranges are
+    not used. QOperator models (QLinearConv...) are a different format that the QDQ import does not read.
+    TI's legacy QAT v1 format is recognized instead (an info finding, which names the format): a float graph whose
+    ranges are Clip nodes at powers of two after the layers (torchmodelopt v1's PACT2, exported in eval mode), which
+    ``tidl_fsg_quantization.md`` "D. Quantization Aware Training (QAT) [TDA4VM Specific]" describes: compile it with
+    ``accuracy_level: 0`` and ``quantization_scale_type: 1`` (edgeai-benchmark ``runtime_options_onnx_qat_v1``) and
+    without ``prequantized_model``. edgeai-benchmark compiles its own v1 models (``configs/classification.py``,
+    cl-6098...) with those options for every device and the model zoo ships their AM67A/AM68A/AM69A artifacts, so
+    on MMAv2 devices it is info too.
     Fix: export the fake-quant model (``tiexport.export``) or quantize with ``quant_format=QuantFormat.QDQ``.
     """
 
     id = "TIDL010"
     title = "model is not prequantized (no Q/DQ nodes)"
     category = "not_prequantized"
-    device_independent = True
+    sources = (QUANT_PREQUANTIZED_QDQ, QAT_V1_DOC, BENCHMARK_QAT_V1_CONFIG)
     needs_qdq = False
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
         if ctx.is_quantized:
+            return
+        if ctx.qat_v1_clips:
+            n = len(ctx.qat_v1_clips)
+            where = "" if device.power_of_two_scales else (
+                "; TI documents the flow for TDA4VM, and compiles its own v1 models (cl-6098...) with the same "
+                "options for every device: its model zoo ships them for AM67A, AM68A and AM69A too")
+            yield self.finding(
+                ctx, None,
+                f"TIDL QAT v1 model ({n} Clip nodes at power-of-2 ranges, no Q/DQ): TIDL takes its ranges from the "
+                f"Clip nodes with accuracy_level 0 and quantization_scale_type 1, without prequantized_model{where}",
+                "tiexport snippet writes the v1 options (runtime_options_onnx_qat_v1); for new models on MMAv2 "
+                "devices prefer a QDQ export (QATFxModule + export)" if where
+                else "tiexport snippet writes the v1 options (runtime_options_onnx_qat_v1)",
+                severity="info", source=QAT_V1_DOC if not where else BENCHMARK_QAT_V1_CONFIG)
             return
         qop = sorted({n.op_type for n in ctx.nodes if n.op_type in _QOPERATOR_OPS})
         if qop:
@@ -94,6 +130,7 @@ class InvalidQParamsRule(Rule):
     id = "TIDL011"
     title = "invalid scale or zero point on a Q/DQ node"
     category = "invalid_qparams"
+    sources = (ONNX_QDQ_SPEC, get_spec().op_source("DequantizeLinear"))
     device_independent = True
     needs_accelerator = False
 
@@ -104,6 +141,7 @@ class InvalidQParamsRule(Rule):
                 yield self.finding(ctx, node, "missing scale input", hint)
                 continue
             scale_name = node.input[1]
+            one_element: list[str] = []
             if not ctx.is_const(scale_name):
                 yield self.finding(ctx, node, f"scale {scale_name!r} is computed at run time, not a constant",
                                    "TIDL reads constant scales; export with frozen observers")
@@ -133,10 +171,8 @@ class InvalidQParamsRule(Rule):
                     yield self.finding(ctx, node, f"zero point {zp_name!r} cannot be decoded", hint)
                     continue
                 if zp.shape != scale.shape and zp.size == scale.size == 1:
-                    # ONNX Runtime's quantizer writes these ([1] vs []); ORT tolerates them, the spec does not
-                    yield self.finding(ctx, node, f"zero point shape {list(zp.shape)} differs from scale shape "
-                                       f"{list(scale.shape)} (one value each)",
-                                       "tiexport fix makes both scalars", severity="warning", fixable=True)
+                    # ONNX Runtime's quantizer writes these ([1] vs []): one value each, per-tensor in effect
+                    one_element.append(f"zero point shape {list(zp.shape)} vs scale shape {list(scale.shape)}")
                 elif zp.shape != scale.shape:
                     yield self.finding(ctx, node, f"zero point shape {list(zp.shape)} differs from scale shape "
                                        f"{list(scale.shape)}", hint)
@@ -159,7 +195,12 @@ class InvalidQParamsRule(Rule):
             elif scale.ndim == 1:
                 rank = ctx.rank(node.input[0])
                 axis = ctx.int_attr(node, "axis", 1)
-                if rank is not None:
+                if rank is not None and scale.size == 1 and not -rank <= axis < rank:
+                    # A one-element scale is per-tensor whatever the axis: ONNX Runtime's quantize_static and TI's
+                    # own v2 exports write the int32 bias DequantizeLinear so (rank-1 input, default axis 1), and
+                    # TI's operator table takes the default axis (supported_ops_rts_versions.md, Q/DQ rows).
+                    one_element.append(f"one-element scale with axis {axis} on a rank-{rank} input")
+                elif rank is not None:
                     if not -rank <= axis < rank:
                         yield self.finding(ctx, node, f"axis {axis} is out of range for a rank-{rank} input", hint)
                     else:
@@ -177,20 +218,26 @@ class InvalidQParamsRule(Rule):
                 if node.op_type == "DequantizeLinear" and data_type in _FLOAT_TYPES:
                     yield self.finding(ctx, node, f"DequantizeLinear of a {dtype_name(data_type)} tensor",
                                        "DequantizeLinear takes integer input; a QuantizeLinear is missing before it")
+            if one_element:
+                # what ONNX Runtime's quantizer and TI's own exports write: a hygiene note, not an import problem
+                yield self.finding(ctx, node, "; ".join(one_element) + ": per-tensor in effect",
+                                   "tiexport fix writes scale and zero point as scalars (exact)",
+                                   severity="info", fixable=True)
 
 
 class BitWidthRule(Rule):
     """TIDL012: a Q/DQ node quantizes to something other than int8/uint8.
 
-    Why: TIDL's prequantized import is 8-bit only; 16-bit or mixed precision must go through
-    ``advanced_options:quant_params_proto_path`` (tidl.md §2 "8-bit only"). int32 is allowed only for a Conv/Gemm
-    bias DequantizeLinear (tidl.md §2 "Bias"). Fix: quantize to 8 bits (``WC8_AT8``...), or use TIDL's mixed
-    precision options instead of 16-bit Q/DQ.
+    Why: "ONNX and TFLite pre-quantized model has limitation of supporting only 8-bit" (``tidl_fsg_quantization.md``);
+    16-bit or mixed precision goes through TIDL's own options instead. int32 is allowed for a Conv/Gemm bias
+    DequantizeLinear (TI's model optimizer writes biases so, rule ``add_bias_qdq``). Fix: quantize to 8 bits
+    (``WC8_AT8``...), or use TIDL's mixed precision options instead of 16-bit Q/DQ.
     """
 
     id = "TIDL012"
     title = "Q/DQ with a bit width other than 8"
     category = "bit_width"
+    sources = (QUANT_8BIT_ONLY,)
     needs_accelerator = False
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
@@ -220,15 +267,18 @@ def _is_bias_dq(ctx: ModelContext, node: onnx.NodeProto) -> bool:
 class QdqAxisRule(Rule):
     """TIDL013: a Q/DQ node quantizes per channel on an axis TIDL does not support.
 
-    Why: only the default ``axis = 1`` is documented for QuantizeLinear/DequantizeLinear, and activations are
-    per-tensor for every TIDL layer (tidl.md §2, both tables); per-channel is for weights, along the output-channel
-    axis (Conv weight axis 0; Gemm axis 0 with transB=1; MatMul B its last axis — TI's own exports, tidl.md §2
-    inference note). Fix: re-export activations per-tensor; quantize weights along the output channels.
+    Why: activations are per-tensor for every TIDL layer, and per-channel is for weights, along the output channels
+    (TIDL's per-layer quantization table: Conv weights "Symmetric, Per-channel", InnerProduct "Per-column
+    (initializer B input)"); the Q/DQ rows of the 11.0 operator table take "only default axis = 1", which per-axis
+    weights of TI's own exports (axis 0) read as the activation rule. Conv weight axis 0; Gemm axis 0 with
+    transB=1; MatMul B its last axis. Fix: re-export activations per-tensor; quantize weights along the output
+    channels.
     """
 
     id = "TIDL013"
     title = "per-channel Q/DQ on an unsupported axis"
     category = "qdq_axis"
+    sources = (LAYER_QUANT_TABLE, get_spec().op_source("QuantizeLinear"))
     device_independent = True
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
@@ -314,20 +364,21 @@ def pattern_members(ctx: ModelContext) -> frozenset[int]:
 class QdqCoverageRule(Rule):
     """TIDL014: a layer that needs Q/DQ reads a float tensor, or its output is never requantized.
 
-    Why: in a prequantized model TIDL takes each layer's input and output ranges from the surrounding Q/DQ; layers
-    in the "needs Q/DQ around it" column of tidl.md §2 without them get no quantization parameters. Documented
-    exceptions (tidl.md §2): Conv/ConvTranspose/eltwise/BatchNormalization followed by a Relu (or a Conv followed by
-    a BatchNormalization) that has Q/DQ after it; LayerNorm/GELU patterns need Q/DQ only at their end; Reshape,
-    Transpose, Flatten, Split, Slice, Pad, Squeeze pass quantization through.
-    Also flagged: a QuantizeLinear whose output is a graph output with no DequantizeLinear after it, so the network
-    returns integer codes. (Inference: TIDL reads each tensor's scale from its Q/DQ pair, tidl.md §2, and TI's exports
-    end every output with a DequantizeLinear; a lone Q leaves the output's scale to the caller.)
+    Why: in a prequantized model TIDL takes each layer's input and output ranges from the surrounding Q/DQ; the
+    layers with "Requires QDQ Nodes: Yes" in TIDL's per-layer quantization table get no quantization parameters
+    without them. The table's notes are the exceptions: Conv/ConvTranspose/Add/Mul/Sub/Div/BatchNorm followed by a
+    Relu that has Q/DQ after it; Conv/ConvTranspose followed by a BatchNorm with Q/DQ; LayerNorm/GELU/SiLU patterns
+    need Q/DQ only at their end; Reshape, Transpose, Flatten, Split, Slice, Pad, Squeeze pass quantization through.
+    Also flagged, as tiexport advice: a QuantizeLinear whose output is a graph output with no DequantizeLinear after
+    it, so the network returns integer codes (TI's exports end every output with a DequantizeLinear).
     Fix: quantize the layer (in PyTorch: make sure an observer/fake-quant sits at its inputs and output).
     """
 
     id = "TIDL014"
     title = "layer without the Q/DQ TIDL needs around it"
     category = "qdq_coverage"
+    sources = (LAYER_QUANT_TABLE,)
+    advice_parts = "a graph output that is a QuantizeLinear's integer codes"
     device_independent = True
 
     def _quantized_source(self, ctx: ModelContext, tensor: str, through: frozenset[str], depth: int = 0) -> bool:
@@ -357,21 +408,20 @@ class QdqCoverageRule(Rule):
         return True
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
-        spec = device.spec
         members = pattern_members(ctx)
         for pos, node in enumerate(ctx.nodes):
-            if node.op_type not in spec.needs_qdq:
+            if node.op_type not in NEEDS_QDQ:
                 continue
             inside = pos in members
             data_inputs = list(node.input)
             if node.op_type in _FIRST_INPUT_ONLY:
                 data_inputs = data_inputs[:1]
             for inp in data_inputs:
-                if inp and not ctx.is_const(inp) and not self._quantized_source(ctx, inp, spec.pass_through):
+                if inp and not ctx.is_const(inp) and not self._quantized_source(ctx, inp, PASS_THROUGH):
                     if inside and ctx.producer.get(inp) in members:
                         continue  # an edge inside a fused GELU/LayerNorm/SiLU pattern
                     producer = ctx.producer_of(inp)
-                    fused = producer is not None and node.op_type in spec.fused_into_next.get(producer.op_type, ())
+                    fused = producer is not None and node.op_type in FUSED_INTO_NEXT.get(producer.op_type, ())
                     if fused:
                         continue
                     yield self.finding(ctx, node, f"input {inp!r} is float: no DequantizeLinear before this layer",
@@ -381,10 +431,10 @@ class QdqCoverageRule(Rule):
                     yield self.finding(ctx, node, f"weight {node.input[idx]!r} is float, not quantized",
                                        "quantize the weights (DequantizeLinear of an int8 initializer)")
             out = node.output[0] if node.output else ""
-            if not out or self._requantized(ctx, out, spec.pass_through):
+            if not out or self._requantized(ctx, out, PASS_THROUGH):
                 continue
             cons = ctx.consumers_of(out)
-            if cons and all(c.op_type in spec.fused_into_next.get(node.op_type, ()) for c in cons):
+            if cons and all(c.op_type in FUSED_INTO_NEXT.get(node.op_type, ()) for c in cons):
                 continue
             if inside and all(j in members for j in ctx.consumers.get(out, [])):
                 continue
@@ -399,4 +449,5 @@ class QdqCoverageRule(Rule):
                     c.op_type == "DequantizeLinear" for c in ctx.consumers_of(out)):
                 yield self.finding(ctx, node, f"graph output {out!r} is this QuantizeLinear's integer codes: no "
                                    "DequantizeLinear after it", "end the network with the DequantizeLinear of the "
-                                   "output's quantization (a float output), as TI's exports do", severity="warning")
+                                   "output's quantization (a float output), as TI's exports do", severity="warning",
+                                   advice=True)

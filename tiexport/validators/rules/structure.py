@@ -1,6 +1,12 @@
-"""Structural rules: the model must be a valid ONNX graph, with an opset and IR version TIDL's parser reads,
-and static shapes everywhere (tidl.md §2 "Static shapes are required", §3 "ONNX validated around ONNX 1.14 /
-ORT 1.15 (opset up to 19, IR 8)")."""
+"""Structural rules: the model must be a valid ONNX graph, with an opset and IR version the ONNX / ONNX Runtime of
+the TIDL release reads, and static shapes everywhere.
+
+Sources (``tiexport.tidl_spec.sources``): the ONNX IR specification; edgeai-tidl-tools
+``docs/supported_ops_rts_versions.md`` "Supported model formats & operator versions" at each release branch (ONNX
+1.13 / ONNX Runtime 1.14, opset 18 for 9.2 and 10.0; ONNX 1.14 / ONNX Runtime 1.15, opset 19 for 10.1 and 11.0);
+TI's compile examples, which run ONNX shape inference on every model (``examples/osrt_python/common_utils.py``), and
+the EltWise row's "requires input dimensions of that layer to be present ... please run shape inference".
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ from collections.abc import Iterator
 
 from tiexport.context import ModelContext
 from tiexport.devices import DeviceProfile
+from tiexport.tidl_spec import get_spec
+from tiexport.tidl_spec.sources import ONNX_IR_SPEC, OSRT_INFER_SHAPES
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
 
@@ -24,6 +32,7 @@ class CheckerRule(Rule):
     id = "TIDL001"
     title = "model fails the ONNX checker"
     category = "structure"
+    sources = (ONNX_IR_SPEC, get_spec().versions_source)
     device_independent = True
     needs_qdq = False
     needs_accelerator = False
@@ -44,6 +53,7 @@ class GraphIntegrityRule(Rule):
     id = "TIDL002"
     title = "graph is not a well-formed DAG"
     category = "structure"
+    sources = (ONNX_IR_SPEC,)
     device_independent = True
     needs_qdq = False
     needs_accelerator = False
@@ -96,51 +106,74 @@ class GraphIntegrityRule(Rule):
 class OpsetRule(Rule):
     """TIDL003: the ai.onnx opset or IR version is outside what TIDL's parser reads.
 
-    Why: TIDL is validated with ONNX 1.14 / ONNX Runtime 1.15: opset up to 19, IR up to 9 (tidl.md §3 "Other compile
-    limits"); QDQ per-channel quantization needs opset 13 or newer. TI's own exports use opset 17 (v2) or 18 (v3).
-    Fix: re-export with ``opset_version=17``.
+    Why: each TIDL release ships an ONNX and ONNX Runtime of its own: ONNX 1.13 / ONNX Runtime 1.14 (opset 18, IR 8)
+    up to 10.0, ONNX 1.14 / ONNX Runtime 1.15 (opset 19, IR 9) from 10.1 ("Supported model formats & operator
+    versions" of the release's operator doc); per-axis QuantizeLinear/DequantizeLinear need opset 13 (ONNX operator
+    specification). TI's own exports use opset 17 (v2) or 18 (v3). Fix: re-export with ``opset_version=17``.
+    A custom operator domain a node uses is tiexport advice (such nodes are also TIDL040 findings); a domain the
+    model imports but no node uses (ONNX Runtime's ``quant_pre_process`` adds six) is not reported.
     """
 
     id = "TIDL003"
     title = "opset or IR version outside TIDL's supported range"
     category = "opset"
+    sources = (get_spec().versions_source,)
+    advice_parts = "custom operator domains used by nodes"
     device_independent = True
     needs_qdq = False
     needs_accelerator = False
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
         spec = device.spec
+        src = spec.versions_source
         hint = "re-export with opset_version=17 (what TI's v2 exports use)"
         if ctx.opset == 0:
-            yield self.finding(ctx, None, "model imports no ai.onnx opset", hint)
+            yield self.finding(ctx, None, "model imports no ai.onnx opset", hint, source=src)
         elif ctx.opset > spec.max_opset:
-            yield self.finding(ctx, None, f"opset {ctx.opset} is newer than TIDL supports (up to {spec.max_opset})",
-                               hint)
-        elif ctx.opset < spec.min_opset:
+            yield self.finding(ctx, None, f"opset {ctx.opset} is newer than TIDL {spec.sdk}'s ONNX Runtime reads "
+                               f"(up to {spec.max_opset})", hint, source=src)
+        elif ctx.opset < spec.min_opset and self._per_axis_qdq(ctx):
+            # TI's QAT v1 flow exports opset 11 (a float graph with Clip nodes); only per-axis Q/DQ needs 13
             yield self.finding(ctx, None, f"opset {ctx.opset} is older than {spec.min_opset}, the first with "
-                               "per-axis QuantizeLinear/DequantizeLinear", hint)
+                               "per-axis QuantizeLinear/DequantizeLinear, which this model uses", hint,
+                               source="onnx/onnx@main:docs/Operators.md#QuantizeLinear (since version 13: axis)")
         if ctx.model.ir_version > spec.max_ir:
-            yield self.finding(ctx, None, f"IR version {ctx.model.ir_version} is newer than TIDL's ONNX reads "
-                               f"(up to {spec.max_ir})", "re-export with opset 17 or set model.ir_version = 8",
-                               fixable=True)
+            yield self.finding(ctx, None, f"IR version {ctx.model.ir_version} is newer than TIDL {spec.sdk}'s ONNX "
+                               f"reads (up to {spec.max_ir})", "tiexport fix writes the oldest IR the opsets allow",
+                               fixable=True, source=src)
+        # Only domains nodes use: ONNX Runtime's quant_pre_process imports six (ai.onnx.preview, com.microsoft.nchwc,
+        # ...) that no node of its output uses, and an import alone changes nothing for TIDL or ONNX Runtime.
+        used = {n.domain for n in ctx.nodes} | {n.domain for f in ctx.model.functions for n in f.node}
         for imp in ctx.model.opset_import:
-            if imp.domain not in ("", "ai.onnx", "com.microsoft", "ai.onnx.ml"):
+            if imp.domain not in ("", "ai.onnx", "com.microsoft", "ai.onnx.ml") and imp.domain in used:
                 yield self.finding(ctx, None, f"custom operator domain {imp.domain!r} (version {imp.version})",
                                    "custom-domain nodes run on Arm at best; replace them with standard ops",
-                                   severity="warning")
+                                   severity="warning", advice=True)
+
+
+    @staticmethod
+    def _per_axis_qdq(ctx: ModelContext) -> bool:
+        for node in ctx.qdq_nodes():
+            scale = ctx.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            if scale is not None and scale.size > 1:
+                return True
+        return False
 
 
 class InputShapeRule(Rule):
     """TIDL004: a graph input has an unknown, symbolic or non-positive dimension.
 
-    Why: TIDL needs every input dimension > 0 (tidl.md §2 "Static shapes", §6.1: "All the Input Tensor Dimensions
-    has to be greater then Zero"). Fix: ``tiexport fix --input-shape NAME:1x3x224x224``; a symbolic batch dimension
-    alone is pinned to 1 automatically.
+    Why: TIDL needs every tensor's dimensions: TI's compile examples run ONNX shape inference on the model first, and
+    the operator table asks for it ("requires input dimensions of that layer to be present as part of the network,
+    please run shape inference"); a symbolic input dimension leaves every shape after it unknown (users report
+    "All the Input Tensor Dimensions has to be greater then Zero" from TIDL's import). Fix: ``tiexport fix
+    --input-shape NAME:1x3x224x224``; a symbolic batch dimension alone is pinned to 1 automatically.
     """
 
     id = "TIDL004"
     title = "graph input with a dynamic or non-positive dimension"
     category = "static_shape"
+    sources = (OSRT_INFER_SHAPES, get_spec().op_source("Add"))
     device_independent = True
     needs_qdq = False
 
@@ -174,14 +207,16 @@ class InputShapeRule(Rule):
 class ShapeInferenceRule(Rule):
     """TIDL005: ONNX shape inference cannot give a tensor a complete static shape.
 
-    Why: TIDL resolves every tensor's shape with ONNX shape inference (tidl.md §2 "shapes resolvable by ONNX shape
-    inference"). Fix: static input shapes first; then replace shape-computing subgraphs (Shape -> Gather -> Concat ->
-    Reshape) with constant shapes (export with static shapes / constant folding).
+    Why: TIDL resolves every tensor's shape with ONNX shape inference, which TI's compile examples run before
+    compiling (same sources as TIDL004); a Reshape shape computed at run time is also outside the Reshape row
+    ("Variable shape is not supported"). Fix: static input shapes first; then replace shape-computing subgraphs
+    (Shape -> Gather -> Concat -> Reshape) with constant shapes (export with static shapes / constant folding).
     """
 
     id = "TIDL005"
     title = "tensor shape not inferable"
     category = "static_shape"
+    sources = InputShapeRule.sources
     device_independent = True
     needs_qdq = False
 
@@ -198,7 +233,9 @@ class ShapeInferenceRule(Rule):
             # Report where static shapes stop, not every tensor downstream of it.
             inherited = any(i in unknown for i in node.input if i)
             for out in node.output:
-                if out and ctx.static_shape(out) is None:
+                # a constant's shape is its value's (an empty Resize roi of shape [0] included: TorchScript writes
+                # one for every opset-11 Resize, as in TI's QAT v1 exports)
+                if out and not ctx.is_const(out) and ctx.static_shape(out) is None:
                     unknown.add(out)
                     if inherited:
                         continue

@@ -43,7 +43,8 @@ class EltwiseRule(OpConstraintRule):
     What (tidl.md §3 Add/Mul/Div/Sub/Max/Sum row): more or fewer than 2 inputs; variable inputs whose shapes do not
     broadcast; Add/Mul broadcasting a variable input over the batch; Sub of two variable inputs (except the mean
     subtraction of a decomposed LayerNorm, which TIDL fuses); a Sub constant that is not a scalar or a 1-D vector
-    along channels or width. Why: delegated to Arm. Fix: chain two-input ops; match batch sizes; compute
+    along channels or width; Div of two variable inputs up to 10.1 (11.0 names Sub only). Why: delegated to Arm.
+    Fix: chain two-input ops; match batch sizes; compute
     ``a - b`` as ``a + (-1 * b)``; make Sub constants per-channel or scalar.
     """
 
@@ -74,12 +75,13 @@ class EltwiseRule(OpConstraintRule):
                                     f"TIDL's {node.op_type} does not broadcast over batch",
                                     "expand the input to the full batch, or run with batch 1")
                     break
-        if node.op_type != "Sub":
-            return
-        if len(variable) == 2:
+        if node.op_type in device.spec.two_variable_inputs_unsupported and len(variable) == 2:
             if not in_fused_pattern(ctx, node):
-                yield Violation("Sub of two variable inputs is unsupported by TIDL",
-                                "compute a - b as a + (-1 * b), or Sub a constant")
+                yield Violation(f"{node.op_type} of two variable inputs is unsupported by TIDL {device.spec.sdk}",
+                                "compute a - b as a + (-1 * b), or Sub a constant" if node.op_type == "Sub"
+                                else "multiply by a reciprocal computed elsewhere, or divide by a constant")
+            return
+        if node.op_type != "Sub" or len(variable) == 2:
             return
         const = next((i for i in ins if is_const_derived(ctx, i)), None)
         c_shape = shape_of(ctx, const) if const else None
@@ -148,8 +150,9 @@ class GemmRule(OpConstraintRule):
 class SoftmaxAxisRule(OpConstraintRule):
     """TIDL054: Softmax along an axis other than H or W.
 
-    What: TIDL's Softmax runs only along the H or W axis (the last two, tidl.md §3 Softmax row); not along
-    channels or batch. Why: delegated to Arm. Fix: transpose so the softmax axis is last, or use dim=-1 in PyTorch.
+    What: TIDL's Softmax runs only along the width (last) axis up to 10.1, along width or height (the last two) from
+    11.0 (the Softmax row of each release); never along channels or batch. Why: delegated to Arm. Fix: transpose so
+    the softmax axis is last, or use dim=-1 in PyTorch.
     """
 
     id = "TIDL054"
@@ -162,16 +165,20 @@ class SoftmaxAxisRule(OpConstraintRule):
         neg = neg_axis(axis, rank)
         if neg is None or rank is None:
             return
-        if neg not in (-1, -2) or neg == -rank:
-            yield Violation(f"softmax along axis {axis} of a rank-{rank} tensor; TIDL's Softmax runs along H or W "
-                            "(the last two axes, not batch)", "move the softmax axis last (transpose) or use dim=-1")
+        spec = device.spec
+        allowed = (-1, -2) if "H" in spec.softmax_axes else (-1,)
+        if neg not in allowed or neg == -rank:
+            where = "H or W (the last two axes, not batch)" if len(allowed) == 2 else "W (the last axis) only"
+            yield Violation(f"softmax along axis {axis} of a rank-{rank} tensor; TIDL {spec.sdk}'s Softmax runs along "
+                            f"{where}", "move the softmax axis last (transpose) or use dim=-1")
 
 
 class LayerNormRule(OpConstraintRule):
     """TIDL066: a LayerNormalization not over the last axis, or with a scale/bias of another shape.
 
-    What: TIDL normalizes only over the width (last) axis, with scale/bias of shape [N] or [1, N] (tidl.md §3
-    LayerNormalization row). Why: delegated to Arm. Fix: ``nn.LayerNorm(last_dim)`` on [..., N] tensors.
+    What: from 11.0, TIDL normalizes only over the width (last) axis, with scale/bias of shape [N] or [1, N] (the
+    LayerNormalization row; 10.x only limits the rank, 9.2 has no LayerNormalization row: TIDL040 then).
+    Why: delegated to Arm. Fix: ``nn.LayerNorm(last_dim)`` on [..., N] tensors.
     """
 
     id = "TIDL066"
@@ -179,6 +186,8 @@ class LayerNormRule(OpConstraintRule):
     ops = frozenset({"LayerNormalization"})
 
     def violations(self, ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile) -> Iterator[Violation]:
+        if not device.spec.layernorm_width_only:
+            return
         x = node_input(node, 0)
         rank = rank_of(ctx, x)
         axis = int(ctx.attr(node, "axis", -1))
@@ -236,7 +245,8 @@ class PReluRule(OpConstraintRule):
 class ClipRule(OpConstraintRule):
     """TIDL060: a Clip whose range does not contain 0 as TIDL requires.
 
-    What: TIDL's Clip needs min <= 0 < max (tidl.md §3 Clip row); bounds computed at run time are not checked.
+    What: TIDL's Clip needs min <= 0 < max (the Clip row from 10.1; 9.2 and 10.0 write no such rule); bounds
+    computed at run time are not checked.
     Why: delegated to Arm. Fix: ReLU6-style ranges (0, 6) work; shift the tensor otherwise.
     """
 
@@ -245,6 +255,8 @@ class ClipRule(OpConstraintRule):
     ops = frozenset({"Clip"})
 
     def violations(self, ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile) -> Iterator[Violation]:
+        if not device.spec.clip_range_rule:
+            return
         lo: float | None
         hi: float | None
         if ctx.opset < 11:

@@ -17,6 +17,8 @@ import onnx
 
 from tiexport.context import ModelContext
 from tiexport.devices import DeviceProfile
+from tiexport.tidl_spec import get_spec
+from tiexport.tidl_spec.sources import OPS_DOC, TOOLS_REPO, DocRef
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
 from tiexport.validators.rules.ops.facts import ARM, Violation
@@ -52,6 +54,14 @@ class OpConstraintRule(Rule):
     severity = "warning"
     needs_qdq = False
     ops: ClassVar[frozenset[str]]
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # the rows of the default release's operator table this rule checks; findings cite their own release's row
+        if "sources" not in cls.__dict__:
+            spec = get_spec()
+            rows = [spec.op_source(op) for op in sorted(cls.__dict__.get("ops", ())) if op in spec.op_lines]
+            cls.sources = tuple(dict.fromkeys(rows)) or (DocRef(TOOLS_REPO, spec.branch, OPS_DOC).cite(),)
 
     def takes(self, op_type: str, device: DeviceProfile) -> bool:
         """Whether this rule constrains nodes of ``op_type`` on ``device``."""

@@ -38,9 +38,11 @@ class ConvRule(OpConstraintRule):
     """TIDL050: a Conv TIDL cannot take.
 
     What (tidl.md §3 Conv row): weight or bias computed at run time (one variable input); weight dims differing from
-    ``kernel_shape``; unequal H/W strides; depthwise (group == input channels) other than 3x3/5x5/7x7 at stride 1 or
-    2; kernel > 7 with stride 2; stride 4 with anything but 11x11; input width < max(pad_left, pad_right). 3x3
-    stride-3 conv on AM62A/AM67A (tidl.md §1, ``DeviceProfile.conv_3x3_stride_3``).
+    ``kernel_shape``; unequal H/W strides; depthwise (group == input channels) outside the release's list
+    (``spec.depthwise``: 9.2 3x3/5x5/7x7 s1 and 3x3 s2; 10.x adds 1x1 s2, 5x5/7x7 s2; 11.0 drops 1x1 s2; the
+    "5x5s2, 5x5s2" of 10.x/11.0 is read as 5x5 s1 and s2); kernel > 7 with stride 2; stride 4 with anything but
+    11x11; input width < max(pad_left, pad_right); 3x3 stride-3 conv on the devices the release names (10.x: AM62A;
+    11.0: AM62A and AM67A).
     Why: TIDL delegates such a Conv to Arm. Fix: change the layer in PyTorch (e.g. a 9x9 depthwise as two 5x5).
     """
 
@@ -67,8 +69,10 @@ class ConvRule(OpConstraintRule):
         s = strides[0] if strides else 1
         group = int(ctx.attr(node, "group", 1))
         depthwise = group > 1 and w_shape is not None and len(w_shape) == 4 and w_shape[1] == 1
-        if depthwise and not (kh == kw and kh in (3, 5, 7) and s in (1, 2)):
-            yield Violation(f"depthwise {kh}x{kw} stride {s}: TIDL takes depthwise 3x3, 5x5 or 7x7 at stride 1 or 2",
+        spec = device.spec
+        if depthwise and not (kh == kw and (kh, s) in spec.depthwise):
+            taken = ", ".join(f"{k}x{k}s{st}" for k, st in sorted(spec.depthwise))
+            yield Violation(f"depthwise {kh}x{kw} stride {s}: TIDL {spec.sdk} takes depthwise {taken}",
                             "use a 3x3/5x5/7x7 depthwise kernel at stride 1 or 2 (e.g. stack two 5x5 for a 9x9)")
         if max(kh, kw) > 7 and s == 2:
             yield Violation(f"{kh}x{kw} kernel with stride 2: kernels larger than 7 are unsupported at stride 2",
@@ -76,8 +80,8 @@ class ConvRule(OpConstraintRule):
         if s == 4 and (kh, kw) != (11, 11):
             yield Violation(f"stride 4 with a {kh}x{kw} kernel: TIDL takes stride 4 only with 11x11",
                             "use two stride-2 layers instead of one stride-4 layer")
-        if (kh, kw, s) == (3, 3, 3) and not device.conv_3x3_stride_3:
-            yield Violation(f"3x3 stride-3 conv is unsupported on {device.name}",
+        if (kh, kw, s) == (3, 3, 3) and device.name in spec.conv_3x3_stride_3_unsupported_on:
+            yield Violation(f"3x3 stride-3 conv is unsupported on {device.name} (TIDL {spec.sdk})",
                             "use stride 1 or 2 (e.g. a 3x3 stride-1 conv and a pooling)")
         pads = ctx.attr(node, "pads")
         in_shape = ctx.static_shape(node_input(node, 0))
@@ -91,8 +95,9 @@ class ConvRule(OpConstraintRule):
 class ConvTransposeRule(OpConstraintRule):
     """TIDL062: a ConvTranspose TIDL does not take.
 
-    What (tidl.md §3 ConvTranspose row): weight or bias computed at run time; kernel other than 2x2 or 4x4 at
-    stride 2 (an older TI doc also lists 3x3, the message says so); group other than 1.
+    What (the ConvTranspose row of the release): weight or bias computed at run time; a kernel outside the release's
+    list at stride 2 (``spec.convtranspose_kernels``: 9.2 8x8/4x4/2x2, 10.x 4x4/3x3/2x2, 11.0 4x4/2x2); group other
+    than 1 (written from 11.0).
     Why: delegated to Arm. Fix: ``nn.ConvTranspose2d(k=2 or 4, stride=2)``, or nearest Resize x2 then a Conv.
     """
 
@@ -102,17 +107,19 @@ class ConvTransposeRule(OpConstraintRule):
 
     def violations(self, ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile) -> Iterator[Violation]:
         yield from _one_variable_input(ctx, node)
+        spec = device.spec
         group = int(ctx.attr(node, "group", 1))
-        if group != 1:
+        if group != 1 and spec.convtranspose_group_1:
             yield Violation(f"group {group}: TIDL's ConvTranspose takes group 1 only",
                             "use a dense ConvTranspose or Resize + depthwise Conv")
         kernel = _kernel(ctx, node)
         strides = [int(s) for s in ctx.attr(node, "strides", [1, 1])]
         if kernel is None or len(kernel) != 2:
             return
-        if not (kernel[0] == kernel[1] and kernel[0] in (2, 4) and strides == [2, 2]):
-            older = " (an older TI doc also lists 3x3)" if kernel == [3, 3] and strides == [2, 2] else ""
-            yield Violation(f"{hw(kernel)} kernel at stride {hw(strides)}: TIDL takes 2x2 or 4x4 at stride 2{older}",
+        kernels = spec.convtranspose_kernels
+        if not (kernel[0] == kernel[1] and kernel[0] in kernels and strides == [2, 2]):
+            taken = " or ".join(f"{k}x{k}" for k in kernels)
+            yield Violation(f"{hw(kernel)} kernel at stride {hw(strides)}: TIDL {spec.sdk} takes {taken} at stride 2",
                             "use kernel 2 or 4 with stride 2, or a nearest Resize x2 followed by a Conv")
 
 

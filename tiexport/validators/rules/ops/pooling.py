@@ -41,9 +41,10 @@ class PoolRule(OpConstraintRule):
                 )
             return
         dil = [int(d) for d in ctx.attr(node, "dilations", [])]
-        if any(d != 1 for d in dil):
+        strict = device.spec.pooling_dilation_storage_rules  # written from 11.0
+        if strict and any(d != 1 for d in dil):
             yield Violation(f"dilations {dil}: TIDL pools with dilation 1 only", "remove the pooling dilation")
-        if int(ctx.attr(node, "storage_order", 0)) != 0:
+        if strict and int(ctx.attr(node, "storage_order", 0)) != 0:
             yield Violation("storage_order 1 (column major): TIDL takes storage_order 0 only",
                             "export the pooling without storage_order")
         kernel = [int(k) for k in ctx.attr(node, "kernel_shape", [])]
@@ -73,7 +74,7 @@ class ArgMaxRule(OpConstraintRule):
     def violations(self, ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile) -> Iterator[Violation]:
         if int(ctx.attr(node, "keepdims", 1)) != 1:
             yield Violation("keepdims 0: TIDL's ArgMax takes keepdims 1 only", "use keepdim=True")
-        if int(ctx.attr(node, "select_last_index", 0)):
+        if device.spec.argmax_select_last_index_rule and int(ctx.attr(node, "select_last_index", 0)):
             yield Violation("select_last_index 1 is unsupported by TIDL", "export with select_last_index 0")
         axis = int(ctx.attr(node, "axis", 0))
         neg = neg_axis(axis, rank_of(ctx, node_input(node, 0)))

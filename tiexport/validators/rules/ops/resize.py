@@ -22,7 +22,9 @@ __all__ = ["GridSampleRule", "ResizeRule"]
 class ResizeRule(OpConstraintRule):
     """TIDL052: a Resize/Upsample TIDL cannot take.
 
-    What (tidl.md §3 Resize/Upsample row): mode other than nearest/linear; resizing an axis other than H and W;
+    What (the Resize/Upsample row; 10.x lists mode, antialias and keep_aspect_ratio_policy only, 9.2 has an Upsample
+    row with power-of-2 symmetric ratios and no Resize row, 11.0 all of): mode other than nearest/linear; resizing an
+    axis other than H and W;
     scales < 1, not a power of 2 or different for H and W; antialias; keep_aspect_ratio_policy other than stretch;
     coordinate_transformation_mode other than half_pixel/pytorch_half_pixel (nearest needs nearest_mode
     round_prefer_ceil there) or asymmetric (nearest with nearest_mode floor only; linear not allowed); exclude_outside.
@@ -42,7 +44,9 @@ class ResizeRule(OpConstraintRule):
         if mode not in ("nearest", "linear"):
             yield Violation(f"mode {mode!r}: TIDL resizes with nearest or linear only",
                             "use nearest or bilinear interpolation")
-        yield from self._scales(ctx, node)
+        strict = device.spec.resize_attribute_rules
+        if strict or device.spec.sdk == "9.2":  # 9.2's Upsample row: power-of-2, symmetric ratios only
+            yield from self._scales(ctx, node)
         if node.op_type == "Upsample":
             return  # Upsample has no further attributes
         if int(ctx.attr(node, "antialias", 0)):
@@ -51,6 +55,8 @@ class ResizeRule(OpConstraintRule):
         if policy != "stretch":
             yield Violation(f"keep_aspect_ratio_policy {policy!r}: TIDL takes 'stretch' only",
                             "resize with explicit scales")
+        if not strict:
+            return  # 10.x lists mode, antialias and keep_aspect_ratio_policy only
         if int(ctx.attr(node, "exclude_outside", 0)):
             yield Violation("exclude_outside 1: TIDL takes exclude_outside 0 only", "export with exclude_outside=0")
         ctm = str(decode(ctx.attr(node, "coordinate_transformation_mode", "half_pixel")))
@@ -123,7 +129,8 @@ class ResizeRule(OpConstraintRule):
 class GridSampleRule(OpConstraintRule):
     """TIDL073: a GridSample TIDL does not take.
 
-    What: mode nearest or bilinear, padding_mode zeros, a 2-D grid (4-D grid tensor) (tidl.md §3 GridSample row).
+    What: mode nearest (and from 11.0 bilinear), padding_mode zeros, a 2-D grid (4-D grid tensor) (the GridSample
+    rows).
     Why: delegated to Arm. Fix: ``F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros')`` on 4-D input.
     """
 
@@ -133,9 +140,10 @@ class GridSampleRule(OpConstraintRule):
 
     def violations(self, ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile) -> Iterator[Violation]:
         mode = str(decode(ctx.attr(node, "mode", "bilinear" if ctx.opset < 20 else "linear")))
-        if mode not in ("nearest", "bilinear", "linear"):
-            yield Violation(f"mode {mode!r}: TIDL's GridSample takes nearest or bilinear",
-                            "use mode='bilinear' or 'nearest'")
+        modes = device.spec.gridsample_modes
+        if mode not in modes and not (mode == "linear" and "bilinear" in modes):
+            yield Violation(f"mode {mode!r}: TIDL {device.spec.sdk}'s GridSample takes {' or '.join(modes)}",
+                            f"use mode={modes[-1]!r}")
         pad = str(decode(ctx.attr(node, "padding_mode", "zeros")))
         if pad != "zeros":
             yield Violation(f"padding_mode {pad!r}: TIDL takes 'zeros' only", "use padding_mode='zeros'")

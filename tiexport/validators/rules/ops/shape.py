@@ -179,7 +179,8 @@ class DepthSpaceRule(OpConstraintRule):
     """TIDL071: a DepthToSpace/SpaceToDepth on a non-4-D tensor or with dims not divisible by the block.
 
     What: 4-D input; DepthToSpace channels divisible by blocksize^2, SpaceToDepth H and W divisible by blocksize
-    (tidl.md §3 Flatten/.../DepthToSpace row). Why: delegated to Arm. Fix: pick shapes divisible by the block.
+    (the DepthToSpace/SpaceToDepth rows of 11.0); DepthToSpace on AM62A/AM67A up to 10.1 ("AM62A & AM67A currently
+    do not support DepthToSpace"). Why: delegated to Arm. Fix: pick shapes divisible by the block.
     """
 
     id = "TIDL071"
@@ -187,6 +188,10 @@ class DepthSpaceRule(OpConstraintRule):
     ops = frozenset({"DepthToSpace", "SpaceToDepth"})
 
     def violations(self, ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile) -> Iterator[Violation]:
+        if node.op_type == "DepthToSpace" and device.name in device.spec.depth_to_space_unsupported_on:
+            yield Violation(f"TIDL {device.spec.sdk} does not support DepthToSpace on {device.name}",
+                            "use TIDL 11.0 or later, or a transposed convolution / Resize")
+            return
         shape = ctx.static_shape(node_input(node, 0))
         if shape is None:
             return
@@ -206,8 +211,9 @@ class DepthSpaceRule(OpConstraintRule):
 class GatherRule(OpConstraintRule):
     """TIDL068: a Gather TIDL does not take.
 
-    What: data must not be constant (embedding tables run on Arm), indices 1-D, input rank > 1 (tidl.md §3 Gather
-    row). Why: delegated to Arm. Fix: index with a 1-D index list (``x[:, [i]]`` rather than ``x[:, i]``).
+    What: data must not be constant (embedding tables run on Arm; from 10.1), indices 1-D (9.2 and 11.0), input rank
+    > 1 (the Gather rows). Why: delegated to Arm. Fix: index with a 1-D index list (``x[:, [i]]`` rather than
+    ``x[:, i]``).
     """
 
     id = "TIDL068"
@@ -216,11 +222,12 @@ class GatherRule(OpConstraintRule):
 
     def violations(self, ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile) -> Iterator[Violation]:
         data, idx = node_input(node, 0), node_input(node, 1)
-        if is_const_derived(ctx, data):
+        spec = device.spec
+        if spec.gather_constant_data_unsupported and is_const_derived(ctx, data):
             yield Violation("data is a constant (a lookup table); TIDL gathers from variable tensors only",
                             "precompute the lookup, or leave it on Arm")
         r = rank_of(ctx, idx)
-        if r is not None and r != 1:
+        if spec.gather_1d_indices and r is not None and r != 1:
             yield Violation(f"indices have rank {r}; TIDL gathers with 1-D indices only",
                             "index with a 1-D list (x[:, [i]] instead of x[:, i]) and reshape after")
         rd = rank_of(ctx, data)

@@ -1,7 +1,8 @@
-"""TIDL041: the TIDL partition against the compile limits (tidl.md §3 "Other compile limits").
+"""TIDL041: the TIDL partition against the compile limits of edgeai-tidl-tools ``examples/osrt_python/README.md``.
 
-``max_num_subgraphs`` <= 16 is an error (TIDL does not compile the model); a subgraph over
-``max_num_subgraph_nodes`` is a warning.
+More subgraphs than ``max_num_subgraphs`` (at most 16, default 16) is a warning: TIDL offloads that many and
+delegates the rest to Arm. A subgraph over ``advanced_options:max_num_subgraph_nodes`` (default 864, documented from
+11.0) is info: TIDL divides it evenly.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 
 from tiexport.context import ModelContext
 from tiexport.devices import DeviceProfile
+from tiexport.tidl_spec.sources import OSRT_MAX_SUBGRAPH_NODES, OSRT_MAX_SUBGRAPHS
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
 from tiexport.validators.rules.ops.support import partition
@@ -22,35 +24,39 @@ class SubgraphLimitRule(Rule):
     is larger than TIDL's node limit.
 
     What: the TIDL partition (:func:`partition`: connected components of offloaded nodes) has more than
-    ``device.max_num_subgraphs`` (16) components -> error; a component with more than
-    ``device.max_num_subgraph_nodes`` (2048 for QDQ models) nodes -> warning.
-    Why: compile limits ``max_num_subgraphs`` <= 16 and ``advanced_options:max_num_subgraph_nodes`` default 2048
-    for QDQ models (tidl.md §3 "Other compile limits"; edgeai-benchmark sets 2000, tidl.md §5).
+    ``max_num_subgraphs`` (16) components -> warning: "maximum number of subgraphs to be offloaded to TIDL for
+    acceleration, rest to be delegated to ARM"; a component with more than ``advanced_options:max_num_subgraph_nodes``
+    nodes (default 864 in the 11.0 option table; earlier releases document none) -> info: "If it exceeds this
+    number, it will try to evenly divide the network".
     Fix: make the Arm nodes (TIDL040/TIDL05x-07x findings) TIDL-supported so subgraphs merge; raise
-    ``advanced_options:max_num_subgraph_nodes`` for a large subgraph.
+    ``advanced_options:max_num_subgraph_nodes`` for a large subgraph (edgeai-benchmark sets 2000).
     """
 
     id = "TIDL041"
-    title = "too many TIDL subgraphs, or a subgraph over the node limit"
+    title = "more TIDL subgraphs than are offloaded, or a subgraph over the node limit"
     category = "subgraph_limit"
+    severity = "warning"
     needs_qdq = False
+    sources = (OSRT_MAX_SUBGRAPHS, OSRT_MAX_SUBGRAPH_NODES)
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
         part = partition(ctx, device)
         n = len(part.subgraphs)
-        if n > device.max_num_subgraphs:
+        limit = device.max_num_subgraphs or device.spec.max_num_subgraphs
+        if n > limit:
             yield self.finding(
                 ctx, None,
-                f"{len(part.arm)} node(s) left to Arm split the model into {n} TIDL subgraphs; TIDL compiles at most "
-                f"{device.max_num_subgraphs} (max_num_subgraphs)",
+                f"{len(part.arm)} node(s) left to Arm split the model into {n} TIDL subgraphs; TIDL offloads "
+                f"{limit} (max_num_subgraphs) and delegates the rest to Arm",
                 "make the Arm nodes TIDL-supported (see the TIDL040 and op_constraint findings) so subgraphs merge",
             )
+        node_limit = device.max_num_subgraph_nodes or device.spec.max_num_subgraph_nodes
         for sub in part.subgraphs:
-            if len(sub) > device.max_num_subgraph_nodes:
+            if node_limit is not None and len(sub) > node_limit:
                 yield self.finding(
                     ctx, sub[0],
                     f"the TIDL subgraph starting here has {len(sub)} nodes, more than "
-                    f"max_num_subgraph_nodes = {device.max_num_subgraph_nodes}",
-                    f"set advanced_options:max_num_subgraph_nodes to at least {len(sub)} in the runtime options",
-                    severity="warning",
+                    f"max_num_subgraph_nodes = {node_limit}: TIDL divides it evenly",
+                    f"set advanced_options:max_num_subgraph_nodes to at least {len(sub)} to keep it whole",
+                    severity="info", source=OSRT_MAX_SUBGRAPH_NODES,
                 )

@@ -129,7 +129,8 @@ def _findings_of(rule: Rule, ctx: ModelContext, device: DeviceProfile, suffix: s
     for node, found in zip(ctx.nodes, _all_violations(ctx, device), strict=True):
         for rule_id, v in found:
             if rule_id == rule.id:
-                yield rule.finding(ctx, node, v.message + suffix, v.hint, fixable=v.fixable)
+                yield rule.finding(ctx, node, v.message + suffix, v.hint, fixable=v.fixable,
+                                   source=device.spec.op_source(node.op_type))
 
 
 def _all_violations(ctx: ModelContext, device: DeviceProfile) -> list[list[tuple[str, Violation]]]:

@@ -1,8 +1,9 @@
 """TIDL040: operators TIDL does not accelerate (outside its operator table, custom domains, standalone layers).
 
-Such a node is not an import failure: TIDL's ONNX Runtime delegate leaves it to ONNX Runtime on the Arm cores and
-splits the graph around it (tidl.md §3 "Anything else runs on the Arm cores ... a subgraph split, not an error"), so
-the findings are warnings.
+Such a node is not an import failure: TIDL's ONNX Runtime delegate offloads the subgraphs it supports and leaves
+the rest to ONNX Runtime on the Arm cores (edgeai-tidl-tools ``examples/osrt_python/README.md``, ``max_num_subgraphs``:
+"rest to be delegated to ARM"), so the findings are warnings. The operator table is the release's own
+(``device.spec``: edgeai-tidl-tools ``docs/supported_ops_rts_versions.md`` at ``rel_09_02`` ... ``rel_11_00``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import onnx
 
 from tiexport.context import ModelContext
 from tiexport.devices import DeviceProfile
+from tiexport.tidl_spec import get_spec
+from tiexport.tidl_spec.sources import BENCHMARK_PRESETS, OPS_DOC, OSRT_MAX_SUBGRAPHS, TOOLS_REPO, DocRef
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
 from tiexport.validators.rules.ops.base import findings_of
@@ -24,12 +27,12 @@ __all__ = ["UnsupportedOpRule"]
 class UnsupportedOpRule(Rule):
     """TIDL040: an operator TIDL does not accelerate; ONNX Runtime runs it on the Arm cores.
 
-    What: an op outside TIDL's operator table (tidl.md §3 table), a node in a custom domain, or Dropout / Identity /
-    Erf / ReduceMean used as a standalone layer (tidl.md §3 "Dropout, Identity, Erf, ReduceMean: not as standalone
-    layers (Erf inside GELU, ReduceMean inside LayerNorm are fused)").
-    Why: "Anything else runs on the Arm cores through ONNX Runtime (a subgraph split, not an error)" (tidl.md §3):
-    a warning, since every such node costs a TIDL/Arm round trip. On a device without accelerator (AM62, tidl.md §1
-    "no accelerator: everything runs on the Arm cores") the model gets one info finding and nothing else.
+    What: an op without a row in the release's operator table, a node in a custom domain, or an op whose row says
+    "not supported as an individual operator" (11.0: Dropout, Identity, Erf, ReduceMean) or that only the fused
+    combinations list (Erf inside GELU, ReduceMean (and 9.2/10.0: Pow, Sqrt) inside LayerNorm) used outside them.
+    Why: TIDL delegates what it does not support to ONNX Runtime on Arm ("rest to be delegated to ARM"): a warning,
+    since every such node costs a TIDL/Arm round trip. On a device without accelerator (AM62: edgeai-benchmark's
+    preset turns TIDL offload off) the model gets one info finding and nothing else.
     Fix: replace the op with a supported one (x.mean((2, 3)) -> GlobalAveragePool...); ``tiexport fix`` removes
     Dropout and Identity.
     """
@@ -37,6 +40,7 @@ class UnsupportedOpRule(Rule):
     id = "TIDL040"
     title = "operator not accelerated by TIDL (runs on Arm)"
     category = "unsupported_op"
+    sources = (DocRef(TOOLS_REPO, get_spec().branch, OPS_DOC).cite(), OSRT_MAX_SUBGRAPHS, BENCHMARK_PRESETS)
     severity = "warning"
     needs_qdq = False
     needs_accelerator = False
@@ -52,7 +56,7 @@ class UnsupportedOpRule(Rule):
             )
         if op not in spec.ops:
             return Violation(
-                f"{op} is not in TIDL's operator table{ARM}, not an import failure",
+                f"{op} is not in TIDL {spec.sdk}'s operator table{ARM}, not an import failure",
                 "each Arm node splits the TIDL subgraph; replace it with a TIDL-supported op for full offload",
             )
         if op in ("Dropout", "Identity"):
@@ -62,10 +66,13 @@ class UnsupportedOpRule(Rule):
             if op == "Erf":
                 return Violation(f"Erf outside a GELU pattern is not a TIDL layer{ARM}",
                                  "TIDL fuses Erf only in x * 0.5 * (1 + erf(x / sqrt(2))); export nn.GELU as such")
-            return Violation(
-                f"ReduceMean outside a LayerNorm pattern is not a TIDL layer{ARM}",
-                "use GlobalAveragePool for a mean over H and W (x.mean((2, 3)) -> adaptive_avg_pool2d)",
-            )
+            if op == "ReduceMean":
+                return Violation(
+                    f"ReduceMean outside a LayerNorm pattern is not a TIDL layer{ARM}",
+                    "use GlobalAveragePool for a mean over H and W (x.mean((2, 3)) -> adaptive_avg_pool2d)",
+                )
+            return Violation(f"{op} is a TIDL {spec.sdk} layer only inside a LayerNorm pattern{ARM}",
+                             "use a newer TIDL release or LayerNormalization")
         return None
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
@@ -73,7 +80,7 @@ class UnsupportedOpRule(Rule):
             yield self.finding(
                 ctx, None,
                 f"{device.name} has no TIDL accelerator: the whole model runs in ONNX Runtime on Arm",
-                "choose an AM6xA/TDA4 device for acceleration", severity="info",
+                "choose an AM6xA/TDA4 device for acceleration", severity="info", source=BENCHMARK_PRESETS,
             )
             return
         yield from findings_of(self, ctx, device, "")
