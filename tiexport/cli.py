@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import NoReturn
 
 from tiexport import __version__
 from tiexport.errors import TiexportError, UsageError, first_line
+from tiexport.terminal import safe_text
 
 __all__ = ["main"]
 
@@ -44,12 +47,19 @@ def _add_output_options(p: argparse.ArgumentParser, formats: tuple[str, ...]) ->
 
 
 def _emit(text: str, output: str | None, protect: tuple[str, ...] = ()) -> None:
+    """Print (or write) a report. Control characters from the model are escaped (:func:`safe_text`): JSON, SARIF and
+    the generated snippets already escape them, the text reports would pass them to the terminal."""
+    text = safe_text(text)
     if output:
         from tiexport.onnx_io import write_text
 
         write_text(output, text, protect=protect)
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(safe_text(text if text.endswith("\n") else text + "\n"))
 
 
 # ------------------------------------------------------------------------------------------------- validate
@@ -185,8 +195,8 @@ def _cmd_snippet(args: argparse.Namespace) -> int:
                        artifacts_folder=args.artifacts_folder, sdk=args.sdk)
     except IncompatibleModelError as exc:
         # the findings go to stderr: stdout is where the snippet would have gone (often a file or a pipe)
-        sys.stderr.write(exc.report.to_text(colour=False))
-        print(f"tiexport: {exc}", file=sys.stderr)
+        _err(exc.report.to_text(colour=False))
+        _err(f"tiexport: {exc}")
         return 1
     _emit(text, args.output, (args.model,))
     return 0
@@ -274,9 +284,8 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------------------------------------- fix
 def _cmd_fix(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
-    from tiexport.onnx_io import same_file
+    from tiexport.onnx_io import check_output, same_file
     from tiexport.passes.static_shapes import parse_input_shape
     from tiexport.workflows.fix import fix
 
@@ -286,12 +295,10 @@ def _cmd_fix(args: argparse.Namespace) -> int:
     overwrite_input = same_file(out, args.model)
     if overwrite_input and not args.in_place:
         raise UsageError(f"{out}: is the input model; refusing to overwrite it (write elsewhere, or pass --in-place)")
-    if Path(out).is_dir():
-        raise UsageError(f"{out}: is a directory")
-    if not Path(out).parent.exists():
-        raise UsageError(f"{Path(out).parent}: output folder does not exist")
     if args.inputs and same_file(out, args.inputs):
         raise UsageError(f"{out}: is the --inputs file; refusing to overwrite it")
+    # before any work: OUT must be a plain file that is neither the input nor data the input reads
+    check_output(out, () if overwrite_input else (args.model,))
     shapes: dict[str, list[int]] = {}
     for text in args.input_shape or []:
         name, dims = parse_input_shape(text)
@@ -370,9 +377,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(SystemExit):
+    """SIGTERM, raised where the process is so that writers remove their temp files (exit 143)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated(128 + signum)
+
+
+def _catch_sigterm() -> object:
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _restore_sigterm(previous: object) -> None:
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; callable in-process. Returns the exit code."""
     parser = build_parser()
+    previous = _catch_sigterm()
     try:
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
@@ -380,11 +407,14 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "handler", None):
             raise UsageError("tiexport: a command is required (validate, info, ...); see tiexport --help")
         return int(args.handler(args))
+    except _Terminated as exc:
+        print("tiexport: terminated", file=sys.stderr)
+        return int(exc.code)  # type: ignore[arg-type]
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 2
     except TiexportError as exc:
         # one line even when a name inside the message carries a newline
-        print(f"tiexport: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
+        _err(f"tiexport: error: {' '.join(str(exc).splitlines())}")
         return 2
     except KeyboardInterrupt:
         print("tiexport: interrupted", file=sys.stderr)
@@ -394,9 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a traceback reaching a user is a bug: one line, details on request
         if os.environ.get("TIEXPORT_DEBUG"):
             raise
-        print(f"tiexport: internal error: {type(exc).__name__}: {first_line(exc, default='')} "
-              "(set TIEXPORT_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        _err(f"tiexport: internal error: {type(exc).__name__}: {first_line(exc, default='')} "
+             "(set TIEXPORT_DEBUG=1 for the traceback, and please report it)")
         return 2
+    finally:
+        _restore_sigterm(previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -456,15 +456,21 @@ class ModelContext:
 
 
 def dag_problem(model: onnx.ModelProto) -> str:
-    """Why the top-level graph cannot be rewritten safely ("" when it can): a name that is not UTF-8, a tensor with
-    two producers, or a cycle. onnx-graphsurgeon fails on the first, silently keeps one of the two producers on the
-    second (a Conv could end up reading the wrong tensor as its weight) and cannot sort the third."""
+    """Why the top-level graph cannot be rewritten safely ("" when it can): a name that is not UTF-8, two
+    initializers of one name, a tensor with two producers, or a cycle. onnx-graphsurgeon fails on the first, keeps
+    the first initializer where ONNX Runtime reads the last on the second, silently keeps one of the two producers on
+    the third (a Conv could end up reading the wrong tensor as its weight) and cannot sort the fourth."""
     g = model.graph
     names: list[str | bytes] = [vi.name for vi in (*g.input, *g.output)] + [t.name for t in g.initializer]
     for n in g.node:
         names.extend((n.name, *n.input, *n.output))
     if any(isinstance(x, bytes) for x in names):  # protobuf hands out invalid UTF-8 strings as bytes
         return "a node or tensor name is not valid UTF-8"
+    seen: set[str] = set()
+    for t in g.initializer:  # ONNX Runtime reads the last of two same-named initializers, onnx-graphsurgeon the first
+        if t.name in seen:
+            return f"initializer {t.name!r} is defined twice"
+        seen.add(t.name)
     producer: dict[str, int] = dict.fromkeys([vi.name for vi in g.input] + [t.name for t in g.initializer], -1)
     for i, n in enumerate(g.node):
         for out in n.output:

@@ -137,6 +137,9 @@ def get_device(name: str | DeviceProfile, sdk: str | None = None) -> DeviceProfi
     release whose facts apply (``"10.1"``...; None: the profile's own, by default the latest known)."""
     if isinstance(name, DeviceProfile):
         profile = name
+    elif not isinstance(name, str):
+        raise UsageError(f"a device is a name such as 'AM68A' (or a DeviceProfile), not {type(name).__name__} "
+                         f"{name!r:.40}")
     else:
         key = _LOOKUP.get(str(name).strip().upper())
         if key is None:
@@ -157,6 +160,9 @@ def resolve_devices(names: str | DeviceProfile | list[str | DeviceProfile] | tup
         names = ["all"]
     if isinstance(names, (str, DeviceProfile)):
         names = [names]
+    elif not isinstance(names, (list, tuple)):
+        raise UsageError(f"device must be a name such as 'AM68A', 'all', or a list of names, not "
+                         f"{type(names).__name__} {names!r:.40}")
     out: list[DeviceProfile] = []
     for n in names:
         profiles = list(DEVICES.values()) if isinstance(n, str) and n.strip().lower() == "all" else [get_device(n)]

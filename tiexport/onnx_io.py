@@ -8,7 +8,10 @@ Writers never clobber their input and never leave a half-written file behind.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ from tiexport.errors import UnusableInputError, UsageError, first_line
 __all__ = [
     "LoadedModel",
     "as_model",
+    "check_output",
+    "external_data_files",
     "external_data_info",
     "load_model",
     "same_file",
@@ -51,19 +56,46 @@ def _iter_graph_tensors(graph: onnx.GraphProto) -> Any:
                     yield from _iter_graph_tensors(g)
 
 
+def _external_int(tensor: onnx.TensorProto, entries: dict[str, str], key: str, default: int) -> int:
+    """An external-data ``offset``/``length``: a non-negative decimal integer (ONNX Runtime refuses anything else)."""
+    text = entries.get(key, "")
+    if text == "":
+        return default
+    if not text.isdigit():  # "abc", "1e3", "-8", " 8": not what ONNX's external-data spec allows
+        raise UnusableInputError(f"tensor {_text(tensor.name)!r}: external-data {key} {_text(text)!r} is not a "
+                                 "non-negative integer")
+    return int(text)
+
+
 def external_data_info(model: onnx.ModelProto) -> list[tuple[str, str, int, int]]:
-    """(tensor name, location, offset, length) of every tensor stored outside the model file."""
+    """(tensor name, location, offset, length) of every tensor stored outside the model file; UnusableInputError
+    for an offset or length that is not a non-negative integer."""
     out = []
     for t in _iter_graph_tensors(model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             e = _external_entries(t)
-            out.append((t.name, e.get("location", ""), int(e.get("offset", 0) or 0), int(e.get("length", -1) or -1)))
+            out.append((t.name, e.get("location", ""), _external_int(t, e, "offset", 0),
+                        _external_int(t, e, "length", -1)))
     return out
+
+
+def external_data_files(path: str | os.PathLike[str]) -> tuple[Path, ...]:
+    """The external-data files the model at ``path`` reads (empty for a self-contained model or an unusable file)."""
+    p = Path(path)
+    try:
+        model = load_model(p)
+    except UnusableInputError:
+        return ()
+    return tuple(dict.fromkeys(p.parent / loc for _, loc, _, _ in external_data_info(model) if loc))
 
 
 def _check_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
     sizes: dict[str, int] = {}
-    for name, location, offset, length in external_data_info(model):
+    try:
+        entries = external_data_info(model)
+    except UnusableInputError as exc:
+        raise UnusableInputError(f"{path}: {exc}") from None
+    for name, location, offset, length in entries:
         if not location:
             raise UnusableInputError(f"{path}: tensor {name!r} is stored externally but names no file")
         if os.path.isabs(location) or ".." in Path(location).parts:
@@ -220,6 +252,7 @@ def save_model(
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
         else:
+            check_output(out.parent / (out.name + ".data"), protect)  # never onto the input or its weights
             # onnx.save_model moves tensor bytes out of the proto it is given: save a copy, keep the caller's intact
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
@@ -229,31 +262,53 @@ def save_model(
     _atomic_write(out, protect, write)
 
 
-def _atomic_write(out: Path, protect: tuple[str | os.PathLike[str], ...], write: Callable[[str], None]) -> None:
-    """Check ``out`` is a writable new-or-replaceable file (never one in ``protect``), let ``write`` fill a temp file
-    in the same folder, then rename it over ``out``; the temp file is removed on any failure."""
+def check_output(out: str | os.PathLike[str], protect: tuple[str | os.PathLike[str], ...] = ()) -> Path:
+    """Refuse (UsageError) an output path that is, or would replace, something other than a plain file of ours: any
+    file in ``protect`` or one a protected model reads (its external data), a directory, a symlink, a FIFO or
+    device, a missing folder."""
+    out = Path(out)
     for p in protect:
         if same_file(out, p):
             raise UsageError(f"{out}: refusing to overwrite the input model")
+        if str(p).endswith(".onnx") and any(same_file(out, d) for d in external_data_files(p)):
+            raise UsageError(f"{out}: refusing to overwrite the external data of the input model {p}")
+    if out.is_symlink():
+        raise UsageError(f"{out}: is a symbolic link; write to the file it points at, or another name")
     if out.is_dir():
         raise UsageError(f"{out}: is a directory")
+    if out.exists() and not out.is_file():
+        raise UsageError(f"{out}: is not a regular file (a FIFO, socket or device); refusing to replace it")
     if not out.parent.exists():
         raise UsageError(f"{out.parent}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    _default_mode(tmp)
+    return out
+
+
+def _atomic_write(out: Path, protect: tuple[str | os.PathLike[str], ...], write: Callable[[str], None]) -> None:
+    """Check ``out`` (:func:`check_output`), let ``write`` fill a temp file in the same folder, then rename it over
+    ``out``, keeping the mode of an existing ``out``; the temp file is removed on any failure (SIGTERM included: the
+    CLI turns it into SystemExit). OS errors (no space, file too large, no permission) become one-line UsageErrors."""
+    out = check_output(out, protect)
+    mode = stat.S_IMODE(out.stat().st_mode) if out.exists() else 0o666 & ~_umask()
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        os.chmod(tmp, mode)
         write(tmp)
         os.replace(tmp, out)
+    except OSError as exc:
+        _unlink(tmp)
+        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "") or first_line(exc)
+        raise UsageError(f"cannot write {out}: {reason}") from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink(tmp)
         raise
 
 
-def _default_mode(path: str) -> None:
-    """mkstemp makes 0600 files; outputs get the mode a plain open() would give (0666 minus the umask)."""
-    os.chmod(path, 0o666 & ~_umask())
+def _unlink(path: str) -> None:
+    if path and os.path.exists(path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _umask() -> int:

@@ -54,6 +54,8 @@ def input_specs(ctx: ModelContext) -> list[InputSpec]:
 
 MAX_RANDOM_ELEMENTS = 2**27
 """Largest random input generated (elements; 512 MiB of float32): a bigger one is a typo'd dim, or needs --inputs."""
+MAX_RANDOM_TOTAL = 2**28
+"""Most random input values drawn for one parity run, all samples together (1 GiB of float32)."""
 
 
 def _random_sample(specs: Sequence[InputSpec], ctx: ModelContext, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -182,9 +184,19 @@ def load_inputs(
     An array with one more dim than its input holds N samples on its leading axis. ``num_samples`` applies to
     random data only.
     """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UsageError(f"seed must be an integer >= 0, got {seed!r}")
     if inputs is None:
         if num_samples < 1:
             raise UsageError(f"num_samples must be >= 1, got {num_samples}")
+        per_sample = sum(int(np.prod([d for d in s.shape if isinstance(d, int)], dtype=np.float64))
+                         for s in specs if s.shape is not None and not s.dynamic)
+        # (one input too large for random data at all gets its own message below)
+        if per_sample <= MAX_RANDOM_ELEMENTS and per_sample * num_samples > MAX_RANDOM_TOTAL:
+            raise UsageError(
+                f"{num_samples} random samples of {per_sample} values each would need "
+                f"{per_sample * num_samples * 4 / 2**30:.1f} GiB; use fewer samples (at most "
+                f"{max(1, MAX_RANDOM_TOTAL // max(per_sample, 1))}) or pass --inputs FILE.npz")
         for spec in specs:
             if spec.dynamic:
                 raise UsageError(

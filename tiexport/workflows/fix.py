@@ -192,6 +192,13 @@ def fix(
         raise UsageError("fix works for one device at a time; run it once per device")
     if power_of_two not in ("ceil", "nearest"):
         raise UsageError(f"power_of_two must be 'ceil' or 'nearest', not {power_of_two!r}")
+    for what, value, low in (("max_iterations", max_iterations, 1), ("num_samples", num_samples, 1),
+                             ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(f"{what} must be an integer >= {low}, got {value!r}")
+    if input_shapes is not None and not isinstance(input_shapes, Mapping):
+        raise UsageError(f"input_shapes must be a mapping of input name -> dims (e.g. {{'input': [1, 3, 224, 224]}}), "
+                         f"got {type(input_shapes).__name__} {input_shapes!r:.60}")
     profile = get_device(device, sdk)
     loaded = as_model(model, load_external_data=True)
     original = loaded.model

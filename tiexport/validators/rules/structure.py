@@ -59,6 +59,14 @@ class GraphIntegrityRule(Rule):
     needs_accelerator = False
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
+        counts: dict[str, int] = {}
+        for t in ctx.graph.initializer:
+            counts[t.name] = counts.get(t.name, 0) + 1
+        for name, n in counts.items():
+            if n > 1:  # ONNX Runtime uses the last, graph tools (and TIDL's import, through ONNX) may use the first
+                yield self.finding(ctx, None, f"initializer {name!r} is defined {n} times; tools disagree on which "
+                                   "one a node reads", "keep one initializer per name; re-export the model",
+                                   op_type="initializer", node_name=name)
         available = {vi.name for vi in ctx.graph.input} | set(ctx.initializers)
         produced_by: dict[str, str] = {}
         for node in ctx.nodes:
