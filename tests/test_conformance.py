@@ -164,11 +164,17 @@ def test_fix_keeps_a_compliant_model_bit_identical(entry: dict[str, Any]) -> Non
         assert not report.numerics_changed, (device, [p.name for p in report.passes if p.numerics_changed])
 
 
-def _output_scale(model: onnx.ModelProto) -> float:
-    producers = {o: n for n in model.graph.node for o in n.output}
+def _consts(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node values by name (TI's exports keep their weights in Constant nodes)."""
     consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
                    if n.op_type == "Constant"})
+    return consts
+
+
+def _output_scale(model: onnx.ModelProto) -> float:
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consts = _consts(model)
     node = producers[model.graph.output[0].name]
     while node.op_type != "DequantizeLinear":
         node = producers[node.input[0]]
@@ -176,9 +182,7 @@ def _output_scale(model: onnx.ModelProto) -> float:
 
 
 def _scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
-                   if n.op_type == "Constant"})
+    consts = _consts(model)
     return {n.name: np.asarray(consts[n.input[1]], np.float32).ravel() for n in model.graph.node
             if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
 

@@ -270,7 +270,8 @@ def check_output(out: str | os.PathLike[str], protect: tuple[str | os.PathLike[s
     for p in protect:
         if same_file(out, p):
             raise UsageError(f"{out}: refusing to overwrite the input model")
-        if str(p).endswith(".onnx") and any(same_file(out, d) for d in external_data_files(p)):
+        # only an existing file can be the input's weights: no second parse of the input otherwise
+        if out.exists() and str(p).endswith(".onnx") and any(same_file(out, d) for d in external_data_files(p)):
             raise UsageError(f"{out}: refusing to overwrite the external data of the input model {p}")
     if out.is_symlink():
         raise UsageError(f"{out}: is a symbolic link; write to the file it points at, or another name")

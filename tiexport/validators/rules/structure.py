@@ -140,7 +140,7 @@ class OpsetRule(Rule):
         elif ctx.opset > spec.max_opset:
             yield self.finding(ctx, None, f"opset {ctx.opset} is newer than TIDL {spec.sdk}'s ONNX Runtime reads "
                                f"(up to {spec.max_opset})", hint, source=src)
-        elif ctx.opset < spec.min_opset and self._per_axis_qdq(ctx):
+        elif ctx.opset < spec.min_opset and any(qp.per_channel for _, qp in ctx.quantizers()):
             # TI's QAT v1 flow exports opset 11 (a float graph with Clip nodes); only per-axis Q/DQ needs 13
             yield self.finding(ctx, None, f"opset {ctx.opset} is older than {spec.min_opset}, the first with "
                                "per-axis QuantizeLinear/DequantizeLinear, which this model uses", hint,
@@ -158,14 +158,6 @@ class OpsetRule(Rule):
                                    "custom-domain nodes run on Arm at best; replace them with standard ops",
                                    severity="warning", advice=True)
 
-
-    @staticmethod
-    def _per_axis_qdq(ctx: ModelContext) -> bool:
-        for node in ctx.qdq_nodes():
-            scale = ctx.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-            if scale is not None and scale.size > 1:
-                return True
-        return False
 
 
 class InputShapeRule(Rule):
