@@ -15,6 +15,9 @@ import torch
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from tiexport import compat
+from tiexport.quantization import fused
+from tiexport.quantization.fake_quantize import TidlFakeQuantize
+from tiexport.quantization.observers import WeightObserver
 from tiexport.quantization.reuse import reuse_result
 
 __all__ = ["conv_bn_folding", "init_weight_qparams", "install_conv_bn_forward"]
@@ -66,13 +69,36 @@ def _conv_bn_forward(self: Any, x: Any) -> Any:
     if bn.running_var is None or bn.running_mean is None or bn.weight is None:
         return type(self)._forward_approximate(self, x)
     if bn.training:
-        factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape([-1] + [1] * (self.weight.dim() - 1))
-        weight = self.weight_fake_quant(self.weight * factor) / factor
+        weight = _fused_training_weight(self)
+        if weight is None:
+            factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape([-1] + [1] * (self.weight.dim() - 1))
+            weight = self.weight_fake_quant(self.weight * factor) / factor
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return bn(self._conv_forward(x, weight.to(x.dtype), bias))
     factor, bias = conv_bn_folding(self)
     weight = self.weight_fake_quant(_folded_weight(self, factor))
     return self._conv_forward(x, weight, bias.to(x.dtype))
+
+
+def _fused_training_weight(m: Any) -> Any:
+    """``fq(W * f) / f`` by the fused op (:func:`tiexport.quantization.fused.conv_bn_weight`, bit for bit the
+    expressions of :func:`_conv_bn_forward`) when it applies: a training step on CPU with a tiexport weight
+    fake-quant that a plain call would send to its fused op (no hooks, no bias-calibration probe). Else None."""
+    fq = m.weight_fake_quant
+    weight, gamma, running_var = m.weight, m.bn.weight, m.bn.running_var
+    if not (isinstance(fq, TidlFakeQuantize) and torch.is_grad_enabled() and weight.requires_grad
+            and isinstance(fq.activation_post_process, WeightObserver) and not fq.bypass and fq.probe is None
+            and not (fq._forward_hooks or fq._forward_pre_hooks or fq._backward_hooks)
+            and gamma.dtype == torch.float32 and gamma.device.type == "cpu" and running_var.dtype == torch.float32):
+        return None
+    observe = fq._fused_observe(weight)
+    if observe is None:
+        return None
+    fq.__dict__.pop("_output_cache", None)
+    out = fused.conv_bn_weight(weight, gamma, running_var, m.bn.eps, fq, fq.activation_post_process, observe)
+    if observe:
+        fq._zero_points_zero(True)
+    return out
 
 
 def _folded_weight(m: Any, factor: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Any, cast
 import torch
 from torch.ao.quantization import FakeQuantize
 
-from tiexport.quantization import kernels
+from tiexport.quantization import fused, kernels
 from tiexport.quantization.kernels import (
     FakeQuantizePerChannel,
     FakeQuantizePerTensor,
@@ -132,10 +132,40 @@ class TidlFakeQuantize(FakeQuantize):
         return bool(_host_read(self, "zero_points_zero", zero_point, lambda t: not bool(t.any()),
                                True if just_zeroed else None))
 
+    def _fused_observe(self, X: torch.Tensor) -> bool | None:
+        """Whether a forward of ``X`` can take a fused op (:mod:`tiexport.quantization.fused`): None if
+        not, else whether the op observes. The fused ops cover the CPU fast paths of :meth:`_forward` with fake
+        quantization on: a float32 CPU tensor, an activation observer on its scalar path (not under DDP) or
+        frozen, a weight observer (per channel: zero points known to be 0)."""
+        if not (fused.FUSED_OPS and kernels.CPU_FAST_PATHS and X.dtype == torch.float32 and X.device.type == "cpu"
+                and X.numel() > 0 and cast(torch.Tensor, self._buffers["scale"]).device.type == "cpu"):
+            return None
+        if not self._enabled("fake_quant_enabled"):
+            return None
+        observe = self._enabled("observer_enabled")
+        observer = self._modules["activation_post_process"]
+        if isinstance(observer, ActivationObserver):
+            if self.is_per_channel or (observe and not observer._scalar_path(X)):
+                return None
+            return observe
+        if isinstance(observer, WeightObserver):
+            if self.is_per_channel and (X.dim() <= self.ch_axis or not (observe or self._zero_points_zero(False))):
+                return None
+            return observe
+        return None
+
     def _forward(self, X: torch.Tensor) -> torch.Tensor:
         # buffers and the observer from the module's dicts: nn.Module.__getattr__ costs ~0.5 us a lookup, and this
         # runs for every fake-quant point in every step
         observer = cast(Any, self._modules["activation_post_process"])
+        observe = self._fused_observe(X)
+        if observe is not None:  # on CPU: one op forward, one backward
+            if isinstance(observer, ActivationObserver):
+                return fused.fake_quant_activation(X, self, observer, observe)
+            out = fused.fake_quant_weight(X, self, observer, observe)
+            if observe:
+                self._zero_points_zero(True)  # the op has just written them
+            return out
         scale_buf = cast(torch.Tensor, self._buffers["scale"])
         zero_point_buf = cast(torch.Tensor, self._buffers["zero_point"])
         cpu = (kernels.CPU_FAST_PATHS and X.device.type == "cpu" and X.dtype == torch.float32

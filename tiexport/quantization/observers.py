@@ -42,6 +42,13 @@ __all__ = [
     "POWER_OF_2_RANGE_AGGREGATION",
     "ActivationObserver",
     "WeightObserver",
+    "batch_ends",
+    "observe_scalar",
+    "qparams_scalar",
+    "qparams_tensor",
+    "signed_tensor",
+    "weight_range",
+    "weight_scale",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,6 +83,132 @@ def _distributed_world() -> int:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return 1
     return int(torch.distributed.get_world_size())
+
+
+# ------------------------------------------------------------------------------------ the observers' arithmetic
+# Module-level functions of the buffers, so that the observers below and the fused QAT ops
+# (tiexport.quantization.fused) run the same code.
+
+
+def batch_ends(x: torch.Tensor, range_shrink_percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's range: its minimum and maximum, or with range shrink its ``p``-th and ``(100 - p)``-th
+    percentiles (``p = range_shrink_percentile``, exact order statistics), as 0-d tensors."""
+    flat = x.detach().reshape(-1)
+    if not flat.is_floating_point():
+        flat = flat.float()
+    n = flat.numel()
+    # whole values only: a tensor of fewer than 100 / p values keeps its full range
+    k = math.floor(n * range_shrink_percentile / 100.0) if range_shrink_percentile > 0 else 0
+    if k > 0 and 2 * k < n:
+        # exactly k values lie beyond each end
+        lo, hi = tail_values(flat, k + 1)
+    else:
+        lo, hi = torch.aminmax(flat)
+    return lo, hi
+
+
+def observe_scalar(x: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor, num_batches: torch.Tensor,
+                   range_shrink_percentile: float, mean_aggregation: bool) -> None:
+    """:meth:`ActivationObserver.forward`'s update of float32 CPU buffers, in Python scalars (see
+    :meth:`ActivationObserver._observe_scalar`)."""
+    lo_t, hi_t = batch_ends(x, range_shrink_percentile)  # float32 (the scalar path takes float32 input only)
+    lo, hi = lo_t.item(), hi_t.item()
+    cur_lo, cur_hi = min_val.item(), max_val.item()
+    if mean_aggregation:
+        n = int(num_batches)
+        if n == 0:
+            new_lo, new_hi = lo, hi
+        else:
+            # torch: clamp(1 / (float32(n) + 1), min=0.01), then min + w * (lo - min), each op in float32
+            weight = max(f32(1.0 / f32(f32(n) + 1.0)), f32(_MIN_AVERAGING_CONSTANT))
+            new_lo = f32(cur_lo + f32(weight * f32(lo - cur_lo)))
+            new_hi = f32(cur_hi + f32(weight * f32(hi - cur_hi)))
+    else:
+        new_lo, new_hi = nan_min(cur_lo, lo), nan_max(cur_hi, hi)
+    if new_lo != cur_lo:  # a NaN compares unequal and is written, as torch.minimum would
+        min_val.fill_(new_lo)
+    if new_hi != cur_hi:
+        max_val.fill_(new_hi)
+    num_batches.add_(1)
+
+
+def qparams_scalar(min_val_t: torch.Tensor, max_val_t: torch.Tensor, eps_t: torch.Tensor, symmetric: bool,
+                   force_signed: bool, power_of_2: bool) -> tuple[float, int]:
+    """An activation observer's ``(scale, zero_point)`` as Python numbers from float32 CPU buffers that have seen
+    data (the scale a float32 value); bit for bit :func:`qparams_tensor`."""
+    min_val, max_val = min_val_t.item(), max_val_t.item()
+    if not (math.isfinite(min_val) and math.isfinite(max_val)):  # inf / NaN: exactly what the tensors give
+        scale_t, zero_point_t = qparams_tensor(min_val_t, max_val_t, eps_t, symmetric, force_signed, power_of_2)
+        return scale_t.item(), int(zero_point_t.item())
+    lo, hi = min(min_val, 0.0), max(max_val, 0.0)
+    eps = eps_t.item()
+    if symmetric:
+        signed = force_signed or min_val < 0
+        scale = max(f32(hi / 127.0), f32(-lo / 128.0)) if signed else f32(hi / 255.0)
+        scale = max(scale, eps)
+        if power_of_2:
+            scale = power_of_2_ceil_scalar(scale)
+        return f32(scale), 0  # float32 already; rounding again is a no-op that keeps it so
+    scale = max(f32(f32(hi - lo) / 255.0), eps)
+    if power_of_2:
+        scale = power_of_2_ceil_scalar(scale)
+    scale = f32(scale)
+    # torch.round and Python's round both round half to even
+    return scale, min(max(round(f32(-lo / scale)), 0), 255)
+
+
+def signed_tensor(min_val: torch.Tensor, force_signed: bool) -> torch.Tensor:
+    """Whether a symmetric activation observer is int8, as a bool tensor on the buffers' device (no host sync)."""
+    if force_signed:
+        return torch.ones((), dtype=torch.bool, device=min_val.device)
+    return min_val < 0
+
+
+def qparams_tensor(min_val: torch.Tensor, max_val: torch.Tensor, eps_t: torch.Tensor, symmetric: bool,
+                   force_signed: bool, power_of_2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An activation observer's qparams from its buffers by tensor ops, without host syncs (CUDA; the reference of
+    the scalar path)."""
+    device = min_val.device
+    lo = torch.clamp(min_val, max=0.0)
+    hi = torch.clamp(max_val, min=0.0)
+    eps = eps_t.to(device)
+    if symmetric:
+        # int8: the tightest scale that covers both ends of -128..127 without clipping either; the sign decided
+        # on the device (reading it, as _signed does, is a host sync on CUDA)
+        scale = torch.where(signed_tensor(min_val, force_signed), torch.maximum(hi / 127.0, -lo / 128.0),
+                            hi / 255.0)
+        scale = torch.maximum(scale.reshape(1), eps)
+        if power_of_2:
+            scale = power_of_2_ceil(scale)
+        zero_point = torch.zeros(1, dtype=torch.int32, device=device)
+    else:
+        scale = torch.maximum(((hi - lo) / 255.0).reshape(1), eps)
+        if power_of_2:
+            scale = power_of_2_ceil(scale)
+        zero_point = torch.clamp(torch.round(-lo / scale), 0, 255).to(torch.int32).reshape(1)
+    return scale.float(), zero_point
+
+
+def weight_range(w: torch.Tensor, per_channel: bool, ch_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight's minimum and maximum, per channel on ``ch_axis`` or of the whole tensor (shape ``(1,)``)."""
+    detached = w.detach()
+    if detached.dtype != torch.float32:
+        detached = detached.float()
+    if per_channel:
+        moved = detached if ch_axis == 0 else detached.transpose(0, ch_axis)
+        return torch.aminmax(moved.reshape(detached.shape[ch_axis], -1), dim=1)
+    lo, hi = torch.aminmax(detached)
+    return lo.reshape(1), hi.reshape(1)
+
+
+def weight_scale(min_val: torch.Tensor, max_val: torch.Tensor, eps: torch.Tensor, quant_max: int,
+                 power_of_2: bool) -> torch.Tensor:
+    """The float32 scale(s) of an observed weight, ``max(|min|, |max|) / quant_max`` (at least eps)."""
+    amax = torch.maximum(min_val.neg(), max_val)
+    scale = torch.maximum(amax.div_(float(quant_max)), eps)
+    if power_of_2:
+        scale = power_of_2_ceil(scale)
+    return scale.float()
 
 
 class ActivationObserver(ObserverBase):
@@ -172,9 +305,7 @@ class ActivationObserver(ObserverBase):
 
     def _signed_tensor(self) -> torch.Tensor:
         """:attr:`_signed` for a symmetric observer as a bool tensor on the buffers' device (no host sync)."""
-        if self.force_signed:
-            return torch.ones((), dtype=torch.bool, device=self.min_val.device)
-        return self.min_val < 0
+        return signed_tensor(self.min_val, self.force_signed)
 
     # --- observation -----------------------------------------------------------------------------------------
     def _batch_range(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,18 +313,7 @@ class ActivationObserver(ObserverBase):
         return torch.stack([lo, hi]).to(self.min_val.dtype)
 
     def _batch_ends(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = x.detach().reshape(-1)
-        if not flat.is_floating_point():
-            flat = flat.float()
-        n = flat.numel()
-        # whole values only: a tensor of fewer than 100 / p values keeps its full range
-        k = math.floor(n * self.range_shrink_percentile / 100.0) if self.range_shrink_percentile > 0 else 0
-        if k > 0 and 2 * k < n:
-            # exactly k values lie beyond each end
-            lo, hi = tail_values(flat, k + 1)
-        else:
-            lo, hi = torch.aminmax(flat)
-        return lo, hi
+        return batch_ends(x, self.range_shrink_percentile)
 
     def _scalar_path(self, x: torch.Tensor) -> bool:
         """Whether this observation can take the Python-scalar path (:meth:`_observe_scalar`): a float32 CPU tensor,
@@ -240,25 +360,8 @@ class ActivationObserver(ObserverBase):
         tensor ops. On CPU each small tensor op costs microseconds of dispatch, and an observer issued ~35 of them
         per batch: most of a QAT step of a small network (bench/RESULTS.md, QAT section). A test holds both paths
         equal bit for bit."""
-        lo_t, hi_t = self._batch_ends(x)  # float32 (the scalar path takes float32 input only)
-        lo, hi = lo_t.item(), hi_t.item()
-        cur_lo, cur_hi = self.min_val.item(), self.max_val.item()
-        if self.range_aggregation == "mean":
-            n = int(self.num_batches)
-            if n == 0:
-                new_lo, new_hi = lo, hi
-            else:
-                # torch: clamp(1 / (float32(n) + 1), min=0.01), then min + w * (lo - min), each op in float32
-                weight = max(f32(1.0 / f32(f32(n) + 1.0)), f32(_MIN_AVERAGING_CONSTANT))
-                new_lo = f32(cur_lo + f32(weight * f32(lo - cur_lo)))
-                new_hi = f32(cur_hi + f32(weight * f32(hi - cur_hi)))
-        else:
-            new_lo, new_hi = nan_min(cur_lo, lo), nan_max(cur_hi, hi)
-        if new_lo != cur_lo:  # a NaN compares unequal and is written, as torch.minimum would
-            self.min_val.fill_(new_lo)
-        if new_hi != cur_hi:
-            self.max_val.fill_(new_hi)
-        self.num_batches.add_(1)
+        observe_scalar(x, self.min_val, self.max_val, self.num_batches, self.range_shrink_percentile,
+                       self.range_aggregation == "mean")
         self._seen_data = True
 
     def _qparams_scalar(self) -> tuple[float, int] | None:
@@ -266,25 +369,8 @@ class ActivationObserver(ObserverBase):
         float32 value), or None before any data was seen. Bit for bit the tensor formula (a test holds it)."""
         if not self._seen_data and int(self.num_batches) == 0:
             return None
-        min_val, max_val = self.min_val.item(), self.max_val.item()
-        if not (math.isfinite(min_val) and math.isfinite(max_val)):  # inf / NaN: exactly what the tensors give
-            scale_t, zero_point_t = self._qparams_tensor()
-            return scale_t.item(), int(zero_point_t.item())
-        lo, hi = min(min_val, 0.0), max(max_val, 0.0)
-        eps = self.eps.item()
-        if self.symmetric:
-            signed = self.force_signed or min_val < 0
-            scale = max(f32(hi / 127.0), f32(-lo / 128.0)) if signed else f32(hi / 255.0)
-            scale = max(scale, eps)
-            if self.power_of_2:
-                scale = power_of_2_ceil_scalar(scale)
-            return f32(scale), 0  # float32 already; rounding again is a no-op that keeps it so
-        scale = max(f32(f32(hi - lo) / 255.0), eps)
-        if self.power_of_2:
-            scale = power_of_2_ceil_scalar(scale)
-        scale = f32(scale)
-        # torch.round and Python's round both round half to even
-        return scale, min(max(round(f32(-lo / scale)), 0), 255)
+        return qparams_scalar(self.min_val, self.max_val, self.eps, self.symmetric, self.force_signed,
+                              self.power_of_2)
 
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
@@ -303,24 +389,8 @@ class ActivationObserver(ObserverBase):
 
     def _qparams_tensor(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The qparams from the buffers by tensor ops, without host syncs (CUDA; the reference of the scalar path)."""
-        device = self.min_val.device
-        lo = torch.clamp(self.min_val, max=0.0)
-        hi = torch.clamp(self.max_val, min=0.0)
-        eps = self.eps.to(device)
-        if self.symmetric:
-            # int8: the tightest scale that covers both ends of -128..127 without clipping either; the sign decided
-            # on the device (reading it, as _signed does, is a host sync on CUDA)
-            scale = torch.where(self._signed_tensor(), torch.maximum(hi / 127.0, -lo / 128.0), hi / 255.0)
-            scale = torch.maximum(scale.reshape(1), eps)
-            if self.power_of_2:
-                scale = power_of_2_ceil(scale)
-            zero_point = torch.zeros(1, dtype=torch.int32, device=device)
-        else:
-            scale = torch.maximum(((hi - lo) / 255.0).reshape(1), eps)
-            if self.power_of_2:
-                scale = power_of_2_ceil(scale)
-            zero_point = torch.clamp(torch.round(-lo / scale), 0, 255).to(torch.int32).reshape(1)
-        return scale.float(), zero_point
+        return qparams_tensor(self.min_val, self.max_val, self.eps, self.symmetric, self.force_signed,
+                              self.power_of_2)
 
     @torch.jit.export
     def reset_min_max_vals(self) -> None:
@@ -386,15 +456,7 @@ class WeightObserver(ObserverBase):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if w.numel() == 0:
             return w
-        detached = w.detach()
-        if detached.dtype != torch.float32:
-            detached = detached.float()
-        if self.per_channel:
-            moved = detached if self.ch_axis == 0 else detached.transpose(0, self.ch_axis)
-            lo, hi = torch.aminmax(moved.reshape(detached.shape[self.ch_axis], -1), dim=1)
-        else:
-            lo, hi = torch.aminmax(detached)
-            lo, hi = lo.reshape(1), hi.reshape(1)
+        lo, hi = weight_range(w, self.per_channel, self.ch_axis)
         if self.min_val.shape != lo.shape:
             self.min_val.resize_(lo.shape)
             self.max_val.resize_(hi.shape)
@@ -413,11 +475,7 @@ class WeightObserver(ObserverBase):
 
     def _scale(self) -> torch.Tensor:
         """The float32 scale(s) of the observed weight, ``max(|min|, |max|) / quant_max`` (at least eps)."""
-        amax = torch.maximum(self.min_val.neg(), self.max_val)
-        scale = torch.maximum(amax.div_(float(self.quant_max)), self.eps)
-        if self.power_of_2:
-            scale = power_of_2_ceil(scale)
-        return scale.float()
+        return weight_scale(self.min_val, self.max_val, self.eps, int(self.quant_max), self.power_of_2)
 
     def _load_from_state_dict(
         self,
