@@ -35,7 +35,7 @@ def undefined_names(source: str) -> set[str]:
     Scope-insensitive on purpose: generated snippets are flat, and the check is about names that exist nowhere.
     """
     tree = ast.parse(source)
-    defined = set(dir(builtins))
+    defined = set(dir(builtins)) | {"__file__"}  # a module's own global
     used: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -97,8 +97,10 @@ class _Settings:
         allowed = {"det_options", "ext_options", "min_options", "max_options", "fast_calibration"}
         unknown = [k for k in kwargs if k not in allowed and ":" not in k]
         assert not unknown, f"not a runtime_options_onnx_qat_v2 keyword: {unknown}"
+        ext = kwargs.pop("ext_options", None) or {}
+        # edgeai-benchmark applies ext_options last (r9.2 config_settings.py L90-94, r11.2 runtime_options.py L180-184)
         return {**kwargs, "advanced_options:quantization_scale_type": scale_type,
-                "advanced_options:prequantized_model": 1, "accuracy_level": 0}
+                "advanced_options:prequantized_model": 1, "accuracy_level": 0, **ext}
 
     def runtime_options_onnx_qat_v2(self, **kwargs: Any) -> dict[str, Any]:
         return self._runtime(4, kwargs)
@@ -171,7 +173,7 @@ def run_benchmark_entry(monkeypatch: pytest.MonkeyPatch) -> Any:
         monkeypatch.setitem(sys.modules, name, mod)
 
     def run(source: str) -> tuple[str, dict[str, Any]]:
-        namespace: dict[str, Any] = {}
+        namespace: dict[str, Any] = {"__file__": "/cfg/entry.py", "__name__": "entry"}
         exec(compile(source, "<benchmark snippet>", "exec"), namespace)
         configs = namespace["get_configs"](_Settings(), "work")
         assert len(configs) == 1
@@ -226,12 +228,12 @@ def test_analysis_of_float_model() -> None:
 # ------------------------------------------------------------------------------------------------ option values
 @pytest.mark.parametrize(("model", "device", "scale_type"), [
     (P2, "TDA4VM", 1),
-    (P2, "AM68A", 1),
+    (P2, "AM68A", 4),  # the MMAv2 preset, which edgeai-benchmark's YAML loader applies over a config's own value
     (PER_CHANNEL, "AM68A", 4),
     (NP2_PER_TENSOR, "AM68A", 4),
     (PER_CHANNEL, "AM62A", 4),
-    (PER_CHANNEL, "TDA4VM", 4),  # what TI compiles its per-channel QAT v2 model cl-6508 with, for TDA4VM too
-    (NP2_PER_TENSOR, "TDA4VM", 4),
+    (PER_CHANNEL, "TDA4VM", 1),  # the YAML loader turns 4 into 1 on TDA4VM (r11.2 get_configs_from_file.py L106-108)
+    (NP2_PER_TENSOR, "TDA4VM", 1),
 ])
 def test_runtime_options_scale_type_follows_model_and_device(model: onnx.ModelProto, device: str,
                                                              scale_type: int) -> None:
@@ -247,7 +249,7 @@ def test_runtime_options_fixed_values_for_qdq_models() -> None:
         "accuracy_level": 0,
         "debug_level": 0,
         "advanced_options:prequantized_model": 1,
-        "advanced_options:quantization_scale_type": 1,
+        "advanced_options:quantization_scale_type": 4,
         QUANT_FILE_KEY: "",
         "advanced_options:pre_batchnorm_fold": 1,
         "advanced_options:add_data_convert_ops": 3,
@@ -256,12 +258,12 @@ def test_runtime_options_fixed_values_for_qdq_models() -> None:
 
 @pytest.mark.parametrize("device", ["TDA4VM", "AM68A"])
 def test_runtime_options_of_ti_qat_v1_model(device: str) -> None:
-    """edgeai-benchmark's runtime_options_onnx_qat_v1: scale type 1, accuracy_level 0 (is_qat), no
-    prequantized_model (the ranges are the Clip nodes)."""
+    """edgeai-benchmark's runtime_options_onnx_qat_v1: accuracy_level 0 (is_qat), no prequantized_model (the ranges
+    are the Clip nodes); the scale type is the device preset's, as for every model."""
     opts = runtime_options(str(QAT_V1), device, tidl_tools_path="/t", artifacts_folder="a")
     assert opts == {
         "tidl_tools_path": "/t", "artifacts_folder": "a", "tensor_bits": 8, "accuracy_level": 0, "debug_level": 0,
-        "advanced_options:quantization_scale_type": 1, QUANT_FILE_KEY: "",
+        "advanced_options:quantization_scale_type": 1 if device == "TDA4VM" else 4, QUANT_FILE_KEY: "",
         "advanced_options:pre_batchnorm_fold": 1, "advanced_options:add_data_convert_ops": 3,
     }
 
@@ -274,13 +276,13 @@ def test_benchmark_entry_of_ti_qat_v1_model_calls_the_v1_function() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ refusals
-def test_per_channel_model_for_tda4vm_gets_ti_cl6508_options_and_a_pointer_to_fix() -> None:
-    """Warnings, not errors, on TDA4VM (TI deploys its per-channel affine cl-6508 there): the entry TI uses for
-    cl-6508, and a header that says what TDA4VM does with it."""
+def test_per_channel_model_for_tda4vm_gets_the_p2_options_and_a_pointer_to_fix() -> None:
+    """Warnings, not errors, on TDA4VM (TI deploys its per-channel affine cl-6508 there): scale type 1, what every
+    edgeai-benchmark YAML and 11.x Python entry compiles with on TDA4VM, and a header that says what that does."""
     src = snippet(PER_CHANNEL, "TDA4VM", "benchmark", model_path="m.onnx")
-    _call(ast.parse(src), "runtime_options_onnx_qat_v2")
+    _call(ast.parse(src), "runtime_options_onnx_qat_v2_p2")
     assert "compatible_with_warnings" in src and "tiexport fix --device TDA4VM first" in src
-    assert "cl-6508" in src
+    assert "own power-of-2 grid" in src
 
 
 def test_model_with_errors_refused_with_findings() -> None:
@@ -319,7 +321,7 @@ def test_unknown_format_is_a_usage_error() -> None:
 # ------------------------------------------------------------------------------------------------ benchmark
 @pytest.mark.parametrize(("model", "device", "func"), [
     (P2, "TDA4VM", "runtime_options_onnx_qat_v2_p2"),
-    (P2, "AM68A", "runtime_options_onnx_qat_v2_p2"),
+    (P2, "AM68A", "runtime_options_onnx_qat_v2"),
     (PER_CHANNEL, "AM68A", "runtime_options_onnx_qat_v2"),
     (NP2_PER_TENSOR, "AM69A", "runtime_options_onnx_qat_v2"),
 ])
@@ -348,10 +350,13 @@ def test_benchmark_entry_carries_model_path_and_metric() -> None:
                              metrics={"accuracy_top1%": 72.5}))
     session = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
                    and n.func.id == "onnx_session_type")
-    assert ast.literal_eval(_kw(session, "model_path")) == "models/m.onnx"
+    # relative to the entry's own folder, not edgeai-benchmark's working folder
+    assert ast.unparse(_kw(session, "model_path")) == "os.path.join(_HERE, 'models/m.onnx')"
     model_info = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
                       and n.func.id == "dict" and n.keywords and n.keywords[0].arg == "metric_reference")
     assert ast.literal_eval(_kw(model_info, "metric_reference")) == {"accuracy_top1%": 72.5}
+    # kept by edgeai-benchmark 11.x's default selection (model_shortlist: 100)
+    assert ast.literal_eval(_kw(model_info, "model_shortlist")) <= 100
 
 
 @pytest.mark.parametrize(("task", "post", "dataset"), [
@@ -365,8 +370,9 @@ def test_benchmark_entry_runs_against_the_benchmark_api(run_benchmark_entry: Any
     assert key == {"classification": "cl", "detection": "od", "segmentation": "ss"}[task] + "-m"
     assert (cfg["task_type"], cfg["postprocess"], cfg["dataset_category"]) == (task, post, dataset)
     session = cfg["session"]
-    assert session["model_path"] == "m.onnx"
+    assert session["model_path"] == "/cfg/m.onnx"
     assert session["input_optimization"] is False
+    assert session["runtime_options"]["onnxruntime:graph_optimization_level"].name == "ORT_DISABLE_ALL"
     assert session["runtime_options"][QUANT_FILE_KEY] == ""
     assert session["runtime_options"]["advanced_options:quantization_scale_type"] == 4
     assert session["runtime_options"].get("det_options") is (True if task == "detection" else None)
@@ -375,7 +381,7 @@ def test_benchmark_entry_runs_against_the_benchmark_api(run_benchmark_entry: Any
 
 def test_benchmark_metric_defaults_to_task_key_placeholder(run_benchmark_entry: Any) -> None:
     _, cfg = run_benchmark_entry(snippet(P2, "TDA4VM", "benchmark", task="segmentation"))
-    assert cfg["model_info"] == {"metric_reference": {"accuracy_mean_iou%": None}}
+    assert cfg["model_info"] == {"metric_reference": {"accuracy_mean_iou%": None}, "model_shortlist": 10}
 
 
 def test_benchmark_header_with_quotes_and_backslashes_in_model_name_still_parses() -> None:
@@ -422,19 +428,34 @@ def test_tidl_json(model: onnx.ModelProto, device: str, scale_type: int) -> None
 
 # ------------------------------------------------------------------------------------------------ yaml
 def test_yaml_session_and_runtime_options() -> None:
-    doc = yaml.safe_load(snippet(PER_CHANNEL, "AM68A", "yaml", model_path="m.onnx"))
+    """The keys edgeai-benchmark's YAML loader reads (11.x: calibration_dataset/input_dataset/dataset_category at the
+    top; 9.2: preprocess interpolation and pad_color) and TI's files carry (model_id, output_details, num_inputs,
+    model_info.model_shortlist)."""
+    doc = yaml.safe_load(snippet(PER_CHANNEL, "AM68A", "yaml", model_path="m.onnx", benchmark_version="11.2"))
     s = doc["session"]
-    assert (doc["task_type"], doc["target_device"], s["session_name"], s["model_path"]) == (
-        "classification", "AM68A", "onnxrt", "m.onnx")
-    assert s["input_optimization"] is False and s["tidl_offload"] is True
+    assert (doc["task_type"], s["session_name"], s["model_path"], s["model_id"]) == (
+        "classification", "onnxrt", "m.onnx", "cl-m")
+    assert (doc["dataset_category"], doc["calibration_dataset"], doc["input_dataset"]) == ("imagenet",) * 3
+    assert {"interpolation", "pad_color", "resize_with_pad", "backend"} <= set(doc["preprocess"])
+    assert s["input_optimization"] is False and s["num_inputs"] == 1 and s["output_details"] is None
     assert s["runtime_options"] == {k: v for k, v in runtime_options(PER_CHANNEL, "AM68A").items()
                                     if k not in ("tidl_tools_path", "artifacts_folder")}
+    assert doc["model_info"]["model_shortlist"] <= 100
     assert len(s["input_mean"]) == len(s["input_scale"]) == 3
+
+
+def test_yaml_for_benchmark_92_carries_the_prequantized_model_type() -> None:
+    """9.2 and 10.0 read session.runtime_options.info.prequantized_model_type (r9.2 get_configs_from_file.py L63)."""
+    rt = yaml.safe_load(snippet(PER_CHANNEL, "AM68A", "yaml", benchmark_version="9.2"))["session"]["runtime_options"]
+    assert rt["info"] == {"prequantized_model_type": 2}
+    rt = yaml.safe_load(snippet(PER_CHANNEL, "AM68A", "yaml", benchmark_version="11.x"))["session"]["runtime_options"]
+    assert "info" not in rt
 
 
 def test_yaml_input_and_preprocess_come_from_the_model() -> None:
     doc = yaml.safe_load(snippet(tiny_conv(size=16), "TDA4VM", "yaml", task="segmentation"))
-    assert doc["session"]["input_details"] == {"name": "input", "shape": [1, 3, 16, 16], "type": "float"}
+    # a list of name/shape/type as edgeai-benchmark writes it (not one dict)
+    assert doc["session"]["input_details"] == [{"name": "input", "shape": [1, 3, 16, 16], "type": "tensor(float)"}]
     assert (doc["preprocess"]["resize"], doc["preprocess"]["crop"]) == ([16, 16], [16, 16])
     assert doc["postprocess"] == {"data_layout": "NCHW", "with_argmax": True}
 
@@ -446,8 +467,8 @@ def test_yaml_metric_values_round_trip() -> None:
 
 
 def test_yaml_for_am62_runs_on_arm() -> None:
-    s = yaml.safe_load(snippet(P2, "AM62", "yaml"))["session"]
-    assert (s["tidl_offload"], s["runtime_options"]) == (False, {})
+    s = yaml.safe_load(snippet(P2, "AM62", "yaml", benchmark_version="11.0"))["session"]
+    assert s["runtime_options"] == {}
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -192,38 +192,64 @@ def _cmd_snippet(args: argparse.Namespace) -> int:
     try:
         text = snippet(args.model, args.device, args.format, task=args.task, model_path=args.model_path,
                        metrics=_parse_metrics(args.metric), tidl_tools_path=args.tidl_tools_path,
-                       artifacts_folder=args.artifacts_folder, sdk=args.sdk)
+                       artifacts_folder=args.artifacts_folder, sdk=args.sdk, benchmark_version=args.benchmark_version,
+                       deny_layer_types=args.deny_layer_type, deny_layer_names=args.deny_layer_name,
+                       meta_arch_type=args.meta_arch_type, meta_layers_names_list=args.meta_layers_names_list,
+                       c7x_firmware_version=args.c7x_firmware_version)
     except IncompatibleModelError as exc:
         # the findings go to stderr: stdout is where the snippet would have gone (often a file or a pipe)
         _err(exc.report.to_text(colour=False))
         _err(f"tiexport: {exc}")
         return 1
     _emit(text, args.output, (args.model,))
+    if args.format == "tidl-json" and args.tidl_tools_path is None:
+        _err(f"tiexport: note: tidl_tools_path is the literal $TIDL_TOOLS_PATH; expand it (envsubst) to the tidl_tools "
+             f"built for {args.device} before use")
     return 0
 
 
 def _add_snippet(sub: argparse._SubParsersAction) -> None:
+    from tiexport.snippets import BENCHMARK_VERSIONS, FORMATS, TASKS
+
     p = sub.add_parser(
-        "snippet", help="generate edgeai-benchmark / TIDL delegate / model-zoo config from the model",
+        "snippet", help="generate edgeai-benchmark / TIDL delegate / model-zoo / tidlrunner config from the model",
         description="Generate deployment config for a validated QDQ model: an edgeai-benchmark config entry "
-                    "(benchmark), TIDL ONNX Runtime delegate options as Python (tidl) or JSON (tidl-json), or an "
-                    "edgeai-modelzoo style YAML (yaml). Scale type and options are derived from the model. Exit 1 "
-                    "when the model is not compatible with the device (findings on stderr).")
+                    "(benchmark), TIDL ONNX Runtime delegate options as Python (tidl) or JSON (tidl-json), an "
+                    "edgeai-benchmark / model-zoo YAML (yaml) or an edgeai-tidlrunner config (tidlrunner). Options "
+                    "and input normalization are derived from the model and agree across formats for the chosen "
+                    "edgeai-benchmark release. Exit 1 when the model is not compatible with the device (findings on "
+                    "stderr).")
     p.add_argument("model", help="the .onnx file")
     p.add_argument("--device", "-d", required=True, metavar="NAME",
                    help="TDA4VM, AM62A, AM67A, AM68A, AM69A or AM62 (aliases accepted)")
     _add_sdk_option(p)
-    p.add_argument("--format", "-f", choices=("benchmark", "tidl", "tidl-json", "yaml"), default="benchmark",
+    p.add_argument("--benchmark-version", metavar="V",
+                   help=f"edgeai-benchmark release to write for: {', '.join(BENCHMARK_VERSIONS)}, 10.x or 11.x "
+                        "(default: the one released with --sdk)")
+    p.add_argument("--format", "-f", choices=FORMATS, default="benchmark",
                    help="snippet kind (default: %(default)s)")
-    p.add_argument("--task", choices=("classification", "detection", "segmentation"), default="classification",
-                   help="pre/post-processing and metric key (default: %(default)s)")
-    p.add_argument("--model-path", metavar="P", help="model path written into the snippet (default: MODEL)")
+    p.add_argument("--task", choices=TASKS, default="classification",
+                   help="pre/post-processing, dataset and metric key (default: %(default)s)")
+    p.add_argument("--model-path", metavar="P",
+                   help="model path written into the snippet (default: MODEL's absolute path)")
     p.add_argument("--metric", action="append", metavar="KEY=VALUE",
                    help="model_info.metric_reference entry, e.g. accuracy_top1%%=72.4 (repeatable)")
     p.add_argument("--artifacts-folder", metavar="DIR",
                    help="TIDL artifacts folder (default: artifacts/<model>_<device>)")
     p.add_argument("--tidl-tools-path", metavar="DIR",
                    help="tidl_tools path for tidl/tidl-json (default: $TIDL_TOOLS_PATH)")
+    p.add_argument("--deny-layer-type", action="append", metavar="OP",
+                   help="keep this ONNX op type off TIDL (deny_list:layer_type; repeatable or comma-separated)")
+    p.add_argument("--deny-layer-name", action="append", metavar="NAME",
+                   help="keep this layer (its output(0) name) off TIDL (deny_list:layer_name; repeatable)")
+    p.add_argument("--meta-arch-type", type=int, metavar="N",
+                   help="detection: TIDL's object_detection:meta_arch_type (3 SSD, 4 YOLOv3, 5 RetinaNet/EfficientDet, "
+                        "6 YOLOX/v5/v7, 7 PointPillars, 8 YOLOv8); needs --meta-layers-names-list")
+    p.add_argument("--meta-layers-names-list", metavar="PROTOTXT",
+                   help="detection: the meta-architecture prototxt (object_detection:meta_layers_names_list)")
+    p.add_argument("--c7x-firmware-version", metavar="XX_YY_ZZ_WW",
+                   help="advanced_options:c7x_firmware_version for a firmware patch of the --sdk release line "
+                        "(SDK 10.0 on), e.g. 10_01_04_00")
     p.add_argument("--output", "-o", metavar="FILE", help="write the snippet to FILE instead of stdout")
     p.set_defaults(handler=_cmd_snippet)
 

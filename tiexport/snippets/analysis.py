@@ -175,20 +175,16 @@ def analyze_model(model: Any) -> ModelAnalysis:
 def scale_type(analysis: ModelAnalysis, device: str | DeviceProfile) -> int:
     """``advanced_options:quantization_scale_type`` for this model on this device (tidl.md §4).
 
-    QAT v1 -> 1; per-channel weights -> 4; all scales power of two -> 1; else 4, on every device, TDA4VM included
-    (TI compiles its per-channel affine QAT v2 model cl-6508 so for TDA4VM; see the module docstring). Raises
-    UsageError for a float model.
+    The device decides: 1 (power-of-2) on TDA4VM, 4 (non-power-of-2, per-channel) on the MMAv2 devices, for QDQ and
+    QAT v1 models alike. edgeai-benchmark applies its device preset after a YAML config's own options in every
+    release (r9.2 ``interfaces/get_configs_from_file.py`` L76-82, r11.2 L103-108) and after a Python entry's function
+    in 11.x (r11.2 ``core/runtime_options.py`` L171-178), so this is what TI's tools compile with whatever a config
+    asks; every snippet format states the same value. Raises UsageError for a float model.
     """
-    get_device(device)  # an unknown device is a usage error whatever the model
-    if analysis.format == FORMAT_QAT_V1:
-        return SCALE_TYPE_P2
-    if not analysis.quantized:
+    dev = get_device(device)  # an unknown device is a usage error whatever the model
+    if analysis.format != FORMAT_QAT_V1 and not analysis.quantized:
         raise UsageError(f"{analysis.name}: float model, no prequantized scale type applies")
-    if analysis.per_channel_weights:
-        return SCALE_TYPE_NP2_PERCHAN
-    if analysis.power_of_two:
-        return SCALE_TYPE_P2
-    return SCALE_TYPE_NP2_PERCHAN
+    return SCALE_TYPE_NP2_PERCHAN if dev.per_channel_weights else SCALE_TYPE_P2
 
 
 def benchmark_function(scale: int, fmt: str = FORMAT_QDQ) -> str:

@@ -53,8 +53,8 @@ def _yaml_scalar(v: Any) -> str:
         return _yaml_str(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_yaml_scalar(x) for x in v) + "]"
-    if isinstance(v, Mapping) and not v:
-        return "{}"
+    if isinstance(v, Mapping):  # a flow mapping (entries of a list such as input_details)
+        return "{" + ", ".join(f"{_yaml_str(str(k))}: {_yaml_scalar(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot emit {type(v).__name__} as a YAML scalar")
 
 
