@@ -213,7 +213,8 @@ def test_fix_and_snippet_take_the_sdk(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "(TIDL 10.1)" in report.to_text()
     text = snippet(tiny_conv(), "AM68A", "tidl", sdk="10.0")
     assert "checked against TIDL SDK 10.0" in text
-    assert runtime_options(tiny_conv(), "AM68A", sdk="9.2")["advanced_options:quantization_scale_type"] == 1
+    # the MMAv2 preset (4): what edgeai-benchmark 9.2's YAML loader compiles with (issue 17: formats agree)
+    assert runtime_options(tiny_conv(), "AM68A", sdk="9.2")["advanced_options:quantization_scale_type"] == 4
     path = tmp_path / "m.onnx"
     onnx.save(tiny_conv(opset=19), str(path))
     # an opset TIDL 10.0 cannot read: refused for 10.0, generated for 10.1
