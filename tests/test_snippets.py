@@ -534,3 +534,96 @@ def test_snippets_import_without_torch() -> None:
     code = ("import sys, tiexport\nfrom tiexport import snippet, runtime_options\n"
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# ------------------------------------------------------------------------------------------------ issue 17
+def test_input_normalization_comes_from_the_input_quantizer() -> None:
+    """uint8 input quantizer with scale s, zero point z: mean z, scale s (pixels land on its 256 steps exactly)."""
+    doc = yaml.safe_load(snippet(P2, "AM68A", "yaml"))
+    q = analyze_model(P2).inputs[0]
+    assert q.quant_dtype == "uint8" and q.quant_range is not None
+    s = (q.quant_range[1] - q.quant_range[0]) / 255
+    assert doc["session"]["input_scale"] == pytest.approx([s] * 3)
+    assert doc["session"]["input_mean"] == pytest.approx([-q.quant_range[0] / s] * 3)
+    assert "derived from the model's input quantizer" in snippet(P2, "AM68A", "benchmark")
+
+
+def test_unquantized_input_keeps_placeholders_and_says_so() -> None:
+    src = snippet(str(QAT_V1), "TDA4VM", "yaml")
+    assert "placeholders (ImageNet)" in src
+    assert yaml.safe_load(src)["session"]["input_mean"] == [123.675, 116.28, 103.53]
+
+
+@pytest.mark.parametrize("device", ["TDA4VM", "AM68A"])
+@pytest.mark.parametrize("version", ["9.2", "10.1", "11.2"])
+def test_all_formats_state_the_same_options(run_benchmark_entry: Any, device: str, version: str) -> None:
+    extras = {"deny_layer_types": ["Softmax"], "deny_layer_names": "conv1, conv2"}
+    ref = runtime_options(P2, device, benchmark_version=version, **extras)  # type: ignore[arg-type]
+    ref = {k: v for k, v in ref.items() if k not in ("tidl_tools_path", "artifacts_folder")}
+    assert ref["deny_list:layer_type"] == "Softmax" and ref["deny_list:layer_name"] == "conv1, conv2"
+    for fmt in ("yaml", "tidlrunner"):
+        rt = yaml.safe_load(snippet(P2, device, fmt, benchmark_version=version, **extras))["session"]["runtime_options"]
+        rt.pop("info", None)
+        assert rt == ref, fmt
+    _, cfg = run_benchmark_entry(snippet(P2, device, "benchmark", benchmark_version=version, **extras))
+    got = cfg["session"]["runtime_options"]
+    assert {k: got[k] for k in ref if k in got} == {k: v for k, v in ref.items() if k in got}
+    assert got["advanced_options:quantization_scale_type"] == ref["advanced_options:quantization_scale_type"]
+
+
+def test_detection_meta_architecture_options() -> None:
+    opts = runtime_options(P2, "AM68A", meta_arch_type=6, meta_layers_names_list="yolox.prototxt")
+    assert (opts["object_detection:meta_arch_type"], opts["object_detection:meta_layers_names_list"]) == (
+        6, "yolox.prototxt")
+    with pytest.raises(UsageError, match="both"):
+        runtime_options(P2, "AM68A", meta_arch_type=6)
+    with pytest.raises(UsageError, match="meta_arch_type"):
+        runtime_options(P2, "AM68A", meta_arch_type=1, meta_layers_names_list="x.prototxt")
+    with pytest.raises(UsageError, match="task detection"):
+        snippet(P2, "AM68A", "yaml", task="segmentation", meta_arch_type=6, meta_layers_names_list="x.prototxt")
+
+
+def test_c7x_firmware_version_checked_against_the_sdk() -> None:
+    opts = runtime_options(P2, "AM68A", sdk="10.1", c7x_firmware_version="10_01_04_00")
+    assert opts["advanced_options:c7x_firmware_version"] == "10_01_04_00"
+    with pytest.raises(UsageError, match="release line"):
+        runtime_options(P2, "AM68A", sdk="11.0", c7x_firmware_version="10_01_04_00")
+    with pytest.raises(UsageError, match=r"from TIDL SDK 10\.0"):
+        runtime_options(P2, "AM68A", sdk="9.2", c7x_firmware_version="09_02_00_00")
+    with pytest.raises(UsageError, match="look like"):
+        runtime_options(P2, "AM68A", c7x_firmware_version="11.0")
+
+
+def test_benchmark_version_shapes_the_run_instructions() -> None:
+    src11 = snippet(P2, "AM68A", "benchmark", benchmark_version="11.x")
+    assert "external_models_path" in src11 and "model_shortlist: 100" in src11
+    src92 = snippet(P2, "AM68A", "benchmark", benchmark_version="9.2")
+    assert "external_models_path" not in src92 and "datasets.get_datasets(settings)" in src92
+    assert "--configs_path" in src92
+    with pytest.raises(UsageError, match="unknown edgeai-benchmark version"):
+        snippet(P2, "AM68A", "benchmark", benchmark_version="8.6")
+
+
+def test_tidlrunner_config_names_its_blocks() -> None:
+    doc = yaml.safe_load(snippet(P2, "AM68A", "tidlrunner", task="segmentation"))
+    assert doc["preprocess"]["name"] == "image_preprocess"
+    assert doc["postprocess"]["name"] == "segmentation_postprocess"
+    assert "info" not in doc["session"]["runtime_options"]
+
+
+def test_tidl_python_imports_without_tidl_tools_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TIDL_TOOLS_PATH", raising=False)
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet(P2, "AM68A", "tidl"), "<tidl snippet>", "exec"), namespace)  # no KeyError at import
+    with pytest.raises(RuntimeError, match="TIDL_TOOLS_PATH"):
+        namespace["make_session"]()
+
+
+def test_cli_new_flags(model_files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["snippet", str(model_files["p2"]), "-d", "AM68A", "-f", "tidl-json", "--deny-layer-type", "Softmax",
+                 "--benchmark-version", "10.1", "--task", "detection", "--meta-arch-type", "6",
+                 "--meta-layers-names-list", "m.prototxt"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["deny_list:layer_type"] == "Softmax" and "envsubst" in err
+    assert main(["snippet", str(model_files["p2"]), "-d", "AM68A", "--c7x-firmware-version", "x"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
