@@ -182,9 +182,12 @@ def test_training_step_dispatches_one_fused_op_per_fake_quant_call(state: str) -
         w(data[0])
         w.freeze(freeze_bn=True, freeze_observers=True)
     counts = _count_fused_ops(lambda: nn.functional.cross_entropy(w(data[1]), labels).backward())
-    assert sum(counts.values()) == _fake_quant_calls(w) == 10, counts
-    # Conv+BN weights take the folded-weight op while batch norm updates
-    assert counts.get(f"{fused.NAMESPACE}::conv_bn_weight", 0) == (2 if state == "live" else 0), counts
+    forward = {name: n for name, n in counts.items() if not name.endswith("_backward")}
+    assert sum(forward.values()) == _fake_quant_calls(w) == 10, counts
+    # Conv+BN weights take the folded-weight op while batch norm updates, its backward one op too
+    conv_bn = 2 if state == "live" else 0
+    assert counts.get(f"{fused.NAMESPACE}::conv_bn_weight", 0) == conv_bn, counts
+    assert counts.get(f"{fused.NAMESPACE}::conv_bn_weight_backward", 0) == conv_bn, counts
 
 
 @pytest.mark.parametrize("qconfig_type", ["WC8_AT8", "WT8SYMP2_AT8SYMP2", "MSA_WC8P2_AT8P2"])
@@ -231,3 +234,20 @@ def test_export_after_fused_training_has_no_fused_op(exporter: str, tmp_path: ob
     model = onnx.load(path)
     assert all(n.domain != fused.NAMESPACE and "tiexport_qat" not in n.op_type for n in model.graph.node)
     assert {n.op_type for n in model.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+
+
+def test_fused_conv_bn_weight_with_a_frozen_batch_norm_scale_equals_the_unfused_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = batches((16, 1, 8, 8), 3, seed=16)
+    labels = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(16))
+    reference = QATFxModule(seeded(TinyCNN(channels=8, classes=10)), total_epochs=4, example_inputs=data[0])
+    for name, p in reference.named_parameters():
+        if name.endswith("bn.weight"):
+            p.requires_grad_(False)  # gamma not trained: only W's gradient through the folded weight
+    reference.train()
+    candidate = copy.deepcopy(reference)
+    expected = _train(reference, data, labels, False, monkeypatch)
+    got = _train(candidate, data, labels, True, monkeypatch)
+    _assert_same(reference, candidate, expected, got)
+    assert any(n.endswith("bn.weight") and p.grad is None for n, p in candidate.named_parameters())

@@ -73,11 +73,16 @@ def _conv_bn_forward(self: Any, x: Any) -> Any:
         if weight is None:
             factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape([-1] + [1] * (self.weight.dim() - 1))
             weight = self.weight_fake_quant(self.weight * factor) / factor
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return bn(self._conv_forward(x, weight.to(x.dtype), bias))
+        bias = None if self.bias is None else _as_dtype(self.bias, x.dtype)
+        return bn(self._conv_forward(x, _as_dtype(weight, x.dtype), bias))
     factor, bias = conv_bn_folding(self)
     weight = self.weight_fake_quant(_folded_weight(self, factor))
-    return self._conv_forward(x, weight, bias.to(x.dtype))
+    return self._conv_forward(x, weight, _as_dtype(bias, x.dtype))
+
+
+def _as_dtype(t: Any, dtype: Any) -> Any:
+    # t.to(dtype) returns t itself when the dtype matches, but still dispatches an op (one per conv per step)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _fused_training_weight(m: Any) -> Any:

@@ -42,7 +42,9 @@ def _host_read(owner: torch.nn.Module, slot: str, tensor: torch.Tensor, read: Ca
     if known is None and hit is not None and hit[0] is tensor and hit[1] == state:
         return hit[3]
     value = read(tensor) if known is None else known
-    cache[slot] = (tensor, state, tensor.detach(), value)
+    # the alias keeps the storage read alive; the one held already does while the storage is the same
+    alias = hit[2] if hit is not None and hit[0] is tensor and hit[1][1] == state[1] else tensor.detach()
+    cache[slot] = (tensor, state, alias, value)
     return value
 
 

@@ -11,8 +11,8 @@ namespace:
   scales, fake-quantize; backward likewise.
 - ``tiexport_qat::conv_bn_weight``: the weight a training-mode Conv+BN convolves with, ``fq(W * f) / f`` with
   ``f = gamma / sqrt(running_var + eps)`` per output channel (:mod:`tiexport.quantization.conv_bn`), observer
-  included; backward: the gradients of ``W`` and ``gamma`` by the formulas autograd applies to the unfused
-  expressions, in the same order, so bit for bit the same.
+  included; backward (``tiexport_qat::conv_bn_weight_backward``, one op): the gradients of ``W`` and ``gamma`` by
+  the formulas autograd applies to the unfused expressions, so bit for bit the same.
 
 Each op's CPU kernel is the existing vectorized CPU code (:mod:`~tiexport.quantization.kernels`, the observers'
 scalar path in :mod:`~tiexport.quantization.observers`), so results, gradients and buffers are bit for bit those
@@ -58,6 +58,10 @@ _LIB.define(
 _LIB.define(
     "fake_quant_weight(Tensor w, Tensor(a!) scale, Tensor(b!) zero_point, Tensor(c!) min_val, Tensor(d!) max_val, "
     "Tensor eps, bool observe, bool per_channel, int ch_axis, bool power_of_2, int quant_min, int quant_max) -> Tensor"
+)
+_LIB.define(
+    "conv_bn_weight_backward(Tensor grad, Tensor w, Tensor std, Tensor factor, Tensor q, Tensor fq_w, float lo, "
+    "float hi, bool need_w, bool need_gamma) -> (Tensor, Tensor)"
 )
 _LIB.define(
     "conv_bn_weight(Tensor w, Tensor gamma, Tensor running_var, float bn_eps, Tensor(a!) scale, "
@@ -240,34 +244,49 @@ class _ConvBnWeightFunction(torch.autograd.Function):
         factor = (gamma / std).reshape([-1] + [1] * (w.dim() - 1))
         q, lo, hi, s = _weight_grid(w * factor, *args)
         fq_w = q.clamp(lo, hi).mul_(s)
-        ctx.save_for_backward(w, gamma, std, factor, q, fq_w)
+        ctx.save_for_backward(w, std, factor, q, fq_w)
         ctx.bounds = (lo - 0.5, hi + 0.5)
         return fq_w / factor
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        w, gamma, std, factor, q, fq_w = ctx.saved_tensors
-        need_w, need_gamma = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_w = grad_gamma = None
-        # DivBackward0 of fq_w / factor (torch/csrc/autograd/FunctionsManual.cpp: div_tensor_self_backward,
-        # div_tensor_other_backward), both computed, as autograd does when both inputs need a gradient
-        grad_fq = grad / factor
-        grad_factor_div = None
-        if need_gamma:
-            grad_factor_div = (-grad * ((fq_w / factor) / factor)).sum_to_size(factor.shape)
-        # the straight-through gradient of the fake-quant
-        grad_scaled = cast(torch.Tensor, torch.ops.aten.hardtanh_backward(grad_fq, q, *ctx.bounds))
-        # MulBackward0 of w * factor: other first, then self, as mul_tensor_backward is called
-        if need_w:
-            grad_w = grad_scaled * factor
-        if need_gamma:
-            grad_factor_mul = (grad_scaled * w).sum_to_size(factor.shape)
-            assert grad_factor_div is not None
-            # the engine accumulates the second contribution into the first buffer: first + second
-            grad_factor = grad_factor_div + grad_factor_mul
-            # ViewBackward (reshape) and DivBackward0 of gamma / std: grad / std
-            grad_gamma = grad_factor.reshape(gamma.shape) / std
-        return (grad_w, grad_gamma) + (None,) * 13
+        w, std, factor, q, fq_w = ctx.saved_tensors
+        need_w, need_gamma = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+        grad_w, grad_gamma = torch.ops.tiexport_qat.conv_bn_weight_backward(
+            grad, w, std, factor, q, fq_w, ctx.bounds[0], ctx.bounds[1], need_w, need_gamma)
+        return (grad_w if need_w else None, grad_gamma if need_gamma else None) + (None,) * 13
+
+
+def _conv_bn_weight_backward(grad: torch.Tensor, w: torch.Tensor, std: torch.Tensor, factor: torch.Tensor,
+                             q: torch.Tensor, fq_w: torch.Tensor, lo: float, hi: float, need_w: bool,
+                             need_gamma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``W`` and ``gamma`` (an empty tensor for one not needed) through ``fq(W * f) / f``, as
+    :class:`_ConvBnWeightFunction` says, in one dispatched op."""
+    grad_w = grad_gamma = None
+    # DivBackward0 of fq_w / factor (torch/csrc/autograd/FunctionsManual.cpp: div_tensor_self_backward,
+    # div_tensor_other_backward), both computed, as autograd does when both inputs need a gradient
+    grad_fq = grad / factor
+    grad_factor_div = None
+    if need_gamma:
+        grad_factor_div = (-grad * ((fq_w / factor) / factor)).sum_to_size(factor.shape)
+    # the straight-through gradient of the fake-quant
+    grad_scaled = cast(torch.Tensor, torch.ops.aten.hardtanh_backward(grad_fq, q, lo, hi))
+    # MulBackward0 of w * factor
+    if need_w:
+        grad_w = grad_scaled * factor
+    if need_gamma:
+        grad_factor_mul = (grad_scaled * w).sum_to_size(factor.shape)
+        assert grad_factor_div is not None
+        # the two contributions to factor's gradient, added (float addition commutes: the engine's order of
+        # accumulation does not matter)
+        grad_factor = grad_factor_div + grad_factor_mul
+        # ViewBackward (reshape) and DivBackward0 of gamma / std: grad / std
+        grad_gamma = grad_factor.reshape(std.shape) / std
+    empty = grad.new_empty(0)
+    return (empty if grad_w is None else grad_w), (empty if grad_gamma is None else grad_gamma)
+
+
+_LIB.impl("conv_bn_weight_backward", _conv_bn_weight_backward, "CPU")
 
 
 def _conv_bn_weight_autograd(*args: Any) -> torch.Tensor:
