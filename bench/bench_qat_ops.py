@@ -166,9 +166,11 @@ def _run(cfg: Config) -> list[Section]:
             ("float step", functools.partial(_float, factory, dev), True),
             ("QATFxModule, live", functools.partial(ours, False), True),
             ("QATFxModule, BN+observers frozen", functools.partial(ours, True), True),
-            ("QATFxModule unfused (FUSED_OPS=False), live", functools.partial(ours, False), False),
-            ("QATFxModule unfused (FUSED_OPS=False), BN+observers frozen", functools.partial(ours, True), False),
         ]
+        if not cfg.quick:  # the path before the fused ops, for the record
+            rows += [("QATFxModule unfused (FUSED_OPS=False), live", functools.partial(ours, False), False),
+                     ("QATFxModule unfused (FUSED_OPS=False), BN+observers frozen", functools.partial(ours, True),
+                      False)]
         if peers:
             theirs = functools.partial(_torch_ao, factory, batches, dev)
             rows += [("torch.ao prepare_qat_fx, live", functools.partial(theirs, False), True),
@@ -207,8 +209,10 @@ def _run(cfg: Config) -> list[Section]:
         # ---- step time, fused vs unfused (interleaved rounds), for the record: fusion saves dispatch only
         k = 2 if cfg.quick else 5  # steps per timed block
         timed: dict[str, Callable[[], None]] = {}
-        labels = ["float step", "QATFxModule, live", "QATFxModule unfused (FUSED_OPS=False), live",
-                  "QATFxModule, BN+observers frozen", "QATFxModule unfused (FUSED_OPS=False), BN+observers frozen"]
+        labels = [label for label in ("float step", "QATFxModule, live", "QATFxModule unfused (FUSED_OPS=False), live",
+                                      "QATFxModule, BN+observers frozen",
+                                      "QATFxModule unfused (FUSED_OPS=False), BN+observers frozen")
+                  if label in steppers]
         if peers:
             labels.append("torch.ao prepare_qat_fx, live")
         for label in labels:

@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, str] = {
     "parity": "bench.bench_parity",
     "scaling": "bench.bench_scaling",
     "qat": "bench.bench_qat",
+    "qat-ops": "bench.bench_qat_ops",
 }
 
 

@@ -55,7 +55,7 @@ def test_quick_run_fits_the_ci_budget(quick_run: QuickRun) -> None:
     assert quick_run.seconds < BUDGET_S, f"run_all --quick took {quick_run.seconds:.1f} s"
 
 
-@pytest.mark.parametrize("key", ["validate", "fix", "parity", "scaling", "qat", "ptc"])
+@pytest.mark.parametrize("key", ["validate", "fix", "parity", "scaling", "qat", "ptc", "qat-ops"])
 def test_quick_run_prints_each_section(quick_run: QuickRun, key: str) -> None:
     begin, end = f"<!-- BEGIN bench:{key} -->", f"<!-- END bench:{key} -->"
     assert begin in quick_run.stdout and end in quick_run.stdout, quick_run.stderr[-2000:]
@@ -73,3 +73,25 @@ def test_resnet50_model_has_resnet50_size() -> None:
     from bench.models import parameter_count, resnet50
 
     assert parameter_count(resnet50()) == 25_557_032  # torchvision's ResNet-50 count, same layout
+
+
+@pytest.mark.parametrize(("model", "batch"), [("digits CNN", 16), ("ResNet-20 32x32", 4)])
+def test_qat_step_dispatches_no_more_ops_than_torch_ao(model: str, batch: int) -> None:
+    # issue 20's target on both bench models, observers live: top-level ops per training step <= torch.ao's
+    torch = pytest.importorskip("torch")
+    from bench.bench_qat import _batches, _factory
+    from bench.bench_qat_ops import _one_step, _tiexport, _torch_ao, count_step_ops
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data, factory = _batches(model, batch, 3), _factory(model)
+        counts = {}
+        for name, make in (("tiexport", _tiexport), ("torch.ao", _torch_ao)):
+            step = _one_step(make(factory, data, "cpu", False), data, "cpu")
+            step()
+            step()
+            counts[name] = count_step_ops(step).top
+    finally:
+        torch.set_num_threads(threads)
+    assert counts["tiexport"] <= counts["torch.ao"], counts
