@@ -129,6 +129,31 @@ def _torch_ao_qat(model: Any, example: Any) -> Any:
         return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping(), (example,))
 
 
+def _torch_ao_frozen(model: Any) -> Any:
+    """torch.ao's late-epoch state: observers disabled, batch-norm statistics frozen."""
+    import torch
+
+    model.apply(torch.ao.quantization.disable_observer)
+    model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+    return model
+
+
+def _unfused(steps: Callable[[], None]) -> Callable[[], None]:
+    """``steps`` with tiexport's fused QAT ops switched off (the unfused reference path)."""
+
+    def run() -> None:
+        from tiexport.quantization import fused
+
+        before = fused.FUSED_OPS
+        fused.FUSED_OPS = False
+        try:
+            steps()
+        finally:
+            fused.FUSED_OPS = before
+
+    return run
+
+
 def _torch_ao_ptq(model: Any, example: Any) -> Any:
     import warnings
 
@@ -189,9 +214,14 @@ def _run(cfg: Config) -> list[Section]:
             funcs["QATFxModule step, observers frozen (BN updating)"] = qat_steps(freeze=(False, True))
             # the cost of the exact per-batch percentile (range shrink), which torch.ao's observers do not compute
             funcs["QATFxModule step, range shrink off"] = qat_steps(range_shrink_percentile=0.0)
+            # the path before the fused ops of issue 20 (tiexport.quantization.fused; CPU only)
+            funcs["QATFxModule step, unfused (FUSED_OPS=False)"] = _unfused(qat_steps())
         if peers:
             funcs["torch.ao prepare_qat_fx step"] = _train_steps(_torch_ao_qat(_fresh(factory, dev), example),
                                                                  batches, k, dev)
+            if not cfg.quick:  # next to QATFxModule's frozen row
+                funcs["torch.ao prepare_qat_fx step, BN+observers frozen"] = _train_steps(
+                    _torch_ao_frozen(_torch_ao_qat(_fresh(factory, dev), example)), batches, k, dev)
         t = time_callables(funcs, cfg, warmup=1)
         for tm in t.values():  # per step
             tm.walls = [w / k for w in tm.walls]

@@ -118,15 +118,10 @@ def _tiexport(factory: Callable[[], Any], batches: list[tuple[Any, Any]], dev: s
 
 
 def _torch_ao(factory: Callable[[], Any], batches: list[tuple[Any, Any]], dev: str, frozen: bool) -> Any:
-    import torch
-
-    from bench.bench_qat import _fresh, _torch_ao_qat
+    from bench.bench_qat import _fresh, _torch_ao_frozen, _torch_ao_qat
 
     model = _torch_ao_qat(_fresh(factory, dev), batches[0][0])
-    if frozen:
-        model.apply(torch.ao.quantization.disable_observer)
-        model.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
-    return model
+    return _torch_ao_frozen(model) if frozen else model
 
 
 def run(cfg: Config) -> list[Section]:

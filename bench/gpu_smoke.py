@@ -3,6 +3,12 @@
 Run on a machine with a GPU: ``python bench/gpu_smoke.py --out DIR`` (``--device cpu`` runs the same steps on the
 CPU). Writes ``DIR/gpu_smoke.json`` with one record per case and exits 1 if any case failed. Small models and few
 steps: this checks that nothing in the wrapper or the exporter hard-codes the CPU, not accuracy.
+
+``--bench`` then runs the QAT benchmarks on the same device, one script for a device session (issue 20):
+``bench/bench_qat.py`` (QAT step / float step, live and frozen, next to torch.ao's; PTC calibration) and
+``bench/bench_qat_ops.py`` (ops and kernel launches per step, ours vs torch.ao's). Their sections go to
+``DIR/RESULTS-<device>.md`` (copy them into bench/RESULTS.md) and their verdicts into ``gpu_smoke.json``; a
+benchmark MISS does not fail the smoke run, a benchmark that raises does. ``--runs`` sets the timed rounds.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--seed", type=int, default=0, help="torch seed at the start of every case")
+    parser.add_argument("--bench", action="store_true", help="then run the QAT benchmarks on the device")
+    parser.add_argument("--runs", type=int, default=5, help="timed rounds per benchmark contender (--bench)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -114,15 +122,41 @@ def main(argv: list[str] | None = None) -> int:
     _case("qat_cnn_WT8SYMP2_AT8SYMP2_TDA4VM", seeded(qat_cnn_tda4vm), records)
     _case("ptc_transformer_torchscript", seeded(lambda: ptc_transformer("torchscript")), records)
     _case("ptc_transformer_dynamo", seeded(lambda: ptc_transformer("dynamo")), records)
+    if args.bench:
+        for module in ("bench.bench_qat", "bench.bench_qat_ops"):
+            _case(f"bench {module}", lambda module=module: _bench(module, dev.type, args.out, args.runs), records)
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(dev),
            "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None}
     (args.out / "gpu_smoke.json").write_text(json.dumps({"env": env, "cases": records}, indent=2))
     for r in records:
         line = f"{'OK  ' if r['ok'] else 'FAIL'} {r['case']} {r['seconds']}s"
-        line += f" parity: {r.get('parity')} verdicts: {r.get('verdicts')}" if r["ok"] else f" {r['error']}"
+        if r["ok"] and "checks" in r:
+            line += "".join(f"\n     {c}" for c in r["checks"])
+        elif r["ok"]:
+            line += f" parity: {r.get('parity')} verdicts: {r.get('verdicts')}"
+        else:
+            line += f" {r['error']}"
         print(line)
     print(json.dumps(env))
     return 0 if all(r["ok"] for r in records) else 1
+
+
+def _bench(module: str, device: str, out: Path, runs: int) -> dict[str, Any]:
+    """Run one benchmark module on ``device``; its sections go to ``out/RESULTS-<device>.md``."""
+    import importlib
+
+    from bench.common import Config, emit
+
+    cfg = Config(quick=False, runs=runs, warmup=1, work=out / "bench_work", peers=True,
+                 results=out / f"RESULTS-{device}.md", torch_device=device)
+    cfg.work.mkdir(parents=True, exist_ok=True)
+    sections = importlib.import_module(module).run(cfg)
+    emit(sections, cfg)
+    failed = [s.key for s in sections if s.status == "failed"]
+    if failed:
+        raise RuntimeError(f"benchmark sections failed: {', '.join(failed)}")
+    return {"checks": [f"{'PASS' if c.passed else 'MISS'} {c.metric}: {c.value:.3g} ({c.target})"
+                       for s in sections for c in s.checks]}
 
 
 if __name__ == "__main__":

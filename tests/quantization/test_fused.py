@@ -184,10 +184,11 @@ def test_training_step_dispatches_one_fused_op_per_fake_quant_call(state: str) -
     counts = _count_fused_ops(lambda: nn.functional.cross_entropy(w(data[1]), labels).backward())
     forward = {name: n for name, n in counts.items() if not name.endswith("_backward")}
     assert sum(forward.values()) == _fake_quant_calls(w) == 10, counts
-    # Conv+BN weights take the folded-weight op while batch norm updates, its backward one op too
-    conv_bn = 2 if state == "live" else 0
-    assert counts.get(f"{fused.NAMESPACE}::conv_bn_weight", 0) == conv_bn, counts
-    assert counts.get(f"{fused.NAMESPACE}::conv_bn_weight_backward", 0) == conv_bn, counts
+    # Conv+BN weights take the folded-weight op while batch norm updates, the frozen folding op once it is frozen;
+    # their backward is one op too
+    op = "conv_bn_weight" if state == "live" else "conv_bn_frozen"
+    assert counts.get(f"{fused.NAMESPACE}::{op}", 0) == 2, counts
+    assert counts.get(f"{fused.NAMESPACE}::{op}_backward", 0) == 2, counts
 
 
 @pytest.mark.parametrize("qconfig_type", ["WC8_AT8", "WT8SYMP2_AT8SYMP2", "MSA_WC8P2_AT8P2"])
@@ -251,3 +252,20 @@ def test_fused_conv_bn_weight_with_a_frozen_batch_norm_scale_equals_the_unfused_
     got = _train(candidate, data, labels, True, monkeypatch)
     _assert_same(reference, candidate, expected, got)
     assert any(n.endswith("bn.weight") and p.grad is None for n, p in candidate.named_parameters())
+
+
+@pytest.mark.parametrize("bn_frozen", [False, True])
+def test_fused_conv_bn_without_conv_bias_equals_the_unfused_path(bn_frozen: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    data = batches((16, 1, 8, 8), 3, seed=17)
+    labels = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(17))
+    model = seeded(TinyCNN(channels=8, classes=10))
+    model.conv1.bias = None  # type: ignore[assignment]  # the bench models' convolutions have no bias
+    reference = QATFxModule(model, total_epochs=4, qconfig_type="WC8SYMP2_AT8SYMP2", example_inputs=data[0])
+    reference.train()
+    if bn_frozen:
+        reference.freeze(freeze_bn=True, freeze_observers=False)  # statistics frozen, observers live
+    candidate = copy.deepcopy(reference)
+    expected = _train(reference, data, labels, False, monkeypatch)
+    got = _train(candidate, data, labels, True, monkeypatch)
+    _assert_same(reference, candidate, expected, got)

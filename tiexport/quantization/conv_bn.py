@@ -75,8 +75,12 @@ def _conv_bn_forward(self: Any, x: Any) -> Any:
             weight = self.weight_fake_quant(self.weight * factor) / factor
         bias = None if self.bias is None else _as_dtype(self.bias, x.dtype)
         return bn(self._conv_forward(x, _as_dtype(weight, x.dtype), bias))
-    factor, bias = conv_bn_folding(self)
-    weight = self.weight_fake_quant(_folded_weight(self, factor))
+    fused_out = _fused_frozen_weight_and_bias(self)
+    if fused_out is not None:
+        weight, bias = fused_out
+    else:
+        factor, bias = conv_bn_folding(self)
+        weight = self.weight_fake_quant(_folded_weight(self, factor))
     return self._conv_forward(x, weight, _as_dtype(bias, x.dtype))
 
 
@@ -85,22 +89,50 @@ def _as_dtype(t: Any, dtype: Any) -> Any:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _fused_training_weight(m: Any) -> Any:
-    """``fq(W * f) / f`` by the fused op (:func:`tiexport.quantization.fused.conv_bn_weight`, bit for bit the
-    expressions of :func:`_conv_bn_forward`) when it applies: a training step on CPU with a tiexport weight
-    fake-quant that a plain call would send to its fused op (no hooks, no bias-calibration probe). Else None."""
+def _fused_observe(m: Any, frozen: bool) -> bool | None:
+    """Whether the fused Conv+BN op applies to ``m`` in this forward: None if not, else whether its weight
+    fake-quant observes. It applies where a plain call of the weight fake-quant would take its fused op
+    (``TidlFakeQuantize._fused_observe``), with autograd on, a float32 CPU batch norm, and nothing attached to the
+    fake-quant that the op would bypass (hooks, bias calibration's probe)."""
     fq = m.weight_fake_quant
-    weight, gamma, running_var = m.weight, m.bn.weight, m.bn.running_var
+    weight, bn = m.weight, m.bn
+    tensors = [bn.weight, bn.running_var] + ([bn.bias, bn.running_mean] if frozen else [])
+    if frozen and m.bias is not None:
+        tensors.append(m.bias)
     if not (isinstance(fq, TidlFakeQuantize) and torch.is_grad_enabled() and weight.requires_grad
             and isinstance(fq.activation_post_process, WeightObserver) and not fq.bypass and fq.probe is None
             and not (fq._forward_hooks or fq._forward_pre_hooks or fq._backward_hooks)
-            and gamma.dtype == torch.float32 and gamma.device.type == "cpu" and running_var.dtype == torch.float32):
+            and all(t is not None and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)):
         return None
     observe = fq._fused_observe(weight)
+    if observe is not None:
+        fq.__dict__.pop("_output_cache", None)
+    return observe
+
+
+def _fused_training_weight(m: Any) -> Any:
+    """``fq(W * f) / f`` by the fused op (:func:`tiexport.quantization.fused.conv_bn_weight`, bit for bit the
+    expressions of :func:`_conv_bn_forward`) when it applies (:func:`_fused_observe`), else None."""
+    observe = _fused_observe(m, frozen=False)
     if observe is None:
         return None
-    fq.__dict__.pop("_output_cache", None)
-    out = fused.conv_bn_weight(weight, gamma, running_var, m.bn.eps, fq, fq.activation_post_process, observe)
+    fq = m.weight_fake_quant
+    out = fused.conv_bn_weight(m.weight, m.bn.weight, m.bn.running_var, m.bn.eps, fq, fq.activation_post_process,
+                               observe)
+    if observe:
+        fq._zero_points_zero(True)
+    return out
+
+
+def _fused_frozen_weight_and_bias(m: Any) -> tuple[Any, Any] | None:
+    """``(fq(W * f), beta + (b_c - mean) * f)`` of a frozen batch norm (:func:`conv_bn_folding`) by the fused op
+    (:func:`tiexport.quantization.fused.conv_bn_frozen`, bit for bit) when it applies, else None."""
+    observe = _fused_observe(m, frozen=True)
+    if observe is None:
+        return None
+    fq, bn = m.weight_fake_quant, m.bn
+    out = fused.conv_bn_frozen(m.weight, bn.weight, bn.bias, m.bias, bn.running_mean, bn.running_var, bn.eps, fq,
+                               fq.activation_post_process, observe)
     if observe:
         fq._zero_points_zero(True)
     return out

@@ -1,5 +1,6 @@
 """TidlFakeQuantize: a plain ``FakeQuantize`` whose dtype, range and qscheme follow its observer, with torch's
-fake-quant numerics computed by :mod:`tiexport.quantization.kernels` and no host syncs on CUDA.
+fake-quant numerics computed by :mod:`tiexport.quantization.kernels` and no host syncs on CUDA. On CPU a call is one
+fused op (observe + fake-quant, :mod:`tiexport.quantization.fused`) where the fast paths apply.
 
 A plain :class:`torch.ao.quantization.FakeQuantize` subclass, never ``FusedMovingAvgObsFakeQuantize``: the fused op
 has no ONNX symbolic (tidl.md §6, item 3), the plain one exports as QuantizeLinear/DequantizeLinear.

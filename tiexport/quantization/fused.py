@@ -1,31 +1,38 @@
-"""Fused QAT ops: one dispatched op per fake-quant point and step, forward and backward, instead of 10-40.
+"""Fused QAT ops: one dispatched op per fake-quant call, forward and backward, instead of 10-40.
 
 A training step of a small network on a GPU is launch-bound, and on CPU each small tensor op costs microseconds of
 dispatch; torch.ao's default QAT observes and fake-quantizes in one op (``fused_moving_avg_obs_fake_quant``) with
 one backward op. These are tiexport's counterparts, registered with ``torch.library`` in the ``tiexport_qat``
 namespace:
 
-- ``tiexport_qat::fake_quant_activation``: an activation point in training: observe (range shrink, aggregation),
-  compute and write the qparams, fake-quantize; backward: the straight-through gradient (one ``hardtanh_backward``).
-- ``tiexport_qat::fake_quant_weight``: a weight in training: observe it (per channel or per tensor), write the
-  scales, fake-quantize; backward likewise.
-- ``tiexport_qat::conv_bn_weight``: the weight a training-mode Conv+BN convolves with, ``fq(W * f) / f`` with
+- ``fake_quant_activation``: an activation: observe (range shrink, aggregation), compute and write the qparams,
+  fake-quantize; backward: the straight-through gradient (one ``hardtanh_backward``).
+- ``fake_quant_weight``: a weight: observe it (per channel or per tensor), write the scales, fake-quantize;
+  backward likewise.
+- ``conv_bn_weight``: the weight a Conv+BN convolves with while batch norm updates, ``fq(W * f) / f`` with
   ``f = gamma / sqrt(running_var + eps)`` per output channel (:mod:`tiexport.quantization.conv_bn`), observer
-  included; backward (``tiexport_qat::conv_bn_weight_backward``, one op): the gradients of ``W`` and ``gamma`` by
-  the formulas autograd applies to the unfused expressions, so bit for bit the same.
+  included; backward (``conv_bn_weight_backward``, one op): the gradients of ``W`` and ``gamma``.
+- ``conv_bn_frozen``: with frozen statistics, the folded weight ``fq(W * f)`` and bias ``beta + (b_c - mean) * f``
+  (:func:`~tiexport.quantization.conv_bn.conv_bn_folding`); backward (``conv_bn_frozen_backward``): the gradients
+  of ``W``, ``gamma``, ``beta`` and ``b_c``.
 
-Each op's CPU kernel is the existing vectorized CPU code (:mod:`~tiexport.quantization.kernels`, the observers'
-scalar path in :mod:`~tiexport.quantization.observers`), so results, gradients and buffers are bit for bit those
+The backward ops apply the formulas autograd applies to the unfused expressions (torch's derivatives.yaml), and
+each op's CPU kernel is the existing vectorized CPU code (:mod:`~tiexport.quantization.kernels`, the observers'
+scalar path in :mod:`~tiexport.quantization.observers`), so outputs, gradients and buffers are bit for bit those
 of the unfused path (tests hold it for every qconfig type, live and frozen, range shrink on and off). On CPU the
-fusion saves dispatch and Python overhead only, the arithmetic is unchanged. Only CPU kernels are registered: on
-CUDA (and under DDP, where activation observers reduce across ranks) the unfused, sync-free tensor path runs as
-before; a CUDA kernel (Triton, or a ``torch.compile`` of the tensor path) would register under the same schemas,
-which is what it takes to cut the kernel launches of a GPU step.
+fusion saves dispatch and Python overhead only, the arithmetic is unchanged. The activation and weight ops serve
+every CPU forward the fast paths cover (training, PTC calibration, evaluation: without autograd the CPU kernel
+runs, clipping in place and saving nothing); the Conv+BN ops serve autograd steps.
+
+Only CPU kernels are registered: on CUDA (and under DDP, where activation observers reduce across ranks) the
+unfused, sync-free tensor path runs as before. A CUDA kernel (Triton, or a ``torch.compile`` of the tensor path)
+registered under the same schemas is what it takes to cut the kernel launches of a GPU step.
 
 The ops mutate the fake-quant's and observer's buffers, which ``torch.library``'s functional autograd registration
-does not allow, so each op's autograd kernel (``AutogradCPU``) is an :class:`torch.autograd.Function` registered
-directly. Nothing here reaches an export: ``tiexport.export`` replaces every fake-quant's forward before tracing.
-:data:`FUSED_OPS` switches them off (read at call time as ``fused.FUSED_OPS``): the tests' unfused reference.
+does not allow, so each op's autograd kernel (``AutogradCPU``) is a :class:`torch.autograd.Function` registered
+directly (eager mode; ``torch.compile`` would need functional variants). Nothing here reaches an export:
+``tiexport.export`` replaces every fake-quant's forward before tracing. :data:`FUSED_OPS` switches the ops off
+(read at call time as ``fused.FUSED_OPS``): the tests' unfused reference.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ from tiexport.quantization.kernels import (
 )
 from tiexport.quantization.observers import observe_scalar, qparams_scalar, weight_range, weight_scale
 
-__all__ = ["FUSED_OPS", "NAMESPACE", "conv_bn_weight", "fake_quant_activation", "fake_quant_weight"]
+__all__ = ["FUSED_OPS", "NAMESPACE", "conv_bn_frozen", "conv_bn_weight", "fake_quant_activation",
+           "fake_quant_weight"]
 
 #: The fused ops in training steps on CPU. Tests turn it off to run the unfused reference path.
 FUSED_OPS = True
@@ -58,6 +66,17 @@ _LIB.define(
 _LIB.define(
     "fake_quant_weight(Tensor w, Tensor(a!) scale, Tensor(b!) zero_point, Tensor(c!) min_val, Tensor(d!) max_val, "
     "Tensor eps, bool observe, bool per_channel, int ch_axis, bool power_of_2, int quant_min, int quant_max) -> Tensor"
+)
+_LIB.define(
+    "conv_bn_frozen(Tensor w, Tensor gamma, Tensor beta, Tensor? conv_bias, Tensor running_mean, "
+    "Tensor running_var, float bn_eps, Tensor(a!) scale, Tensor(b!) zero_point, Tensor(c!) min_val, "
+    "Tensor(d!) max_val, Tensor eps, bool observe, bool per_channel, int ch_axis, bool power_of_2, int quant_min, "
+    "int quant_max) -> (Tensor, Tensor)"
+)
+_LIB.define(
+    "conv_bn_frozen_backward(Tensor grad_weight, Tensor grad_bias, Tensor w, Tensor std, Tensor factor, "
+    "Tensor centered, Tensor q, float lo, float hi, bool need_w, bool need_gamma, bool need_beta, "
+    "bool need_conv_bias) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 _LIB.define(
     "conv_bn_weight_backward(Tensor grad, Tensor w, Tensor std, Tensor factor, Tensor q, Tensor fq_w, float lo, "
@@ -305,3 +324,95 @@ def conv_bn_weight(w: torch.Tensor, gamma: torch.Tensor, running_var: torch.Tens
     channel), the weight fake-quant ``fq`` observing when ``observe``, in one dispatched op."""
     return cast(torch.Tensor, torch.ops.tiexport_qat.conv_bn_weight(
         w, gamma, running_var, float(bn_eps), *_weight_args(fq, observer, observe)))
+
+
+# ------------------------------------------------------------------------- Conv+BN, batch norm frozen
+def _frozen_folding(w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, conv_bias: torch.Tensor | None,
+                    running_mean: torch.Tensor, running_var: torch.Tensor,
+                    bn_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`~tiexport.quantization.conv_bn.conv_bn_folding` and the folded weight, expression for expression:
+    ``(folded weight, bias, std, factor reshaped per output channel, b_c - mean)``."""
+    std = torch.sqrt(running_var + bn_eps)
+    factor = gamma / std
+    centered = (conv_bias if conv_bias is not None else torch.zeros_like(std)) - running_mean
+    bias = beta + centered * factor
+    factor_r = factor.reshape([-1] + [1] * (w.dim() - 1))
+    return w * factor_r, bias, std, factor_r, centered
+
+
+def _conv_bn_frozen_cpu(w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, conv_bias: torch.Tensor | None,
+                        running_mean: torch.Tensor, running_var: torch.Tensor, bn_eps: float,
+                        *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    folded, bias, _, _, _ = _frozen_folding(w, gamma, beta, conv_bias, running_mean, running_var, bn_eps)
+    return _weight_cpu(folded, *args), bias
+
+
+class _ConvBnFrozenFunction(torch.autograd.Function):
+    """``(fq(W * f), beta + (b_c - mean) * f)`` with ``f = gamma / sqrt(var + eps)``: the frozen-statistics Conv+BN
+    of :mod:`~tiexport.quantization.conv_bn`, whose backward (one op) applies autograd's formulas for those
+    expressions: the straight-through gradient, ``MulBackward0`` of ``W * f`` (``g * f`` for ``W``, ``g * W``
+    summed to ``f``'s shape, then ``ViewBackward``), ``AddBackward0`` (the bias gradient for ``beta``),
+    ``MulBackward0`` of ``(b_c - mean) * f`` (``g * f`` for ``b_c`` through ``SubBackward0``, ``g * (b_c - mean)``
+    for ``f``), the two contributions to ``f`` added, ``DivBackward0`` for ``gamma`` (``g / std``)."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, conv_bias: torch.Tensor | None,
+                running_mean: torch.Tensor, running_var: torch.Tensor, bn_eps: float,
+                *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        folded, bias, std, factor_r, centered = _frozen_folding(w, gamma, beta, conv_bias, running_mean,
+                                                                running_var, bn_eps)
+        q, lo, hi, s = _weight_grid(folded, *args)
+        ctx.save_for_backward(w, std, factor_r, centered, q)
+        ctx.bounds = (lo - 0.5, hi + 0.5)
+        return q.clamp(lo, hi).mul_(s), bias
+
+    @staticmethod
+    def backward(ctx: Any, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w, std, factor_r, centered, q = ctx.saved_tensors
+        needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+        grads = torch.ops.tiexport_qat.conv_bn_frozen_backward(
+            grad_weight, grad_bias, w, std, factor_r, centered, q, ctx.bounds[0], ctx.bounds[1], *needs)
+        return tuple(g if need else None for g, need in zip(grads, needs, strict=True)) + (None,) * 14
+
+
+def _conv_bn_frozen_backward(grad_weight: torch.Tensor, grad_bias: torch.Tensor, w: torch.Tensor,
+                             std: torch.Tensor, factor_r: torch.Tensor, centered: torch.Tensor, q: torch.Tensor,
+                             lo: float, hi: float, need_w: bool, need_gamma: bool, need_beta: bool,
+                             need_conv_bias: bool) -> tuple[torch.Tensor, ...]:
+    """The gradients of ``W``, ``gamma``, ``beta`` and ``b_c`` (an empty tensor for one not needed), as
+    :class:`_ConvBnFrozenFunction` says, in one dispatched op."""
+    empty = grad_weight.new_empty(0)
+    grad_w = grad_gamma = grad_beta = grad_conv_bias = empty
+    grad_folded = cast(torch.Tensor, torch.ops.aten.hardtanh_backward(grad_weight, q, lo, hi))
+    if need_w:
+        grad_w = grad_folded * factor_r
+    if need_conv_bias:
+        grad_conv_bias = grad_bias * factor_r.reshape(std.shape)
+    if need_beta:
+        grad_beta = grad_bias.clone()  # a fresh tensor: an op's outputs must not alias its inputs
+    if need_gamma:
+        grad_factor_weight = (grad_folded * w).sum_to_size(factor_r.shape).reshape(std.shape)
+        grad_factor_bias = grad_bias * centered
+        grad_gamma = (grad_factor_bias + grad_factor_weight) / std
+    return grad_w, grad_gamma, grad_beta, grad_conv_bias
+
+
+def _conv_bn_frozen_autograd(w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, *args: Any) -> Any:
+    if torch.is_grad_enabled() and (w.requires_grad or gamma.requires_grad or beta.requires_grad
+                                    or (args[0] is not None and args[0].requires_grad)):
+        return _ConvBnFrozenFunction.apply(w, gamma, beta, *args)
+    return _conv_bn_frozen_cpu(w, gamma, beta, *args)
+
+
+_LIB.impl("conv_bn_frozen", _conv_bn_frozen_cpu, "CPU")
+_LIB.impl("conv_bn_frozen", _conv_bn_frozen_autograd, "AutogradCPU")
+_LIB.impl("conv_bn_frozen_backward", _conv_bn_frozen_backward, "CPU")
+
+
+def conv_bn_frozen(w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, conv_bias: torch.Tensor | None,
+                   running_mean: torch.Tensor, running_var: torch.Tensor, bn_eps: float, fq: Any, observer: Any,
+                   observe: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake-quantized folded weight and the folded bias of a Conv+BN with frozen statistics, in one op."""
+    weight, bias = torch.ops.tiexport_qat.conv_bn_frozen(
+        w, gamma, beta, conv_bias, running_mean, running_var, float(bn_eps), *_weight_args(fq, observer, observe))
+    return weight, bias
