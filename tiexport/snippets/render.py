@@ -321,6 +321,11 @@ def _config_doc(checked: Checked, extras: CompileExtras, task: str, model_path: 
         "output_details": None,
         "num_inputs": len(a.inputs),
     }
+    if not dev.accelerator:
+        # 9.2/10.0 build the YAML session from these keys alone, whose tidl_offload defaults to on: AM62 fails with
+        # "Unknown Provider Type: TIDLCompilationProvider" unless the config turns it off (the Python entry gets it
+        # from the preset through get_onnx_session_cfg)
+        session["tidl_offload"] = False
     return {
         "task_type": task,
         "dataset_category": t.dataset,
@@ -368,11 +373,19 @@ def tidlrunner_yaml(checked: Checked, extras: CompileExtras, task: str, model_pa
         f"{dev}).",
         "# input_dataset names tidlrunner's dataset (its data/datasets); add a dataloader: section to use your own.",
     ]
+    if checked.device.accelerator and not checked.device.per_channel_weights:
+        header.append(f"# Caution: edgeai-tidlrunner main (11.2.1) was seen to compile for {dev} with "
+                      "quantization_scale_type 4 whatever this config or --quantization_scale_type says "
+                      "(bench/conformance_snippets.py); TIDL documents 1 only on this device, so compile for it with "
+                      "--format benchmark / yaml / tidl instead.")
     header += [f"# {line}" for line in _yaml_notes(checked, extras, task, model_path)]
     doc = _config_doc(checked, extras, task, model_path, stem, metric_reference, norm)
     doc["preprocess"]["name"] = "image_preprocess"
     doc["postprocess"] = {**doc["postprocess"], "name": TASK_INFO[task].tidlrunner_postprocess}
-    if isinstance(doc["session"]["runtime_options"], dict):
-        doc["session"]["runtime_options"].pop("info", None)  # tidlrunner is of the 11.x line
+    runtime = doc["session"]["runtime_options"]
+    runtime.pop("info", None)  # tidlrunner is of the 11.x line
+    if extras.deny_layer_types:
+        # tidlrunner joins this one with ", " itself (runner/common/pipelines/compile.py L66-68): a list, not a string
+        runtime["deny_list:layer_type"] = list(extras.deny_layer_types)
     return "\n".join([*header, *yaml_lines(doc)]) + "\n"
 
