@@ -14,21 +14,34 @@ from dataclasses import dataclass
 
 __all__ = [
     "BENCHMARK_BIAS_16BIT",
+    "BENCHMARK_EXTERNAL_MODELS",
+    "BENCHMARK_EXT_OPTIONS_LAST",
+    "BENCHMARK_EXT_OPTIONS_LAST_92",
+    "BENCHMARK_MODEL_SHORTLIST",
+    "BENCHMARK_ORT_GRAPH_OPT",
     "BENCHMARK_PRESETS",
+    "BENCHMARK_PRESET_AFTER_FUNCTION",
     "BENCHMARK_QAT_V1",
     "BENCHMARK_QAT_V1_CONFIG",
+    "BENCHMARK_YAML_INFO_92",
+    "BENCHMARK_YAML_PRESET",
+    "BENCHMARK_YAML_PRESET_92",
     "DEVICE_FEATURES",
     "LAYER_QUANT_TABLE",
     "MODELZOO_QAT_V1",
     "MODELZOO_TDA4VM_QAT_V2",
+    "OD_META_ARCH_TYPES",
     "ONNX_IR_SPEC",
     "ONNX_QDQ_SPEC",
     "OPS_DOC",
     "OPTIMIZER_BIAS_QDQ",
     "OPTIMIZER_FOLD_WEIGHTS",
+    "OSRT_C7X_FIRMWARE",
+    "OSRT_DENY_LIST",
     "OSRT_INFER_SHAPES",
     "OSRT_MAX_SUBGRAPHS",
     "OSRT_MAX_SUBGRAPH_NODES",
+    "OSRT_OD_META",
     "OSRT_PREQUANTIZED",
     "OSRT_SCALE_TYPE",
     "QAT_V1_DOC",
@@ -36,6 +49,8 @@ __all__ = [
     "QUANT_ASYMMETRIC",
     "QUANT_PREQUANTIZED_QDQ",
     "TDA4VM_P2_TORCHMODELOPT",
+    "TIDLRUNNER_DENY_LIST",
+    "TIDLRUNNER_UPGRADE_CFG",
     "TOOLS_REPO",
     "DocRef",
 ]
@@ -120,3 +135,41 @@ MODELZOO_QAT_V1 = DocRef(TENSORLAB_REPO, "r11.0", "edgeai-modelzoo/modelartifact
 # The model zoo deploys the per-channel, affine QAT v2 model cl-6508 on TDA4VM (artifact link in TDA4VM/8bits).
 MODELZOO_TDA4VM_QAT_V2 = DocRef(
     TENSORLAB_REPO, "r11.0", "edgeai-modelzoo/modelartifacts/TDA4VM/8bits/artifacts.csv", 28).cite()
+
+# edgeai-benchmark, what a generated config entry must fit (tiexport.snippets; checked by running these branches in
+# bench/conformance_snippets.py). 11.x: the device preset (settings.runtime_options) is applied after a runtime-options
+# function's own values, then ext_options last; the YAML loader applies the preset after the config's options and turns
+# scale type 4 into 1 on TDA4VM (9.2 the same); default settings keep only entries with model_info.model_shortlist;
+# one extra Python config file through settings.external_models_path; 'onnxruntime:graph_optimization_level' in the
+# runtime options sets the ONNX Runtime session's level.
+_EB = "TexasInstruments/edgeai-benchmark"
+
+
+def _eb11(path: str, line: int) -> str:
+    return DocRef(TENSORLAB_REPO, "r11.2", f"edgeai-benchmark/{path}", line).cite()
+
+
+BENCHMARK_PRESET_AFTER_FUNCTION = _eb11("edgeai_benchmark/core/runtime_options.py", 178)
+BENCHMARK_EXT_OPTIONS_LAST = _eb11("edgeai_benchmark/core/runtime_options.py", 184)
+BENCHMARK_EXT_OPTIONS_LAST_92 = DocRef(_EB, "r9.2", "edgeai_benchmark/config_settings.py", 94).cite()
+BENCHMARK_YAML_PRESET = _eb11("edgeai_benchmark/interfaces/get_configs_from_file.py", 104)
+BENCHMARK_YAML_PRESET_92 = DocRef(_EB, "r9.2", "edgeai_benchmark/interfaces/get_configs_from_file.py", 77).cite()
+BENCHMARK_YAML_INFO_92 = DocRef(_EB, "r9.2", "edgeai_benchmark/interfaces/get_configs_from_file.py", 63).cite()
+BENCHMARK_MODEL_SHORTLIST = _eb11("edgeai_benchmark/pipelines/pipeline_runner.py", 377)
+BENCHMARK_EXTERNAL_MODELS = _eb11("configs/__init__.py", 96)
+BENCHMARK_ORT_GRAPH_OPT = _eb11("edgeai_benchmark/core/onnxrt_runtime.py", 108)
+
+# The TIDL delegate options a user adds (examples/osrt_python/README.md option table): deny_list:layer_type /
+# deny_list:layer_name (comma-separated strings), object_detection:meta_layers_names_list / meta_arch_type, and
+# advanced_options:c7x_firmware_version (from rel_10_00 on); the meta-architecture types of ONNX detection models.
+OSRT_DENY_LIST = _tt("examples/osrt_python/README.md", 132)
+OSRT_OD_META = _tt("examples/osrt_python/README.md", 155)
+OSRT_C7X_FIRMWARE = _tt("examples/osrt_python/README.md", 201, ref="rel_10_00")
+OD_META_ARCH_TYPES = _tt("docs/tidl_fsg_od_meta_arch.md", 27)
+
+# edgeai-tidlrunner (main = 11.2.1, fe6ffe1): its config upgrade maps TI's model-zoo YAML keys onto its own
+# (session_name -> session.name, input_dataset -> common.input_dataset), and it joins deny_list:layer_type (a list).
+_TR_RUNNER = "tidlrunner/edgeai_tidlrunner/runner/common/pipelines"
+TIDLRUNNER_UPGRADE_CFG = DocRef("TexasInstruments/edgeai-tidlrunner", "main", f"{_TR_RUNNER}/common_/upgrade_cfg.py",
+                                63).cite()
+TIDLRUNNER_DENY_LIST = DocRef("TexasInstruments/edgeai-tidlrunner", "main", f"{_TR_RUNNER}/compile.py", 67).cite()
