@@ -630,3 +630,15 @@ def test_cli_new_flags(model_files: dict[str, Path], capsys: pytest.CaptureFixtu
     assert json.loads(out)["deny_list:layer_type"] == "Softmax" and "envsubst" in err
     assert main(["snippet", str(model_files["p2"]), "-d", "AM68A", "--c7x-firmware-version", "x"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_detection_entry_carries_the_meta_architecture(run_benchmark_entry: Any) -> None:
+    src = snippet(P2, "AM68A", "benchmark", task="detection", meta_arch_type=6, meta_layers_names_list="m.prototxt")
+    _, cfg = run_benchmark_entry(src)
+    rt = cfg["session"]["runtime_options"]
+    assert rt["object_detection:meta_arch_type"] == 6 and rt["det_options"] is True
+    assert rt["object_detection:meta_layers_names_list"] == "/cfg/m.prototxt"  # beside the entry, as model_path
+    doc = yaml.safe_load(snippet(P2, "AM68A", "yaml", task="detection", meta_arch_type=6,
+                                 meta_layers_names_list="m.prototxt"))
+    assert doc["session"]["runtime_options"]["object_detection:meta_layers_names_list"] == "m.prototxt"
+    assert doc["dataset_category"] == "coco" and doc["postprocess"]["normalized_detections"] is True

@@ -128,8 +128,10 @@ def _run_instructions(checked: Checked, py: bool) -> list[str]:
     b = checked.benchmark
     dev = checked.device.name
     script = f"python3 ./scripts/benchmark_modelzoo.py settings_import_on_pc.yaml --target_device {dev}"
-    lines = [f"Run it from edgeai-benchmark {b.name}'s folder, with TIDL_TOOLS_PATH set to the tidl_tools built for "
-             f"{dev} (its path must contain {dev}: run_benchmark_config asserts it):"]
+    tools = (f"the tidl_tools built for {dev}" if checked.device.accelerator
+             else f"a folder whose path contains {dev} ({dev} uses no TIDL)")
+    lines = [f"Run it from edgeai-benchmark {b.name}'s folder, with TIDL_TOOLS_PATH set to {tools} (its path must "
+             f"contain {dev}: edgeai-benchmark asserts it):"]
     if py:
         lines.append(f"  {script} --configs_path /abs/path/to/<this file without .py>")
         lines.append("  (utils.import_folder imports that module and calls its get_configs; TI's configs/__init__.py "
@@ -158,11 +160,16 @@ def benchmark_python(checked: Checked, extras: CompileExtras, task: str, model_p
     if checked.device.accelerator:
         ext["advanced_options:quantization_scale_type"] = scale_type(a, checked.device)
     ext.update(extras.options())
-    ext_lines = [f"                    {k!r}: {v!r}," for k, v in ext.items()]
+    ext_lines = []
+    for k, v in ext.items():
+        value = repr(v)
+        if k == "object_detection:meta_layers_names_list" and not str(v).startswith("/"):
+            value = f"os.path.join(_HERE, {v!r})"  # relative to this file, as model_path
+        ext_lines.append(f"                    {k!r}: {value},")
     det = "det_options=True, " if task == "detection" else ""
     doc = _header(checked, "edgeai-benchmark config entry", norm, comment="")
     doc += ["", *_run_instructions(checked, py=True)]
-    doc += ["A relative model_path is taken relative to this file's folder."]
+    doc += ["A relative model_path (and meta-architecture prototxt) is taken relative to this file's folder."]
     if len(a.inputs) > 1:
         doc.append(f"The model has {len(a.inputs)} inputs; this entry describes the first one.")
     if task == "detection" and extras.meta_arch_type is None:
