@@ -282,7 +282,7 @@ def test_per_channel_model_for_tda4vm_gets_the_p2_options_and_a_pointer_to_fix()
     src = snippet(PER_CHANNEL, "TDA4VM", "benchmark", model_path="m.onnx")
     _call(ast.parse(src), "runtime_options_onnx_qat_v2_p2")
     assert "compatible_with_warnings" in src and "tiexport fix --device TDA4VM first" in src
-    assert "own power-of-2 grid" in src
+    assert "compiled with power-of-2 scales" in src
 
 
 def test_model_with_errors_refused_with_findings() -> None:

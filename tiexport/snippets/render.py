@@ -64,9 +64,9 @@ def _header(checked: Checked, what: str, norm: Normalization, comment: str = "#"
                          "prequantized_model); TI documents this flow for TDA4VM.")
         elif not checked.device.per_channel_weights and (a.per_channel_weights or not a.power_of_two
                                                          or not a.symmetric):
-            lines.append(f"{checked.device.name} supports neither per-channel, non-power-of-2 nor asymmetric "
-                         "quantization (TI's docs): TIDL imports this model on its own power-of-2 grid. For outputs "
-                         f"that match this model, run tiexport fix --device {checked.device.name} first.")
+            lines.append(f"{checked.device.name} supports neither per-channel nor asymmetric quantization (TI's "
+                         "docs) and is compiled with power-of-2 scales: TIDL imports this model on its own grid. For "
+                         f"outputs that match this model, run tiexport fix --device {checked.device.name} first.")
     else:
         lines.append(f"{checked.device.name} has no TIDL accelerator: the model runs in ONNX Runtime on the Arm cores "
                      "(edgeai-benchmark's preset turns tidl_offload off and ignores the TIDL options).")
@@ -128,10 +128,11 @@ def _run_instructions(checked: Checked, py: bool) -> list[str]:
     b = checked.benchmark
     dev = checked.device.name
     script = f"python3 ./scripts/benchmark_modelzoo.py settings_import_on_pc.yaml --target_device {dev}"
-    tools = (f"the tidl_tools built for {dev}" if checked.device.accelerator
-             else f"a folder whose path contains {dev} ({dev} uses no TIDL)")
-    lines = [f"Run it from edgeai-benchmark {b.name}'s folder, with TIDL_TOOLS_PATH set to {tools} (its path must "
-             f"contain {dev}: edgeai-benchmark asserts it):"]
+    tools = (f"the tidl_tools built for {dev} (its path must contain {dev}: edgeai-benchmark asserts it)"
+             if checked.device.accelerator else
+             f"any folder whose path contains {dev} ({dev} uses no TIDL, but edgeai-benchmark asserts the device "
+             "name is in the path)")
+    lines = [f"Run it from edgeai-benchmark {b.name}'s folder, with TIDL_TOOLS_PATH set to {tools}:"]
     if py:
         lines.append(f"  {script} --configs_path /abs/path/to/<this file without .py>")
         lines.append("  (utils.import_folder imports that module and calls its get_configs; TI's configs/__init__.py "
