@@ -382,10 +382,14 @@ def tidlrunner_yaml(checked: Checked, extras: CompileExtras, task: str, model_pa
         "# input_dataset names tidlrunner's dataset (its data/datasets); add a dataloader: section to use your own.",
     ]
     if checked.device.accelerator and not checked.device.per_channel_weights:
-        header.append(f"# Caution: edgeai-tidlrunner main (11.2.1) was seen to compile for {dev} with "
-                      "quantization_scale_type 4 whatever this config or --quantization_scale_type says "
-                      "(bench/conformance_snippets.py); TIDL documents 1 only on this device, so compile for it with "
-                      "--format benchmark / yaml / tidl instead.")
+        # edgeai-tidlrunner main (fe6ffe1) runner/common/settings/runtime_settings.py: RuntimeSettings.__init__ sets
+        # target_device to its default (AM62A) before _get_runtime_settings reads it for the preset (L52-58, L81-82),
+        # and applies that preset after the config's own runtime options (L86-87)
+        header.append(f"# Caution: edgeai-tidlrunner main (11.2.1) applies AM62A's preset on every device, so it "
+                      f"compiles for {dev} with quantization_scale_type 4 whatever this config or "
+                      "--quantization_scale_type says (runtime_settings.py L52-58, L81-87; seen by "
+                      "bench/conformance_snippets.py); TI documents 1 only here: compile for it with --format "
+                      "benchmark / yaml / tidl instead.")
     header += [f"# {line}" for line in _yaml_notes(checked, extras, task, model_path)]
     doc = _config_doc(checked, extras, task, model_path, stem, metric_reference, norm)
     doc["preprocess"]["name"] = "image_preprocess"
