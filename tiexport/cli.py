@@ -7,6 +7,7 @@ parity); 2 unusable input or usage error, reported as one line on stderr, never 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ from typing import NoReturn
 
 from tiexport import __version__
 from tiexport.errors import TiexportError, UsageError, first_line
+from tiexport.limits import LimitExceeded
 from tiexport.terminal import safe_text
 
 __all__ = ["main"]
@@ -44,6 +46,15 @@ def _add_sdk_option(p: argparse.ArgumentParser) -> None:
 def _add_output_options(p: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
     p.add_argument("--format", choices=formats, default=formats[0], help="report format (default: %(default)s)")
     p.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout")
+
+
+def _add_time_limit(p: argparse.ArgumentParser, what: str) -> None:
+    from tiexport.limits import DEFAULT_TIME_LIMIT
+
+    p.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT, metavar="SECONDS",
+                   help=f"stop {what} after this many seconds, with nothing written (exit 2); a graph that never "
+                        "ends (a Loop of 2**62 trips) is stopped inside ONNX Runtime (default: %(default)g; 0: no "
+                        "limit)")
 
 
 def _emit(text: str, output: str | None, protect: tuple[str, ...] = ()) -> None:
@@ -271,7 +282,8 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     with ProgressBar("parity", stream=sys.stderr) as bar:
         report = check_parity(args.reference, args.candidate, inputs=args.inputs, num_samples=args.num_samples,
                             seed=args.seed, atol=args.atol, rtol=args.rtol, max_lsb=args.max_lsb,
-                            per_layer=args.per_layer, ort_optimizations=args.ort_optimizations, progress=bar)
+                            per_layer=args.per_layer, ort_optimizations=args.ort_optimizations, progress=bar,
+                            time_limit=args.time_limit)
     if args.format == "json":
         text = report.to_json()
     else:
@@ -303,6 +315,7 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-layer", action="store_true", help="also compare intermediate tensors shared by name")
     p.add_argument("--ort-optimizations", action="store_true",
                    help="enable ONNX Runtime graph optimizations (off by default, as TI recommends for QDQ models)")
+    _add_time_limit(p, "the comparison")
     _add_output_options(p, ("text", "json"))
     p.set_defaults(handler=_cmd_parity)
 
@@ -340,7 +353,8 @@ def _cmd_fix(args: argparse.Namespace) -> int:
                          quantize_bias=args.quantize_bias, align_concat=args.align_scales, inputs=args.inputs,
                          parity=args.parity,
                          num_samples=args.num_samples, seed=args.seed, max_lsb=args.max_lsb, output=out,
-                         protect=(*protect, *((args.inputs,) if args.inputs else ())), sdk=args.sdk)
+                         protect=(*protect, *((args.inputs,) if args.inputs else ())), sdk=args.sdk,
+                         time_limit=args.time_limit)
     _emit(json.dumps(report.to_dict(), indent=2) if args.format == "json" else report.to_text(), None)
     return report.exit_code
 
@@ -381,6 +395,7 @@ def _add_fix(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random-data seed (default: %(default)s)")
     p.add_argument("--max-lsb", type=float, default=1.0, metavar="L",
                    help="parity tolerance in quantization steps of each output (default: %(default)s)")
+    _add_time_limit(p, "fix (passes, checks and parity)")
     p.add_argument("--format", choices=("text", "json"), default="text", help="summary format (default: %(default)s)")
     p.set_defaults(handler=_cmd_fix)
 
@@ -411,21 +426,84 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated(128 + signum)
 
 
-def _catch_sigterm() -> object:
+_GRACE = 10.0
+"""Seconds a SIGTERM waits for the main thread to unwind before the process exits without it."""
+
+
+class _SigtermWatch:
+    """Makes SIGTERM work while the main thread is inside C code (ONNX Runtime, protobuf), where Python's handler
+    cannot run until the call returns: Python's C-level handler writes the signal number to a wakeup socket at once,
+    and a watcher thread reading it stops the run (:func:`tiexport.limits.stop`: ONNX Runtime returns), so the main
+    thread raises :class:`_Terminated` and the writers remove their temp files. Stuck for longer than
+    :data:`_GRACE`, the watcher removes the registered temp files and exits the process with 143."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.previous_handler = None
+        self.previous_fd = -1
+        self.done = threading.Event()
+        self.reader, self.writer = socket.socketpair()
+        self.writer.setblocking(False)
+        try:
+            self.previous_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+            self.previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+        except (ValueError, OSError):  # not the main thread of the main interpreter: leave signals alone
+            self.close()
+            raise
+        self.thread = threading.Thread(target=self._watch, name="tiexport-sigterm", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        from tiexport import limits
+
+        while True:
+            try:
+                data = self.reader.recv(64)
+            except OSError:
+                return
+            if self.done.is_set() or not data:
+                return
+            if signal.SIGTERM in data:
+                limits.stop("terminated (SIGTERM)")
+                if not self.done.wait(_GRACE):
+                    limits.remove_temp_files()
+                    sys.stderr.write("tiexport: terminated\n")
+                    os._exit(128 + signal.SIGTERM)
+                return
+
+    def close(self) -> None:
+        self.done.set()
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+            signal.set_wakeup_fd(self.previous_fd)
+            self.previous_handler = None
+        with contextlib.suppress(OSError):
+            self.writer.send(b"\0")  # wakes the watcher, which sees ``done`` and returns
+        if getattr(self, "thread", None) is not None:
+            self.thread.join(1.0)
+        self.reader.close()
+        self.writer.close()
+
+
+def _catch_sigterm() -> _SigtermWatch | None:
     if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _SigtermWatch()
+    except (ValueError, OSError):
+        return None
 
 
-def _restore_sigterm(previous: object) -> None:
-    if previous is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
+def _restore_sigterm(watch: _SigtermWatch | None) -> None:
+    if watch is not None:
+        watch.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; callable in-process. Returns the exit code."""
     parser = build_parser()
-    previous = _catch_sigterm()
+    watch = _catch_sigterm()
     try:
         args = parser.parse_args(argv)
         logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
@@ -436,6 +514,12 @@ def main(argv: list[str] | None = None) -> int:
     except _Terminated as exc:
         print("tiexport: terminated", file=sys.stderr)
         return int(exc.code)  # type: ignore[arg-type]
+    except LimitExceeded as exc:
+        if str(exc).startswith("terminated"):  # SIGTERM stopped ONNX Runtime before Python's handler could run
+            print("tiexport: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        _err(f"tiexport: error: {' '.join(str(exc).splitlines())}")
+        return 2
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else 2
     except TiexportError as exc:
@@ -454,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
              "(set TIEXPORT_DEBUG=1 for the traceback, and please report it)")
         return 2
     finally:
-        _restore_sigterm(previous)
+        _restore_sigterm(watch)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,7 +10,7 @@ above a few elements is replaced by a graph input of the same type and shape, so
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -408,6 +408,11 @@ class ModelContext:
     @property
     def shape_inference_error(self) -> str | None:
         return self._inferred[1]
+
+    @property
+    def inferred_types(self) -> Mapping[str, onnx.TypeProto]:
+        """Every tensor's type as shape inference gives it (initializers: their declared type)."""
+        return self._inferred[0]
 
     def type_of(self, tensor: str) -> onnx.TypeProto | None:
         return self._inferred[0].get(tensor)

@@ -23,12 +23,14 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from tiexport import limits
 from tiexport.errors import UnusableInputError, UsageError, first_line
 
 __all__ = [
     "LoadedModel",
     "as_model",
     "check_output",
+    "check_tensor_budget",
     "external_data_files",
     "external_data_info",
     "load_model",
@@ -67,6 +69,69 @@ def _external_int(tensor: onnx.TensorProto, entries: dict[str, str], key: str, d
     return int(text)
 
 
+def _elements(dims: Any) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+_PACKED_4BIT = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, getattr(onnx.TensorProto, "FLOAT4E2M1", -1)}
+
+
+def _stored_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of ``tensor``'s data as ONNX stores it (4-bit types packed two to a byte); None for strings and
+    unknown types."""
+    n = _elements(tensor.dims)
+    if tensor.data_type in _PACKED_4BIT:
+        return (n + 1) // 2
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    return None if tensor.data_type == onnx.TensorProto.STRING else n * itemsize
+
+
+def _declared_tensors(graph: onnx.GraphProto) -> Any:
+    """Every tensor a graph declares, sparse ones by their dense dims: (name, dims, data_type)."""
+    for t in graph.initializer:
+        yield t.name, t.dims, t.data_type
+    for st in graph.sparse_initializer:
+        yield st.values.name, st.dims, st.values.data_type
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t.name or node.name, attr.t.dims, attr.t.data_type
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                yield attr.sparse_tensor.values.name or node.name, attr.sparse_tensor.dims, \
+                    attr.sparse_tensor.values.data_type
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _declared_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _declared_tensors(g)
+
+
+def check_tensor_budget(model: onnx.ModelProto, name: str) -> None:
+    """Refuse (UnusableInputError) a model declaring a tensor larger, dense, than :func:`tiexport.limits.
+    memory_budget`: a 100-byte model may hold a sparse constant of 2**40 elements that onnx's checker or ONNX
+    Runtime would densify. Reads dims only."""
+    budget = limits.memory_budget()
+    for tname, dims, data_type in _declared_tensors(model.graph):
+        if any(d < 0 for d in dims):
+            continue  # the checker's and the rules' business
+        n = _elements(dims)
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            itemsize = 1
+        if n * itemsize > budget:
+            raise UnusableInputError(
+                f"{name}: tensor {_text(tname)!r} declares {n} elements ({limits.format_bytes(n * itemsize)} dense), "
+                f"over the memory budget of {limits.format_bytes(budget)} (physical memory, or "
+                "TIEXPORT_MEMORY_LIMIT); refusing to materialize it")
+
+
 def external_data_info(model: onnx.ModelProto) -> list[tuple[str, str, int, int]]:
     """(tensor name, location, offset, length) of every tensor stored outside the model file; UnusableInputError
     for an offset or length that is not a non-negative integer."""
@@ -91,6 +156,8 @@ def external_data_files(path: str | os.PathLike[str]) -> tuple[Path, ...]:
 
 def _check_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
     sizes: dict[str, int] = {}
+    tensor_by_name = {t.name: t for t in _iter_graph_tensors(model.graph)
+                      if t.data_location == onnx.TensorProto.EXTERNAL}
     try:
         entries = external_data_info(model)
     except UnusableInputError as exc:
@@ -106,7 +173,12 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> 
             if not data_path.is_file():
                 raise UnusableInputError(f"{path}: missing external-data file {data_path} (tensor {name!r})")
             sizes[location] = data_path.stat().st_size
-        end = offset + (length if length >= 0 else 0)
+        expected = _stored_bytes(tensor_by_name[name]) if name in tensor_by_name else None
+        if length >= 0 and expected is not None and length != expected:
+            # ONNX Runtime refuses the model too; onnx would read all ``length`` bytes first (8 GiB for a scale)
+            raise UnusableInputError(f"{path}: tensor {name!r}: external-data length {length} does not match its "
+                                     f"{expected} byte(s) of data")
+        end = offset + (length if length >= 0 else (expected or 0))
         if end > sizes[location]:
             raise UnusableInputError(
                 f"{path}: external-data file {data_path} is truncated: tensor {name!r} needs bytes "
@@ -139,6 +211,7 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = False
             f"{p}: not a valid ONNX protobuf (truncated or not ONNX): {first_line(exc)}") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise UnusableInputError(f"{p}: not an ONNX model (no IR version, graph or opset import)")
+    check_tensor_budget(model, str(p))
     _check_external_data(model, p.parent, p)
     if load_external_data and external_data_info(model):
         try:
@@ -176,7 +249,9 @@ def as_model(model_or_path: Any, *, load_external_data: bool = False) -> LoadedM
     if isinstance(model_or_path, LoadedModel):
         return model_or_path
     if isinstance(model_or_path, onnx.ModelProto):
-        return LoadedModel(model_or_path, _text(model_or_path.graph.name) or "<model>", None)
+        name = _text(model_or_path.graph.name) or "<model>"
+        check_tensor_budget(model_or_path, name)
+        return LoadedModel(model_or_path, name, None)
     if isinstance(model_or_path, (str, os.PathLike)):
         p = Path(model_or_path)
         return LoadedModel(load_model(p, load_external_data=load_external_data), str(p), str(p.parent))
@@ -188,6 +263,7 @@ def as_model(model_or_path: Any, *, load_external_data: bool = False) -> LoadedM
             raise UnusableInputError(f"<bytes>: not a valid ONNX protobuf: {first_line(exc)}") from None
         if model.ir_version <= 0 or not model.HasField("graph"):
             raise UnusableInputError("<bytes>: not an ONNX model (no IR version or graph)")
+        check_tensor_budget(model, "<bytes>")
         return LoadedModel(model, "<bytes>", None)
     raise UsageError(f"expected an onnx.ModelProto or a path to an .onnx file, got {type(model_or_path).__name__}")
 
@@ -294,9 +370,10 @@ def _atomic_write(out: Path, protect: tuple[str | os.PathLike[str], ...], write:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
         os.close(fd)
-        os.chmod(tmp, mode)
-        write(tmp)
-        os.replace(tmp, out)
+        with limits.temp_file(tmp):  # removed by the CLI's SIGTERM watcher if the process exits without unwinding
+            os.chmod(tmp, mode)
+            write(tmp)
+            os.replace(tmp, out)
     except OSError as exc:
         _unlink(tmp)
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "") or first_line(exc)

@@ -76,11 +76,17 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     (``model`` is never changed): a negative dimension (Slice clamps its range into ``[0, dim]``: with ``dim = -1`` the
     assertion ``!(hi < lo)`` aborts the interpreter), and an int64/int32 tensor declared with billions of elements
     (data propagation allocates a value per element: 24 GB for a Slice ``steps`` declared ``[2**31]``, 16 bytes of
-    data). Raises what ``onnx.shape_inference.infer_shapes`` raises for other problems.
+    data), or inferred with them (a ``Range`` to ``2**40``: data propagation is then left off). Raises what
+    ``onnx.shape_inference.infer_shapes`` raises for other problems.
     """
     g = model.graph
     if any(_hazard(vi) for vi in (*g.input, *g.output, *g.value_info)) or any(_hazard_init(t) for t in g.initializer):
         model = _without_hazards(model)
+    # Data propagation materializes integer tensors: a Range(0, 2**40) into a Cast is 8 TiB before any error. A
+    # first run without it gives the shapes; a large integer tensor among them keeps data propagation off.
+    plain = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=False)
+    if any(_hazard(vi) for vi in plain.graph.value_info):
+        return plain
     return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
 
 

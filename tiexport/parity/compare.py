@@ -28,13 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from tiexport import limits
 from tiexport.context import ModelContext
 from tiexport.errors import UnusableInputError, UsageError
 from tiexport.onnx_io import as_model
 from tiexport.parity.inputs import InputSpec, input_specs, load_inputs
 from tiexport.parity.metrics import Accumulator, check_tolerances
 from tiexport.parity.report import LayerResult, ParityReport, first_divergence
-from tiexport.parity.runner import OnnxRunner, probe_candidates
+from tiexport.parity.runner import OnnxRunner, check_tensor_sizes, probe_candidates
 from tiexport.parity.steps import Step, step_of
 from tiexport.parity.torch_reference import run_torch_parity
 
@@ -65,6 +66,7 @@ def check_parity(
     *,
     progress: ProgressCallback | None = None,
     candidate_session: Any = None,
+    time_limit: float | None = limits.DEFAULT_TIME_LIMIT,
 ) -> ParityReport:
     """Compare ``candidate`` (an ONNX path / ModelProto, run in ONNX Runtime) against ``reference``.
 
@@ -79,7 +81,17 @@ def check_parity(
     ``progress(done, total)`` is called after each sample (the CLI draws its TTY bar with it).
     ``candidate_session``: an ONNX Runtime session already made for ``candidate`` by :func:`ort_session` (with the
     same ``ort_optimizations``), reused instead of making a second one (``fix`` makes one for its load check).
+    ``time_limit``: seconds the comparison may take (None or 0: no limit); past it, the ONNX Runtime run in
+    progress is stopped and :class:`tiexport.limits.LimitExceeded` raised.
     """
+    with limits.time_limit(time_limit, "parity"):
+        return _check_parity(reference, candidate, inputs, num_samples, seed, atol, rtol, max_lsb, per_layer,
+                             ort_optimizations, progress=progress, candidate_session=candidate_session)
+
+
+def _check_parity(reference: Any, candidate: Any, inputs: Any, num_samples: int, seed: int, atol: float | None,
+                  rtol: float | None, max_lsb: float, per_layer: bool, ort_optimizations: bool, *,
+                  progress: ProgressCallback | None, candidate_session: Any) -> ParityReport:
     criterion = check_tolerances(atol, rtol, max_lsb)
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
         raise UsageError(f"num_samples must be an integer, got {num_samples!r}")
@@ -97,7 +109,11 @@ def check_parity(
     specs = input_specs(ref_ctx)
     cand_specs = input_specs(cand_ctx)
     feed_names = _pair_inputs(specs, cand_specs, ref_loaded.name, cand_loaded.name)
+    # a float16 candidate of a float32 reference gets the same samples, rounded to its own input type
+    cand_dtypes = {s.name: s.dtype for s in cand_specs}
     samples = load_inputs(inputs, specs, ref_ctx, int(num_samples), seed)
+    check_tensor_sizes(ref_ctx)
+    check_tensor_sizes(cand_ctx)
 
     out_pairs = _pair_outputs([o.name for o in ref_loaded.model.graph.output],
                               [o.name for o in cand_loaded.model.graph.output], ref_loaded.name, cand_loaded.name)
@@ -116,8 +132,10 @@ def check_parity(
     skipped: dict[str, str] = {}
     not_float: set[str] = set()
     for i, sample in enumerate(samples):
+        limits.check()
         ref_vals = ref_run.run(sample)
-        cand_vals = cand_run.run({feed_names[k]: v for k, v in sample.items()})
+        cand_vals = cand_run.run({feed_names[k]: _as_dtype(v, cand_dtypes.get(feed_names[k]))
+                                  for k, v in sample.items()})
         for r, c in out_pairs:
             a, b = ref_vals[r], cand_vals[c]
             if a.shape != b.shape:
@@ -152,6 +170,12 @@ def check_parity(
     return ParityReport(passed=all(m.passed for m in outputs.values()), outputs=outputs, first_divergence=first,
                         layers=layers, reference=ref_loaded.name, samples=len(samples), notes=notes,
                         **report_kwargs)  # type: ignore[arg-type]
+
+
+def _as_dtype(value: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    if dtype is None or value.dtype == dtype or value.dtype.kind != "f" or np.dtype(dtype).kind != "f":
+        return value
+    return value.astype(dtype)
 
 
 def node_of(ctx: ModelContext, tensor: str) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from tiexport import limits
 from tiexport.context import ModelContext
 from tiexport.errors import UnusableInputError, first_line
 from tiexport.onnx_io import LoadedModel, external_data_info
@@ -83,12 +84,45 @@ class OnnxRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import onnxruntime as ort
+
         names = self.output_names + self.probes
+        options = ort.RunOptions()
+        options.log_severity_level = 4
         try:
-            values = self.session.run(names, dict(feed))
+            # the time limit or a SIGTERM stops the run inside ONNX Runtime (a Loop of 2**62 trips never returns)
+            with limits.cancellable(lambda: setattr(options, "terminate", True)):
+                values = self.session.run(names, dict(feed), options)
         except Exception as exc:
+            limits.check()
             raise UnusableInputError(f"{self.name}: ONNX Runtime failed on the inputs: {first_line(exc)}") from None
         return dict(zip(names, (np.asarray(v) for v in values), strict=True))
+
+
+def check_tensor_sizes(ctx: ModelContext) -> None:
+    """Refuse to run a model whose shape inference gives a tensor larger than the memory budget
+    (:func:`tiexport.limits.memory_budget`): a ``Range(0, 2**40)`` would have ONNX Runtime allocate it, and one a
+    little over the machine's memory is not refused by the allocator but kills the process when it is written."""
+    budget = limits.memory_budget()
+    inputs = {vi.name for vi in ctx.graph_inputs}  # the samples' size is the input drawing's business
+    for tensor, t in ctx.inferred_types.items():
+        if tensor in inputs or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+            continue
+        dims = t.tensor_type.shape.dim
+        if not all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
+            continue
+        n = 1
+        for d in dims:
+            n *= int(d.dim_value)
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            itemsize = 1
+        if n * itemsize > budget:
+            raise UnusableInputError(
+                f"{ctx.name}: tensor {tensor!r} would hold {n} elements ({limits.format_bytes(n * itemsize)}) by "
+                f"shape inference, over the memory budget of {limits.format_bytes(budget)} (physical memory, or "
+                "TIEXPORT_MEMORY_LIMIT); ONNX Runtime is not run on it")
 
 
 def _dynamic_tensors(ctx: ModelContext) -> list[str]:

@@ -35,13 +35,14 @@ from typing import Any
 
 import numpy as np
 
+from tiexport import limits
 from tiexport.context import ModelContext
 from tiexport.errors import UnusableInputError, UsageError, first_line
 from tiexport.onnx_io import LoadedModel
 from tiexport.parity.inputs import input_specs, load_inputs
 from tiexport.parity.metrics import Accumulator
 from tiexport.parity.report import LayerResult, ParityReport, first_divergence
-from tiexport.parity.runner import OnnxRunner
+from tiexport.parity.runner import OnnxRunner, check_tensor_sizes
 from tiexport.parity.steps import Step, step_of, valid_scale
 
 __all__ = [
@@ -302,6 +303,7 @@ def run_torch_parity(
     """check_parity with a torch reference (called by :func:`tiexport.parity.check_parity`)."""
     specs = input_specs(cand_ctx)
     samples = load_inputs(inputs, specs, cand_ctx, num_samples, seed)
+    check_tensor_sizes(cand_ctx)
     out_names = [o.name for o in cand_loaded.model.graph.output]
     notes: list[str] = []
     ref_name = f"<torch {type(module).__name__}>"
@@ -335,6 +337,7 @@ def run_torch_parity(
         by_point = {(m.module, m.call): m for m in matches}
         skipped: set[Point] = set()
         for i, sample in enumerate(samples):
+            limits.check()
             outs, events = (first_out, first_events) if i == 0 else ref.run(sample)
             cand_vals = cand_run.run(sample)
             for name, acc, a in zip(out_names, out_acc, outs, strict=False):

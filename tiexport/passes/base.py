@@ -17,6 +17,7 @@ from typing import ClassVar
 import onnx
 import onnx_graphsurgeon as gs
 
+from tiexport import limits
 from tiexport.errors import TiexportError, first_line
 
 __all__ = [
@@ -134,6 +135,7 @@ class PassManager:
             iterations += 1
             modified = False
             for p, summary in zip(self.passes, summaries, strict=True):
+                limits.check()  # the time limit (or a SIGTERM) stops a pipeline between passes
                 try:
                     result = p.call(graph)
                 except TiexportError:

@@ -19,6 +19,7 @@ from typing import Any
 
 import onnx
 
+from tiexport import limits
 from tiexport.context import ModelContext, dag_problem
 from tiexport.devices import DeviceProfile, get_device
 from tiexport.errors import TiexportError, UnusableInputError, UsageError, first_line
@@ -172,6 +173,7 @@ def fix(
     output: str | os.PathLike[str] | None = None,
     protect: Sequence[str | os.PathLike[str]] | None = None,
     sdk: str | None = None,
+    time_limit: float | None = limits.DEFAULT_TIME_LIMIT,
 ) -> tuple[onnx.ModelProto, FixReport]:
     """Make a QDQ model deployable on ``device``; returns the fixed model and a :class:`FixReport`.
 
@@ -183,6 +185,8 @@ def fix(
     ``sdk``: the TIDL SDK release whose facts apply (None: the latest known). ``output``: also write the fixed
     model there, atomically, and never onto a ``protect`` path (None: the input
     file; ``()`` allows rewriting it in place); the bytes checked are the bytes written.
+    ``time_limit``: seconds the whole fix may take (None or 0: no limit); past it, the pass or ONNX Runtime run in
+    progress stops and :class:`tiexport.limits.LimitExceeded` is raised with nothing written.
     Raises UsageError / UnusableInputError for bad arguments or input, and :class:`FixError` when the result would
     fail ``onnx.checker`` or ONNX Runtime session creation.
     """
@@ -199,7 +203,17 @@ def fix(
     if input_shapes is not None and not isinstance(input_shapes, Mapping):
         raise UsageError(f"input_shapes must be a mapping of input name -> dims (e.g. {{'input': [1, 3, 224, 224]}}), "
                          f"got {type(input_shapes).__name__} {input_shapes!r:.60}")
-    profile = get_device(device, sdk)
+    with limits.time_limit(time_limit, "fix"):
+        return _fix(model, get_device(device, sdk), input_shapes=input_shapes, power_of_two=power_of_two,
+                    quantize_bias=quantize_bias, align_concat=align_concat, inputs=inputs, parity=parity,
+                    num_samples=num_samples, seed=seed, max_lsb=max_lsb, max_iterations=max_iterations,
+                    output=output, protect=protect)
+
+
+def _fix(model: Any, profile: DeviceProfile, *, input_shapes: Mapping[str, Sequence[int]] | None, power_of_two: str,
+         quantize_bias: bool | None, align_concat: bool, inputs: Any, parity: bool, num_samples: int, seed: int,
+         max_lsb: float, max_iterations: int, output: str | os.PathLike[str] | None,
+         protect: Sequence[str | os.PathLike[str]] | None) -> tuple[onnx.ModelProto, FixReport]:
     loaded = as_model(model, load_external_data=True)
     original = loaded.model
     passes = fix_pipeline(profile, input_shapes=input_shapes, power_of_two=power_of_two,
@@ -209,6 +223,9 @@ def fix(
     if why:
         raise UnusableInputError(f"{loaded.name}: {why} (tiexport validate: TIDL002); fix cannot repair that, "
                                  "nothing written")
+    why = _unsupported_types(original)
+    if why:
+        raise UnusableInputError(f"{loaded.name}: {why}; nothing written")
     try:
         fixed, result = apply_passes(original, passes, max_iterations=max_iterations, name=loaded.name)
     except (GraphRewriteError, PassError) as exc:
@@ -249,11 +266,38 @@ def fix(
         report.parity, report.parity_passed, report.bit_identical = _parity(
             loaded, fixed, inputs=inputs, num_samples=samples, seed=seed, max_lsb=max_lsb, session=session)
     if output is not None:
+        limits.check()  # stopped (time limit, SIGTERM) while validating: nothing written
         if protect is None:
             protect = (loaded.name,) if loaded.base_dir is not None else ()
         save_model(fixed, output, protect=tuple(protect), serialized=data)
         report.output = str(output)
     return fixed, report
+
+
+_NARROW = {onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT4: "uint4"}
+_HALF = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def _unsupported_types(model: onnx.ModelProto) -> str:
+    """Why the passes cannot rewrite a valid model's Q/DQ types ("" when they can): 4-bit codes (onnx-graphsurgeon
+    cannot write them back, and TIDL quantizes to 8 or 16 bits) or half-precision scales (the passes write float32
+    scales beside float16 activations, which onnx.checker rejects)."""
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp = node.input[2] if len(node.input) > 2 else ""
+        code = types.get(zp) or (types.get(node.input[0]) if node.op_type == "DequantizeLinear" else None)
+        if code in _NARROW:
+            return (f"{node.name or node.op_type} quantizes to {_NARROW[code]}: TIDL runs 8- and 16-bit quantization "
+                    "only (tiexport validate: TIDL012), and fix does not requantize 4-bit weights; re-export with "
+                    "8-bit weights and activations")
+        scale = types.get(node.input[1]) if len(node.input) > 1 else None
+        if scale in _HALF:
+            return (f"{node.name or node.op_type} has a {_HALF[scale]} scale: fix rewrites float32 QDQ models and "
+                    "TIDL expects float32 scales (tiexport validate: TIDL011); export the model in float32 "
+                    "(model.float() before the export)")
+    return ""
 
 
 def _unusable_because(model: onnx.ModelProto, data: bytes | None = None) -> tuple[str, Any]:
@@ -307,8 +351,8 @@ def _parity(reference: Any, candidate: onnx.ModelProto, *, inputs: Any, num_samp
             return {"skipped": str(exc)}, None, None
     try:
         rep = check_parity(reference, candidate, inputs=inputs, num_samples=num_samples, seed=seed, max_lsb=max_lsb,
-                           candidate_session=session)
-    except UsageError:
+                           candidate_session=session, time_limit=None)  # within fix's own limit
+    except (UsageError, limits.LimitExceeded):
         raise
     except TiexportError as exc:  # the input model itself does not run: fixing it is still useful
         return {"skipped": str(exc)}, None, None
