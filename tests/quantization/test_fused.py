@@ -208,6 +208,7 @@ def test_fused_ptc_calibration_and_evaluation_equal_the_unfused_path(qconfig_typ
             model.train()
             with torch.no_grad():
                 got += [model(x) for x in data]
+                assert _count_fused_ops(lambda model=model: model(data[0])) == {}  # without autograd: unfused
         model.eval()
         with torch.no_grad():
             got.append(model(data[0]))

@@ -161,7 +161,9 @@ class TidlFakeQuantize(FakeQuantize):
         # buffers and the observer from the module's dicts: nn.Module.__getattr__ costs ~0.5 us a lookup, and this
         # runs for every fake-quant point in every step
         observer = cast(Any, self._modules["activation_post_process"])
-        observe = self._fused_observe(X)
+        # autograd on (a training step; also an input that needs no gradient); PTC calibration and evaluation run
+        # without autograd and keep the unfused path, where a fused op would save nothing but op dispatches
+        observe = self._fused_observe(X) if torch.is_grad_enabled() else None
         if observe is not None:  # on CPU: one op forward, one backward
             if isinstance(observer, ActivationObserver):
                 return fused.fake_quant_activation(X, self, observer, observe)

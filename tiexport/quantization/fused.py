@@ -20,9 +20,9 @@ The backward ops apply the formulas autograd applies to the unfused expressions 
 each op's CPU kernel is the existing vectorized CPU code (:mod:`~tiexport.quantization.kernels`, the observers'
 scalar path in :mod:`~tiexport.quantization.observers`), so outputs, gradients and buffers are bit for bit those
 of the unfused path (tests hold it for every qconfig type, live and frozen, range shrink on and off). On CPU the
-fusion saves dispatch and Python overhead only, the arithmetic is unchanged. The activation and weight ops serve
-every CPU forward the fast paths cover (training, PTC calibration, evaluation: without autograd the CPU kernel
-runs, clipping in place and saving nothing); the Conv+BN ops serve autograd steps.
+fusion saves dispatch only, the arithmetic is unchanged. The ops serve the CPU forwards the fast paths cover with
+autograd on: training steps (an input quantizer's input needs no gradient: the CPU kernel then runs, clipping in
+place and saving nothing). PTC calibration and evaluation run without autograd and keep the unfused path.
 
 Only CPU kernels are registered: on CUDA (and under DDP, where activation observers reduce across ranks) the
 unfused, sync-free tensor path runs as before. A CUDA kernel (Triton, or a ``torch.compile`` of the tensor path)
@@ -122,21 +122,22 @@ class _ActivationFunction(torch.autograd.Function):
     (the rounded values saved, the gradient passed by ``hardtanh_backward``), the observer update before."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
-        q, lo, hi, s = _activation_grid(x, *args)
+    def forward(ctx: Any, x: torch.Tensor, rest: tuple[Any, ...]) -> torch.Tensor:
+        # the arguments without gradients in one tuple: Function.apply's cost grows with its argument count
+        q, lo, hi, s = _activation_grid(x, *rest)
         ctx.save_for_backward(q)
         ctx.bounds = (lo - 0.5, hi + 0.5)
         return q.clamp(lo, hi).mul_(float(s))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return (_passed_gradient(ctx, grad),) + (None,) * 12
+        return _passed_gradient(ctx, grad), None
 
 
-def _activation_autograd(*args: Any) -> torch.Tensor:
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args[:2]):
-        return cast(torch.Tensor, _ActivationFunction.apply(*args))
-    return _activation_cpu(*args)  # no gradient wanted: the CPU kernel (in-place clipping, nothing saved)
+def _activation_autograd(x: torch.Tensor, *rest: Any) -> torch.Tensor:
+    if x.requires_grad and torch.is_grad_enabled():
+        return cast(torch.Tensor, _ActivationFunction.apply(x, rest))
+    return _activation_cpu(x, *rest)  # no gradient wanted: the CPU kernel (in-place clipping, nothing saved)
 
 
 _LIB.impl("fake_quant_activation", _activation_cpu, "CPU")
@@ -148,7 +149,7 @@ def fake_quant_activation(x: torch.Tensor, fq: Any, observer: Any, observe: bool
     :class:`~tiexport.quantization.observers.ActivationObserver` ``observer`` (observing when ``observe``, which
     the caller allows only on the observer's scalar path), in one dispatched op."""
     b, o = fq._buffers, observer._buffers
-    out = torch.ops.tiexport_qat.fake_quant_activation(
+    out = _OPS["fake_quant_activation"](
         x, b["scale"], b["zero_point"], o["min_val"], o["max_val"], o["num_batches"], o["eps"], observe,
         observer.symmetric, observer.force_signed, observer.power_of_2, observer.range_shrink_percentile,
         observer.range_aggregation == "mean")
@@ -203,21 +204,21 @@ class _WeightFunction(torch.autograd.Function):
     :class:`~tiexport.quantization.kernels.FakeQuantizePerChannel`; the weight observer before."""
 
     @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, *args: Any) -> torch.Tensor:
-        q, lo, hi, s = _weight_grid(w, *args)
+    def forward(ctx: Any, w: torch.Tensor, rest: tuple[Any, ...]) -> torch.Tensor:
+        q, lo, hi, s = _weight_grid(w, *rest)
         ctx.save_for_backward(q)
         ctx.bounds = (lo - 0.5, hi + 0.5)
         return q.clamp(lo, hi).mul_(s)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return (_passed_gradient(ctx, grad),) + (None,) * 11
+        return _passed_gradient(ctx, grad), None
 
 
-def _weight_autograd(*args: Any) -> torch.Tensor:
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args[:2]):
-        return cast(torch.Tensor, _WeightFunction.apply(*args))
-    return _weight_cpu(*args)  # no gradient wanted: the CPU kernel (in-place clipping, nothing saved)
+def _weight_autograd(w: torch.Tensor, *rest: Any) -> torch.Tensor:
+    if w.requires_grad and torch.is_grad_enabled():
+        return cast(torch.Tensor, _WeightFunction.apply(w, rest))
+    return _weight_cpu(w, *rest)  # no gradient wanted: the CPU kernel (in-place clipping, nothing saved)
 
 
 _LIB.impl("fake_quant_weight", _weight_cpu, "CPU")
@@ -234,7 +235,7 @@ def fake_quant_weight(w: torch.Tensor, fq: Any, observer: Any, observe: bool) ->
     """``fq``'s training forward of a float32 CPU weight ``w`` (non-empty) with the
     :class:`~tiexport.quantization.observers.WeightObserver` ``observer``, in one dispatched op. Per channel, the
     caller has checked that the zero points are 0 (they are once observed)."""
-    return cast(torch.Tensor, torch.ops.tiexport_qat.fake_quant_weight(w, *_weight_args(fq, observer, observe)))
+    return cast(torch.Tensor, _OPS["fake_quant_weight"](w, *_weight_args(fq, observer, observe)))
 
 
 # ------------------------------------------------------------------------------------ Conv+BN folded weight
@@ -257,8 +258,8 @@ class _ConvBnWeightFunction(torch.autograd.Function):
     order the autograd engine adds them, then ``ViewBackward`` and ``DivBackward0`` for ``gamma``."""
 
     @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, gamma: torch.Tensor, running_var: torch.Tensor, bn_eps: float,
-                *args: Any) -> torch.Tensor:
+    def forward(ctx: Any, w: torch.Tensor, gamma: torch.Tensor, rest: tuple[Any, ...]) -> torch.Tensor:
+        running_var, bn_eps, *args = rest
         std = torch.sqrt(running_var + bn_eps)
         factor = (gamma / std).reshape([-1] + [1] * (w.dim() - 1))
         q, lo, hi, s = _weight_grid(w * factor, *args)
@@ -271,9 +272,9 @@ class _ConvBnWeightFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         w, std, factor, q, fq_w = ctx.saved_tensors
         need_w, need_gamma = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
-        grad_w, grad_gamma = torch.ops.tiexport_qat.conv_bn_weight_backward(
+        grad_w, grad_gamma = _OPS["conv_bn_weight_backward"](
             grad, w, std, factor, q, fq_w, ctx.bounds[0], ctx.bounds[1], need_w, need_gamma)
-        return (grad_w if need_w else None, grad_gamma if need_gamma else None) + (None,) * 13
+        return grad_w if need_w else None, grad_gamma if need_gamma else None, None
 
 
 def _conv_bn_weight_backward(grad: torch.Tensor, w: torch.Tensor, std: torch.Tensor, factor: torch.Tensor,
@@ -308,10 +309,10 @@ def _conv_bn_weight_backward(grad: torch.Tensor, w: torch.Tensor, std: torch.Ten
 _LIB.impl("conv_bn_weight_backward", _conv_bn_weight_backward, "CPU")
 
 
-def _conv_bn_weight_autograd(*args: Any) -> torch.Tensor:
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args[:2]):
-        return cast(torch.Tensor, _ConvBnWeightFunction.apply(*args))
-    return _conv_bn_weight_cpu(*args)  # no gradient wanted: the CPU kernel (in-place clipping, nothing saved)
+def _conv_bn_weight_autograd(w: torch.Tensor, gamma: torch.Tensor, *rest: Any) -> torch.Tensor:
+    if (w.requires_grad or gamma.requires_grad) and torch.is_grad_enabled():
+        return cast(torch.Tensor, _ConvBnWeightFunction.apply(w, gamma, rest))
+    return _conv_bn_weight_cpu(w, gamma, *rest)  # no gradient wanted: the CPU kernel (in-place clipping, nothing saved)
 
 
 _LIB.impl("conv_bn_weight", _conv_bn_weight_cpu, "CPU")
@@ -322,7 +323,7 @@ def conv_bn_weight(w: torch.Tensor, gamma: torch.Tensor, running_var: torch.Tens
                    observer: Any, observe: bool) -> torch.Tensor:
     """``fq(w * f) / f`` for a training-mode Conv+BN (``f = gamma / sqrt(running_var + bn_eps)`` per output
     channel), the weight fake-quant ``fq`` observing when ``observe``, in one dispatched op."""
-    return cast(torch.Tensor, torch.ops.tiexport_qat.conv_bn_weight(
+    return cast(torch.Tensor, _OPS["conv_bn_weight"](
         w, gamma, running_var, float(bn_eps), *_weight_args(fq, observer, observe)))
 
 
@@ -357,8 +358,8 @@ class _ConvBnFrozenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, conv_bias: torch.Tensor | None,
-                running_mean: torch.Tensor, running_var: torch.Tensor, bn_eps: float,
-                *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                rest: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        running_mean, running_var, bn_eps, *args = rest
         folded, bias, std, factor_r, centered = _frozen_folding(w, gamma, beta, conv_bias, running_mean,
                                                                 running_var, bn_eps)
         q, lo, hi, s = _weight_grid(folded, *args)
@@ -370,9 +371,9 @@ class _ConvBnFrozenFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         w, std, factor_r, centered, q = ctx.saved_tensors
         needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-        grads = torch.ops.tiexport_qat.conv_bn_frozen_backward(
+        grads = _OPS["conv_bn_frozen_backward"](
             grad_weight, grad_bias, w, std, factor_r, centered, q, ctx.bounds[0], ctx.bounds[1], *needs)
-        return tuple(g if need else None for g, need in zip(grads, needs, strict=True)) + (None,) * 14
+        return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None)
 
 
 def _conv_bn_frozen_backward(grad_weight: torch.Tensor, grad_bias: torch.Tensor, w: torch.Tensor,
@@ -400,7 +401,7 @@ def _conv_bn_frozen_backward(grad_weight: torch.Tensor, grad_bias: torch.Tensor,
 def _conv_bn_frozen_autograd(w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, *args: Any) -> Any:
     if torch.is_grad_enabled() and (w.requires_grad or gamma.requires_grad or beta.requires_grad
                                     or (args[0] is not None and args[0].requires_grad)):
-        return _ConvBnFrozenFunction.apply(w, gamma, beta, *args)
+        return _ConvBnFrozenFunction.apply(w, gamma, beta, args[0], args[1:])
     return _conv_bn_frozen_cpu(w, gamma, beta, *args)
 
 
@@ -413,6 +414,12 @@ def conv_bn_frozen(w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, con
                    running_mean: torch.Tensor, running_var: torch.Tensor, bn_eps: float, fq: Any, observer: Any,
                    observe: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The fake-quantized folded weight and the folded bias of a Conv+BN with frozen statistics, in one op."""
-    weight, bias = torch.ops.tiexport_qat.conv_bn_frozen(
+    weight, bias = _OPS["conv_bn_frozen"](
         w, gamma, beta, conv_bias, running_mean, running_var, float(bn_eps), *_weight_args(fq, observer, observe))
     return weight, bias
+
+
+#: The ops' default overloads, looked up once (``torch.ops.<ns>.<op>`` resolves the overload packet per call)
+_OPS: dict[str, Any] = {name: getattr(torch.ops.tiexport_qat, name).default for name in (
+    "fake_quant_activation", "fake_quant_weight", "conv_bn_weight", "conv_bn_weight_backward", "conv_bn_frozen",
+    "conv_bn_frozen_backward")}
