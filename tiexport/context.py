@@ -151,6 +151,10 @@ class ModelContext:
             for inp in node.input:
                 if inp:
                     self.consumers.setdefault(inp, []).append(i)
+            for inp in sorted(outer_references(node) - set(node.input)):
+                # an If/Loop/Scan body reading an outer tensor: the node consumes it (a DQ used only inside the
+                # branches is not dead)
+                self.consumers.setdefault(inp, []).append(i)
         self.graph_inputs: list[onnx.ValueInfoProto] = [
             vi for vi in self.graph.input if vi.name not in self.initializers
         ]
@@ -458,6 +462,64 @@ class ModelContext:
             return len(s)
         cs = self.const_shape(tensor) if self.is_const(tensor) else None
         return None if cs is None else len(cs)
+
+
+def _graph_attrs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for k, g in enumerate(attr.graphs):
+                yield f"{attr.name}[{k}]", g
+
+
+def outer_references(node: onnx.NodeProto) -> set[str]:
+    """Names the subgraphs of ``node`` (If branches, Loop/Scan bodies, nested ones too) read from enclosing scopes."""
+    refs: set[str] = set()
+    for _, g in _graph_attrs(node):
+        refs |= _free_names(g)
+    return refs
+
+
+def _free_names(graph: onnx.GraphProto) -> set[str]:
+    defined = {vi.name for vi in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    used: set[str] = set()
+    for n in graph.node:
+        defined.update(o for o in n.output if o)
+        used.update(i for i in n.input if i)
+        used |= outer_references(n)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+def subgraph_contexts(ctx: ModelContext) -> list[ModelContext]:
+    """A context per subgraph (If branches, Loop/Scan bodies, nested), for the rules that check Q/DQ parameters
+    there too (TIDL011): the body with the outer-scope initializers it reads, node names prefixed with where the body
+    sits (``<If node>/then_branch/<node>``). Built on demand; bodies are small, weights are not copied unless read."""
+    out: list[ModelContext] = []
+
+    def visit(node: onnx.NodeProto, outer: dict[str, onnx.TensorProto], prefix: str) -> None:
+        for attr_name, g in _graph_attrs(node):
+            body = onnx.GraphProto()
+            body.CopyFrom(g)
+            label = f"{prefix}{node.name or node.op_type}/{attr_name}/"
+            for n in body.node:
+                n.name = label + (n.name or n.op_type)
+            present = {t.name for t in body.initializer}
+            body.initializer.extend(outer[name] for name in sorted(_free_names(g)) if name in outer
+                                    and name not in present)
+            model = onnx.ModelProto(ir_version=ctx.model.ir_version, graph=body)
+            model.opset_import.extend(ctx.model.opset_import)
+            sub = ModelContext(LoadedModel(model, ctx.name, ctx.loaded.base_dir))
+            out.append(sub)
+            scope = {**outer, **{t.name: t for t in g.initializer}}
+            for inner in g.node:
+                visit(inner, scope, label)
+
+    for node in ctx.nodes:
+        visit(node, ctx.initializers, "")
+    return out
 
 
 def dag_problem(model: onnx.ModelProto) -> str:

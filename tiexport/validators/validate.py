@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tiexport.context import ModelContext
+from tiexport.context import ModelContext, subgraph_contexts
 from tiexport.devices import DeviceProfile, resolve_devices
 from tiexport.onnx_io import as_model
 from tiexport.validators.registry import RULES
@@ -35,6 +35,7 @@ def validate(
     profiles = resolve_devices(device, sdk)
     ctx = ModelContext(loaded)
     active = rules if rules is not None else RULES
+    subgraphs = subgraph_contexts(ctx)  # If branches, Loop/Scan bodies: checked by the rules marked in_subgraphs
     reports: dict[str, DeviceReport] = {}
     shared: dict[tuple[str, str], list[Finding]] = {}  # device-independent rules: once per model and SDK release
     for profile in profiles:
@@ -47,6 +48,9 @@ def validate(
                 findings.extend(shared[key])
                 continue
             found = _run_rule(rule, ctx, profile)
+            if rule.in_subgraphs:
+                for sub in subgraphs:
+                    found.extend(_run_rule(rule, sub, profile))
             if rule.device_independent:
                 shared[key] = found
             findings.extend(found)

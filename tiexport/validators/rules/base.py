@@ -38,6 +38,9 @@ class Rule:
     device_independent: ClassVar[bool] = False
     """``check`` reads nothing of its device but the SDK facts (``device.spec``): validate runs it once per model
     and SDK release and shares the findings between devices."""
+    in_subgraphs: ClassVar[bool] = False
+    """Also checked inside If branches and Loop/Scan bodies (:func:`tiexport.context.subgraph_contexts`): those
+    ops run on Arm, but ONNX Runtime still needs what the rule checks there."""
 
     def applies_to(self, device: DeviceProfile) -> bool:
         return device.accelerator or not self.needs_accelerator

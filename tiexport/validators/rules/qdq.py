@@ -132,6 +132,7 @@ class InvalidQParamsRule(Rule):
     category = "invalid_qparams"
     sources = (ONNX_QDQ_SPEC, get_spec().op_source("DequantizeLinear"))
     device_independent = True
+    in_subgraphs = True
     needs_accelerator = False
 
     def check(self, ctx: ModelContext, device: DeviceProfile) -> Iterator[Finding]:
