@@ -29,8 +29,10 @@ from tiexport.errors import TiexportError, UsageError
 __all__ = [
     "DEFAULT_TIME_LIMIT",
     "LimitExceeded",
+    "add_temp_file",
     "cancellable",
     "check",
+    "discard_temp_file",
     "format_bytes",
     "memory_budget",
     "remove_temp_files",
@@ -160,6 +162,17 @@ def temp_file(path: str) -> Iterator[None]:
     finally:
         with _lock:
             _temps.discard(path)
+
+
+def add_temp_file(path: str) -> None:
+    """Register a temp file that outlives one block (a staged write); :func:`discard_temp_file` when done."""
+    with _lock:
+        _temps.add(path)
+
+
+def discard_temp_file(path: str) -> None:
+    with _lock:
+        _temps.discard(path)
 
 
 def remove_temp_files() -> None:

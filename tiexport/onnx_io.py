@@ -28,15 +28,18 @@ from tiexport.errors import UnusableInputError, UsageError, first_line
 
 __all__ = [
     "LoadedModel",
+    "StagedModel",
     "as_model",
     "check_output",
     "check_tensor_budget",
+    "external_array",
     "external_data_files",
     "external_data_info",
     "load_model",
     "same_file",
     "save_model",
     "serialize",
+    "stage_external",
     "tensor_to_array",
     "write_text",
 ]
@@ -235,6 +238,29 @@ def tensor_to_array(tensor: onnx.TensorProto, base_dir: str | None = None) -> np
         raise UnusableInputError(f"tensor {tensor.name!r} cannot be decoded: {first_line(exc)}") from None
 
 
+def external_array(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
+    """An external tensor as a read-only memory map of its file (nothing read until used; numpy-native types,
+    little-endian machines), else read as :func:`tensor_to_array` does."""
+    entries = _external_entries(tensor)
+    location = entries.get("location", "")
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except (KeyError, ValueError, TypeError):
+        dtype = None
+    if (dtype is None or tensor.data_type in _PACKED_4BIT or dtype.kind not in "biuf" or not location
+            or np.little_endian is False or tensor.data_type == onnx.TensorProto.BFLOAT16):
+        return tensor_to_array(tensor, base_dir)
+    offset = _external_int(tensor, entries, "offset", 0)
+    shape = tuple(int(d) for d in tensor.dims)
+    if _elements(shape) == 0:
+        return np.zeros(shape, dtype)
+    try:
+        return np.memmap(Path(base_dir) / location, dtype=dtype, mode="r", offset=offset, shape=shape)
+    except (OSError, ValueError) as exc:
+        raise UnusableInputError(f"tensor {_text(tensor.name)!r}: cannot map its external data: {first_line(exc)}"
+                                 ) from None
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A model with the name to show for it and the folder its external data lives in (None: in memory)."""
@@ -304,6 +330,10 @@ def serialize(model: onnx.ModelProto) -> bytes | None:
     return data if len(data) < MAX_PROTO else None
 
 
+class _TooLarge(Exception):
+    """The model does not fit one protobuf: save it with external data."""
+
+
 def save_model(
     model: onnx.ModelProto,
     path: str | os.PathLike[str],
@@ -315,7 +345,8 @@ def save_model(
     """Write ``model`` to ``path`` atomically (temp file in the same folder, then rename).
 
     ``protect`` lists files that must never be overwritten (the input model); writing onto one is a UsageError.
-    Models too large for one protobuf go to a ``<name>.data`` external-data file beside ``path``. ``serialized``:
+    Models too large for one protobuf go to an external-data file beside ``path`` (:func:`stage_external`: as
+    atomic as the rest, never appended to). ``serialized``:
     ``model``'s bytes when the caller already has them (see :func:`serialize`), written as they are.
     """
     out = Path(path)
@@ -328,14 +359,163 @@ def save_model(
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString())
         else:
-            check_output(out.parent / (out.name + ".data"), protect)  # never onto the input or its weights
-            # onnx.save_model moves tensor bytes out of the proto it is given: save a copy, keep the caller's intact
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=out.name + ".data", size_threshold=1024)
+            raise _TooLarge
 
-    _atomic_write(out, protect, write)
+    try:
+        _atomic_write(out, protect, write)
+    except _TooLarge:
+        # over 2 GB: weights to a data file of its own beside OUT, then OUT renamed in one step (stage_external);
+        # the caller's model stays intact, so the staging rewrites a copy
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        with stage_external(copy, out, source_dir=None, protect=protect) as staged:
+            staged.commit()
+
+
+_ALIGN = 4096
+"""External-data offsets are multiples of a page: ONNX Runtime maps aligned tensors instead of copying them."""
+_CHUNK = 16 * 2**20
+
+
+class StagedModel:
+    """A model written beside OUT under names no reader uses yet: its external-data file under a name of its own
+    (``OUT.data``, else ``OUT.1.data``, ...), its protobuf in a temp file. :meth:`commit` renames the protobuf over
+    OUT in one step, so OUT is always a whole model whose weights are all there (the old one with its old data
+    file, or the new one with its new file), then removes the data file the old OUT used when it was one of ours.
+    Leaving the ``with`` block without a commit removes both new files."""
+
+    def __init__(self, model: onnx.ModelProto, out: Path, tmp: str, data: Path | None, old_data: tuple[Path, ...],
+                 serialized: bytes) -> None:
+        self.model, self.out, self.tmp, self.data, self.old_data = model, out, tmp, data, old_data
+        self.serialized = serialized
+        self.committed = False
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            self.abort()
+
+    def commit(self) -> None:
+        try:
+            os.replace(self.tmp, self.out)
+        except OSError as exc:
+            self.abort()
+            raise UsageError(f"cannot write {self.out}: {exc.strerror or first_line(exc)}") from None
+        self.committed = True
+        for p in (self.tmp, str(self.data or "")):
+            limits.discard_temp_file(p)
+        for old in self.old_data:
+            if old != self.data:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+
+    def abort(self) -> None:
+        for p in (self.tmp, str(self.data or "")):
+            _unlink(p)
+            limits.discard_temp_file(p)
+
+
+def _own_data_name(out: Path, name: str) -> bool:
+    """``OUT.data`` or ``OUT.<n>.data``: a data file this writer made for OUT (only those are ever removed)."""
+    if name == f"{out.name}.data":
+        return True
+    middle = name.removeprefix(f"{out.name}.").removesuffix(".data")
+    return name.startswith(f"{out.name}.") and name.endswith(".data") and middle.isdigit()
+
+
+def stage_external(model: onnx.ModelProto, out: str | os.PathLike[str], *, source_dir: str | None,
+                   protect: tuple[str | os.PathLike[str], ...] = (), threshold: int = 1024) -> StagedModel:
+    """Write ``model`` for OUT with its weights in an external-data file, streaming: tensors already stored outside
+    (in ``source_dir``) are copied file to file in 16 MB chunks, top-level initializers of ``threshold`` bytes or
+    more are moved out of the proto. ``model`` is rewritten in place to reference the new file (the caller owns it).
+    Returns a :class:`StagedModel` to check and :meth:`~StagedModel.commit`."""
+    out = check_output(out, protect)
+    mode = stat.S_IMODE(out.stat().st_mode) if out.exists() else 0o666 & ~_umask()
+    old_data = tuple(p for p in external_data_files(out) if _own_data_name(out, p.name)) if out.is_file() else ()
+    k = 0
+    while True:
+        name = f"{out.name}.data" if k == 0 else f"{out.name}.{k}.data"
+        data = out.parent / name
+        try:
+            fd = os.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            break
+        except FileExistsError:
+            k += 1
+        except OSError as exc:
+            raise UsageError(f"cannot write {data}: {exc.strerror or first_line(exc)}") from None
+    limits.add_temp_file(str(data))
+    tmp = ""
+    try:
+        with os.fdopen(fd, "wb") as f:
+            written = _write_tensors(model, f, name, source_dir, threshold)
+        if not written:  # every tensor small: no data file
+            _unlink(str(data))
+            limits.discard_temp_file(str(data))
+        serialized = model.SerializeToString()
+        fd2, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        limits.add_temp_file(tmp)
+        with os.fdopen(fd2, "wb") as f:
+            f.write(serialized)
+        os.chmod(tmp, mode)
+    except BaseException as exc:
+        for p in (tmp, str(data)):
+            _unlink(p)
+            limits.discard_temp_file(p)
+        if isinstance(exc, OSError):
+            reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "") or first_line(exc)
+            raise UsageError(f"cannot write {out}: {reason}") from None
+        raise
+    return StagedModel(model, out, tmp, data if written else None, old_data, serialized)
+
+
+def _write_tensors(model: onnx.ModelProto, f: Any, location: str, source_dir: str | None, threshold: int) -> int:
+    """Move the tensors to ``f``; returns the number of tensors written there."""
+    top = {id(t) for t in model.graph.initializer}
+    written = 0
+    offset = 0
+    for t in _iter_graph_tensors(model.graph):
+        external = t.data_location == onnx.TensorProto.EXTERNAL and bool(_external_entries(t).get("location"))
+        if t.data_location == onnx.TensorProto.EXTERNAL and not external:
+            # onnx-graphsurgeon keeps the data_location of a constant whose values a pass replaced: the data is here
+            t.data_location = onnx.TensorProto.DEFAULT
+        if not external and (id(t) not in top or t.ByteSize() < threshold):
+            continue
+        pad = -offset % _ALIGN
+        f.write(b"\0" * pad)
+        offset += pad
+        if external:
+            entries = _external_entries(t)
+            if source_dir is None:
+                raise UsageError(f"tensor {_text(t.name)!r} is stored externally and its folder is unknown")
+            start = _external_int(t, entries, "offset", 0)
+            length = _external_int(t, entries, "length", -1)
+            if length < 0:
+                length = _stored_bytes(t) or 0
+            with open(Path(source_dir) / entries.get("location", ""), "rb") as src:
+                src.seek(start)
+                left = length
+                while left:
+                    chunk = src.read(min(_CHUNK, left))
+                    if not chunk:
+                        raise UnusableInputError(f"tensor {_text(t.name)!r}: external data ends early")
+                    f.write(chunk)
+                    left -= len(chunk)
+        else:
+            data = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+            length = len(data)
+            f.write(data)
+            del data
+        limits.check()
+        bare = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string)
+        t.CopyFrom(bare)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            t.external_data.add(key=key, value=value)
+        offset += length
+        written += 1
+    return written
 
 
 def check_output(out: str | os.PathLike[str], protect: tuple[str | os.PathLike[str], ...] = ()) -> Path:

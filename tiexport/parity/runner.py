@@ -31,6 +31,10 @@ def ort_session(source: str | bytes, *, optimizations: bool = False, external_fo
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimizations
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.log_severity_level = 4  # failures come back as exceptions (one line); ORT's own log would add more
+    # The default order runs every node whose inputs are ready first: all weight DequantizeLinear nodes of a QDQ
+    # model before the first layer, holding every weight in float at once (1.4 GB for 256 MB of int8 weights);
+    # priority order runs each where its layer needs it (385 MB). Same kernels, same numbers.
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     # Two sessions take turns: an idle one's spinning worker threads would steal the cores the busy one needs
     # (measured 2x slower on ResNet-50 with 2 cores).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -57,6 +57,10 @@ def node_key(node: onnx.NodeProto) -> bytes:
 
 
 def tensor_bytes(t: onnx.TensorProto) -> bytes:
+    """A tensor's data as bytes; for one stored outside the model, where it is stored (two tensors that point at
+    the same bytes of the same file are the same; fix keeps the input's weights so until it writes them)."""
     from onnx import numpy_helper
 
+    if t.data_location == onnx.TensorProto.EXTERNAL and any(e.key == "location" and e.value for e in t.external_data):
+        return b"external:" + "|".join(f"{e.key}={e.value}" for e in t.external_data).encode()
     return t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()

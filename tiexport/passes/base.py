@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -169,12 +169,14 @@ class GraphRewriteError(TiexportError):
 
 
 def apply_passes(model: onnx.ModelProto, passes: Sequence[Pass], *, max_iterations: int = 8, name: str = "model",
-                 consume: bool = False) -> tuple[onnx.ModelProto, PipelineResult]:
+                 consume: bool = False, base_dir: str | None = None) -> tuple[onnx.ModelProto, PipelineResult]:
     """Run ``passes`` to a fixed point on a copy of ``model`` (never modified); returns the rewritten model and what
     each pass did. Model-level fields onnx-graphsurgeon does not carry (doc string, domain, model version,
     metadata, producer when the graph has none) are kept. ``name`` names the model in errors. ``consume``: the
     caller throws ``model`` away afterwards (an exporter's raw output), so no copy is made (100 MB copied for
-    nothing on a ResNet-50 export).
+    nothing on a ResNet-50 export). ``base_dir``: the folder of ``model``'s external data, when it was loaded
+    without it: a pass that reads such a weight gets a read-only memory map of the file, and a weight no pass
+    replaced stays an external reference in the result (a 1 GB model is never held in memory).
 
     Raises :class:`GraphRewriteError` when the graph cannot be imported or exported, :class:`PassError` when a pass
     fails.
@@ -189,7 +191,10 @@ def apply_passes(model: onnx.ModelProto, passes: Sequence[Pass], *, max_iteratio
     except Exception as exc:
         raise GraphRewriteError(f"{name}: cannot import the graph for rewriting: {first_line(exc)}"
                                 ) from None
+    external = _external_values(graph, base_dir) if base_dir is not None else []
     result = PassManager(passes, max_iterations=max_iterations).run(graph)
+    for lazy in external:
+        lazy.restore()
     try:
         if not _is_sorted(graph):
             graph.toposort()
@@ -205,6 +210,43 @@ def apply_passes(model: onnx.ModelProto, passes: Sequence[Pass], *, max_iteratio
         out.producer_name = model.producer_name
         out.producer_version = model.producer_version
     return out, result
+
+
+class _ExternalValues(gs.ir.tensor.LazyValues):
+    """A weight stored outside the model: read as a read-only memory map when a pass asks for its values; put
+    back as the external reference at export when no pass replaced it (onnx-graphsurgeon exports LazyValues as
+    the TensorProto they wrap)."""
+
+    def __init__(self, constant: gs.Constant, base_dir: str) -> None:
+        super().__init__(constant._values.tensor)
+        self.constant = constant
+        self.base_dir = base_dir
+        self.mapped: Any = None
+
+    def load(self) -> Any:
+        import numpy as np
+
+        from tiexport.onnx_io import external_array
+
+        self.mapped = external_array(self.tensor, self.base_dir)
+        return self.mapped if isinstance(self.mapped, np.memmap) else np.array(self.mapped)
+
+    def restore(self) -> None:
+        values = self.constant._values
+        if values is self or (self.mapped is not None and values is self.mapped):
+            self.constant._values = gs.ir.tensor.LazyValues(self.tensor)
+
+
+def _external_values(graph: gs.Graph, base_dir: str) -> list[_ExternalValues]:
+    out = []
+    for g in (graph, *graph.subgraphs(recursive=True)):
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant) and type(t._values) is gs.ir.tensor.LazyValues and \
+                    t._values.tensor.data_location == onnx.TensorProto.EXTERNAL:
+                lazy = _ExternalValues(t, base_dir)
+                t._values = lazy
+                out.append(lazy)
+    return out
 
 
 def _is_sorted(graph: gs.Graph) -> bool:

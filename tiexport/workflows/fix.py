@@ -23,7 +23,7 @@ from tiexport import limits
 from tiexport.context import ModelContext, dag_problem
 from tiexport.devices import DeviceProfile, get_device
 from tiexport.errors import TiexportError, UnusableInputError, UsageError, first_line
-from tiexport.onnx_io import LoadedModel, as_model, save_model, serialize
+from tiexport.onnx_io import LoadedModel, as_model, external_data_info, save_model, serialize, stage_external
 from tiexport.parity import check_parity, input_specs, load_inputs, ort_session
 from tiexport.parity.structural import same_computation
 from tiexport.passes.base import GraphRewriteError, PassError, PassSummary, apply_passes
@@ -214,7 +214,12 @@ def _fix(model: Any, profile: DeviceProfile, *, input_shapes: Mapping[str, Seque
          quantize_bias: bool | None, align_concat: bool, inputs: Any, parity: bool, num_samples: int, seed: int,
          max_lsb: float, max_iterations: int, output: str | os.PathLike[str] | None,
          protect: Sequence[str | os.PathLike[str]] | None) -> tuple[onnx.ModelProto, FixReport]:
-    loaded = as_model(model, load_external_data=True)
+    loaded = as_model(model)
+    # A model with external data written to a file is fixed file to file (stage_external); otherwise its weights
+    # are read into memory, as the returned ModelProto must carry them.
+    stream = output is not None and loaded.base_dir is not None and bool(external_data_info(loaded.model))
+    if loaded.base_dir is not None and not stream and external_data_info(loaded.model):
+        loaded = as_model(model, load_external_data=True)
     original = loaded.model
     passes = fix_pipeline(profile, input_shapes=input_shapes, power_of_two=power_of_two,
                           quantize_bias=quantize_bias, align_concat=align_concat)
@@ -227,7 +232,8 @@ def _fix(model: Any, profile: DeviceProfile, *, input_shapes: Mapping[str, Seque
     if why:
         raise UnusableInputError(f"{loaded.name}: {why}; nothing written")
     try:
-        fixed, result = apply_passes(original, passes, max_iterations=max_iterations, name=loaded.name)
+        fixed, result = apply_passes(original, passes, max_iterations=max_iterations, name=loaded.name,
+                                     base_dir=loaded.base_dir if stream else None)
     except (GraphRewriteError, PassError) as exc:
         # A pass tripping over a model that onnx.checker or ONNX Runtime already rejects is the input's fault
         broken = _unusable_because(original)[0]
@@ -237,9 +243,45 @@ def _fix(model: Any, profile: DeviceProfile, *, input_shapes: Mapping[str, Seque
         if isinstance(exc, GraphRewriteError):
             raise FixError(str(exc)) from None
         raise
+    identical = not any(p.numerics_changed for p in result.passes) and same_computation(original, fixed)
+    if protect is None:
+        protect = (loaded.name,) if loaded.base_dir is not None else ()
+    if stream:
+        # Weights stay in files: the unchanged ones are copied from the input's data file to OUT's, the changed ones
+        # written out, and every check below runs on those files (a 1 GB model is never held in memory, and ONNX
+        # Runtime maps the aligned weights). OUT appears only at the end, with its data complete.
+        assert output is not None
+        fixed_name = str(output)
+        with stage_external(fixed, output, source_dir=loaded.base_dir, protect=tuple(protect)) as staged:
+            out_dir = str(staged.out.parent)
+            session = _check_usable(fixed, staged.serialized, original, loaded.name, path=staged.tmp)
+            report = _prove(loaded, LoadedModel(fixed, fixed_name, out_dir), result, profile, session,
+                            identical=identical, parity=parity, inputs=inputs, num_samples=num_samples, seed=seed,
+                            max_lsb=max_lsb, max_iterations=max_iterations)
+            limits.check()  # stopped (time limit, SIGTERM) while checking: nothing written
+            staged.commit()
+        report.output = fixed_name
+        return fixed, report
     data = serialize(fixed)  # once: the checker, ONNX Runtime and the written file all take these bytes
     session = _check_usable(fixed, data, original, loaded.name)
+    report = _prove(loaded, LoadedModel(fixed, _text_name(fixed), None), result, profile, session,
+                    identical=identical, parity=parity, inputs=inputs, num_samples=num_samples, seed=seed,
+                    max_lsb=max_lsb, max_iterations=max_iterations)
+    if output is not None:
+        limits.check()  # stopped (time limit, SIGTERM) while validating: nothing written
+        save_model(fixed, output, protect=tuple(protect), serialized=data)
+        report.output = str(output)
+    return fixed, report
 
+
+def _text_name(model: onnx.ModelProto) -> str:
+    return as_model(model).name
+
+
+def _prove(loaded: LoadedModel, fixed: LoadedModel, result: Any, profile: DeviceProfile, session: Any, *,
+           identical: bool, parity: bool, inputs: Any, num_samples: int, seed: int, max_lsb: float,
+           max_iterations: int) -> FixReport:
+    """Validate before and after, and establish parity (by construction when ``identical``): the report."""
     before = validate(loaded, profile).devices[profile.name].findings
     after = validate(fixed, profile).devices[profile.name].findings
     report = FixReport(
@@ -249,7 +291,7 @@ def _fix(model: Any, profile: DeviceProfile, *, input_shapes: Mapping[str, Seque
     )
     if not result.converged:
         report.notes.append(f"no fixed point after {max_iterations} iterations; the output is the last state")
-    if parity and inputs is None and not report.numerics_changed and same_computation(original, fixed):
+    if parity and inputs is None and identical:
         # Nodes, weights, inputs and outputs are those of the input (only shape annotations or node order differ):
         # the outputs are bit-identical by construction, a stronger proof than running samples, and running
         # ResNet-50 twice was a third of fix's time (bench/RESULTS.md, fix section).
@@ -265,13 +307,7 @@ def _fix(model: Any, profile: DeviceProfile, *, input_shapes: Mapping[str, Seque
             report.notes.append("only exact rewrites ran: parity checked on one sample (must be bit-identical)")
         report.parity, report.parity_passed, report.bit_identical = _parity(
             loaded, fixed, inputs=inputs, num_samples=samples, seed=seed, max_lsb=max_lsb, session=session)
-    if output is not None:
-        limits.check()  # stopped (time limit, SIGTERM) while validating: nothing written
-        if protect is None:
-            protect = (loaded.name,) if loaded.base_dir is not None else ()
-        save_model(fixed, output, protect=tuple(protect), serialized=data)
-        report.output = str(output)
-    return fixed, report
+    return report
 
 
 _NARROW = {onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT4: "uint4"}
@@ -300,7 +336,7 @@ def _unsupported_types(model: onnx.ModelProto) -> str:
     return ""
 
 
-def _unusable_because(model: onnx.ModelProto, data: bytes | None = None) -> tuple[str, Any]:
+def _unusable_because(model: onnx.ModelProto, data: bytes | None = None, path: str | None = None) -> tuple[str, Any]:
     """Why onnx.checker (with strict shape inference) or ONNX Runtime session creation rejects ``model`` ("" when
     both accept it), and the ONNX Runtime session made (None when it was not). ``data``: ``model`` serialized, when
     the caller has it (see :func:`tiexport.onnx_io.serialize`)."""
@@ -310,7 +346,8 @@ def _unusable_because(model: onnx.ModelProto, data: bytes | None = None) -> tupl
         log.warning("model over 2 GB: onnx.checker and the ONNX Runtime load check are skipped")
         return "", None
     try:
-        onnx.checker.check_model(data)
+        # a written model is checked as a file: its external data resolves beside it
+        onnx.checker.check_model(path or data)
         # TIDL resolves every shape with ONNX shape inference (tidl.md §2): declared shapes that inference
         # contradicts make a broken model even where ONNX Runtime loads it. Checked on the weight-free skeleton.
         onnx.checker.check_model(ModelContext(LoadedModel(model, "", None)).skeleton, full_check=True)
@@ -318,14 +355,16 @@ def _unusable_because(model: onnx.ModelProto, data: bytes | None = None) -> tupl
         return f"onnx.checker: {first_line(exc)}", None
     try:
         # made as parity makes its sessions, so that parity reuses it for the fixed model
-        return "", ort_session(data)
+        return "", ort_session(path or data)
     except Exception as exc:
         return f"ONNX Runtime session creation: {first_line(exc)}", None
 
 
-def _check_usable(fixed: onnx.ModelProto, data: bytes | None, original: onnx.ModelProto, name: str) -> Any:
-    """The promise of ``fix``: what it returns passes onnx.checker and loads in ONNX Runtime. Returns the session."""
-    why, session = _unusable_because(fixed, data)
+def _check_usable(fixed: onnx.ModelProto, data: bytes | None, original: onnx.ModelProto, name: str,
+                  path: str | None = None) -> Any:
+    """The promise of ``fix``: what it returns passes onnx.checker and loads in ONNX Runtime (checked on the file
+    at ``path`` when it is written there). Returns the session."""
+    why, session = _unusable_because(fixed, data, path)
     if not why:
         return session
     if _unusable_because(original)[0]:
@@ -335,7 +374,7 @@ def _check_usable(fixed: onnx.ModelProto, data: bytes | None, original: onnx.Mod
 
 
 # ----------------------------------------------------------------------------------------------------- parity
-def _parity(reference: Any, candidate: onnx.ModelProto, *, inputs: Any, num_samples: int, seed: int,
+def _parity(reference: Any, candidate: LoadedModel, *, inputs: Any, num_samples: int, seed: int,
             max_lsb: float = 1.0, session: Any = None) -> tuple[dict[str, Any], bool | None, bool | None]:
     """Compare the fixed model with the input: (report dict, passed, bit-identical). Uses
     :func:`tiexport.parity.check_parity` on seeded random samples drawn for the fixed model's (static)
