@@ -12,7 +12,8 @@ Contenders: QATFxModule in its first epoch (observers and batch norm updating: "
 observers frozen (the later epochs), each with the fused ops (:mod:`tiexport.quantization.fused`, the default)
 and without (``fused.FUSED_OPS = False``: the path before issue 20); torch.ao's default QAT qconfig mapping live
 and with observers disabled and batch norm frozen; the float model. Also the step time of the fused and unfused
-paths, interleaved rounds (median of ``--runs``), since fusing on CPU saves dispatch only.
+paths, interleaved rounds (median of ``--runs``; on CPU the process's CPU time, which a shared machine's load
+inflates less than wall time), since fusing on CPU saves dispatch only.
 
 Target (issue 20): top-level ops per step <= torch.ao's on both bench models, observers live.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,16 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Config, Section, at_most, have_module, render_timings, script_main, time_callables
+from bench.common import (
+    Config,
+    Section,
+    Timing,
+    at_most,
+    have_module,
+    render_timings,
+    script_main,
+    time_callables,
+)
 
 __all__ = ["OpCount", "count_step_ops", "run"]
 
@@ -92,6 +103,21 @@ def _one_step(model: Any, batches: list[tuple[Any, Any]], dev: str) -> Callable[
     from bench.bench_qat import _train_steps
 
     return _train_steps(model, batches, 1, dev)
+
+
+def _time_cpu(funcs: dict[str, Callable[[], None]], cfg: Config) -> dict[str, Timing]:
+    """:func:`bench.common.time_callables` by the process's CPU time instead of wall time: with one torch thread
+    it is the step's own compute, which waiting for a core on a shared machine does not inflate (it still moves
+    with cache and memory-bandwidth contention)."""
+    names = list(funcs)
+    timings = {n: Timing(n) for n in names}
+    for round_ in range(1 + cfg.runs):  # one warm-up round
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            start = time.process_time()
+            funcs[name]()
+            if round_ >= 1:
+                timings[name].walls.append(time.process_time() - start)
+    return timings
 
 
 def _block(step: Callable[[], None], use_fused: bool, k: int) -> None:
@@ -214,10 +240,12 @@ def _run(cfg: Config) -> list[Section]:
             use_fused = "unfused" not in label
 
             timed[label] = functools.partial(_block, steppers[label], use_fused, k)
-        t = time_callables(timed, cfg, warmup=1)
+        t = time_callables(timed, cfg, warmup=1) if cuda else _time_cpu(timed, cfg)
         for tm in t.values():
             tm.walls = [w / k for w in tm.walls]
-        section.body += [f"Step time, {k} steps per timed block, blocks interleaved (times per step):", ""]
+        clock = "wall time" if cuda else "CPU time of this process (time.process_time)"
+        section.body += [f"Step time ({clock}), {k} steps per timed block, blocks interleaved (times per step):",
+                         ""]
         section.body += render_timings(t, baseline="float step")
         section.body.append("")
     section.notes.append(f"torch threads: {THREADS}; QATFxModule(total_epochs=10), default qconfig (WC8_AT8); "
