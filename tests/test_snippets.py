@@ -642,3 +642,13 @@ def test_detection_entry_carries_the_meta_architecture(run_benchmark_entry: Any)
                                  meta_layers_names_list="m.prototxt"))
     assert doc["session"]["runtime_options"]["object_detection:meta_layers_names_list"] == "m.prototxt"
     assert doc["dataset_category"] == "coco" and doc["postprocess"]["normalized_detections"] is True
+
+
+@pytest.mark.parametrize(("version", "fmt", "said"), [
+    ("9.2", "yaml", "joins it to this file's folder"),  # 9.2/10.0 keep the config's folder for a single file
+    ("11.2", "yaml", "resolves against edgeai-benchmark's working folder"),  # 10.1+: only in an aggregate list
+    ("11.2", "tidlrunner", "edgeai-tidlrunner joins it to this file's folder"),
+])
+def test_yaml_says_where_a_relative_model_path_resolves(version: str, fmt: str, said: str) -> None:
+    assert said in snippet(P2, "AM68A", fmt, model_path="m.onnx", benchmark_version=version)
+    assert "model_path" not in snippet(P2, "AM68A", fmt, model_path="/abs/m.onnx").split("ORT_DISABLE_ALL")[0]

@@ -116,11 +116,24 @@ def _model_id(task: str, stem: str) -> str:
     return f"{TASK_INFO[task].prefix}-{stem}"
 
 
-def _relative_note(model_path: str) -> list[str]:
-    if model_path.startswith("/") or "/" not in model_path.replace("\\", "/"):
+def _relative_note(model_path: str, legacy: bool, tool: str = "edgeai-benchmark") -> list[str]:
+    """Where edgeai-benchmark's YAML loader looks for a relative model_path. It joins a bare file name to the
+    config's folder only when it has that folder: 9.2/10.0 always (a single config file becomes a one-entry list of
+    paths, r9.2 get_configs_from_file.py L131, joined at L53-56), 10.1 onwards only for a file listed by path in an
+    aggregate ``configs:`` file (a single config is wrapped as a dict without its folder, r11.2 L165-166, so L75-80
+    never join). Anything else resolves against edgeai-benchmark's working folder. edgeai-tidlrunner joins a bare
+    name to the config's folder as 9.2 does (runner/common/pipelines/common_/common_base.py L59-63, L77-84)."""
+    if model_path.startswith("/"):
         return []
-    return [f"model_path {model_path!r} is relative with a folder: edgeai-benchmark joins only a bare file name to "
-            "the config's folder, so this one resolves against edgeai-benchmark's working folder."]
+    bare = "/" not in model_path.replace("\\", "/")
+    if legacy and bare:
+        return [f"model_path {model_path!r} is a bare file name: {tool} joins it to this file's folder."]
+    if legacy:
+        return [f"model_path {model_path!r} is relative with a folder: {tool} joins only a bare file name to the "
+                f"config's folder, so this one resolves against {tool}'s working folder."]
+    return [f"model_path {model_path!r} is relative: given directly as --configs_path this file's model_path "
+            "resolves against edgeai-benchmark's working folder (a bare name is joined to the file's folder only when "
+            "the file is listed in an aggregate configs: file); an absolute path (tiexport's default) works both ways."]
 
 
 # ---------------------------------------------------------------------------------------------------- benchmark .py
@@ -346,8 +359,10 @@ def _config_doc(checked: Checked, extras: CompileExtras, task: str, model_path: 
     }
 
 
-def _yaml_notes(checked: Checked, extras: CompileExtras, task: str, model_path: str) -> list[str]:
-    notes = _relative_note(model_path)
+def _yaml_notes(checked: Checked, extras: CompileExtras, task: str, model_path: str,
+                tidlrunner: bool = False) -> list[str]:
+    notes = (_relative_note(model_path, True, "edgeai-tidlrunner") if tidlrunner
+             else _relative_note(model_path, checked.benchmark.legacy))
     if checked.device.accelerator:
         notes.append("ORT_DISABLE_ALL (TI's advice) is not in runtime_options: YAML cannot hold the onnxruntime enum "
                      "that edgeai-benchmark passes to SessionOptions; the Python entry (--format benchmark) sets it.")
@@ -390,7 +405,7 @@ def tidlrunner_yaml(checked: Checked, extras: CompileExtras, task: str, model_pa
                       "--quantization_scale_type says (runtime_settings.py L52-58, L81-87; seen by "
                       "bench/conformance_snippets.py); TI documents 1 only here: compile for it with --format "
                       "benchmark / yaml / tidl instead.")
-    header += [f"# {line}" for line in _yaml_notes(checked, extras, task, model_path)]
+    header += [f"# {line}" for line in _yaml_notes(checked, extras, task, model_path, tidlrunner=True)]
     doc = _config_doc(checked, extras, task, model_path, stem, metric_reference, norm)
     doc["preprocess"]["name"] = "image_preprocess"
     doc["postprocess"] = {**doc["postprocess"], "name": TASK_INFO[task].tidlrunner_postprocess}
