@@ -652,3 +652,11 @@ def test_detection_entry_carries_the_meta_architecture(run_benchmark_entry: Any)
 def test_yaml_says_where_a_relative_model_path_resolves(version: str, fmt: str, said: str) -> None:
     assert said in snippet(P2, "AM68A", fmt, model_path="m.onnx", benchmark_version=version)
     assert "model_path" not in snippet(P2, "AM68A", fmt, model_path="/abs/m.onnx").split("ORT_DISABLE_ALL")[0]
+
+
+def test_int8_input_quantizer_centres_the_pixels() -> None:
+    """int8 with zero point 0 and scale s: mean 128, scale s (q = pixel - 128 spans -128..127)."""
+    m = tiny_conv(in_dtype="int8", in_scale=2.0**-7)
+    session = yaml.safe_load(snippet(m, "AM68A", "yaml"))["session"]
+    assert session["input_mean"] == pytest.approx([128.0] * 3)
+    assert session["input_scale"] == pytest.approx([2.0**-7] * 3)
