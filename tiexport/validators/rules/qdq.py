@@ -298,6 +298,8 @@ class QdqAxisRule(Rule):
             if node.op_type != "DequantizeLinear":
                 continue
             for cons in ctx.consumers_of(node.output[0]):
+                if node.output[0] not in cons.input:
+                    continue  # read inside an If/Loop body: no weight axis to compare with
                 idx = list(cons.input).index(node.output[0])
                 want = weight_channel_axis(ctx, cons, idx)
                 if want is not None and axis != want:
