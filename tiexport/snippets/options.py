@@ -189,6 +189,10 @@ class Normalization:
     note: str
 
 
+_MAX_CHANNELS = 64
+"""More input channels than this is not an image: no per-channel mean/scale lists are written for it."""
+
+
 def normalization(analysis: ModelAnalysis) -> Normalization:
     """Mean/scale that put pixels 0..255 exactly onto the input quantizer's 256 steps, or placeholders.
 
@@ -198,6 +202,8 @@ def normalization(analysis: ModelAnalysis) -> Normalization:
     """
     first = analysis.inputs[0] if analysis.inputs else None
     c = first.channels if first is not None else None
+    if c is not None and not 1 <= c <= _MAX_CHANNELS:
+        c = None  # not an image's channel count (a fuzzed dim of 2**31 made a list of 2**31 means)
     n = c or 3
     if first is not None and first.quant_range is not None and first.quant_dtype in ("uint8", "int8"):
         lo, hi = first.quant_range
