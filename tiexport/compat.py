@@ -264,3 +264,120 @@ def _quiet_stdout() -> Iterator[None]:
             yield
     finally:
         onnx_log.setLevel(level)
+
+
+# ------------------------------------------------------------------------------------------------- torchao PT2E
+# torch's own PT2E quantization (torch.ao.quantization.quantizer, quantize_pt2e) left torch for torchao; tiexport's
+# PT2E path (tiexport.quantization.pt2e, tiexport.wrappers.pt2e) reaches torchao only through the functions below.
+# Tested with torchao 0.18.0 on torch 2.13 (CPU).
+
+TORCHAO_HINT = "the PT2E path needs torchao >= 0.18 (pip install 'tiexport[pt2e]')"
+
+
+@lru_cache(maxsize=1)
+def torchao_pt2e() -> Any:
+    """A namespace of the torchao PT2E objects tiexport uses: ``Quantizer``, ``QuantizationSpec``,
+    ``SharedQuantizationSpec``, ``QuantizationAnnotation``, ``prepare_pt2e``, ``prepare_qat_pt2e``, ``convert_pt2e``,
+    ``FakeQuantizeBase``, ``ObserverBase``, ``Q_ANNOTATION_KEY``, ``with_args`` (torchao's ``_with_args``: prepare
+    reads the class of a constructor only from torchao's own ``PartialWrapper``). ImportError with an install hint."""
+    import types
+
+    # torchao logs a WARNING per optional CUDA kernel library it cannot load on a CPU machine, and torch's pytree
+    # one for an Enum it registers; neither is anything a user of the CPU PT2E flow can act on
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with quiet_torch():
+            quantize_pt2e = importlib.import_module("torchao.quantization.pt2e.quantize_pt2e")
+            quantizer = importlib.import_module("torchao.quantization.pt2e.quantizer")
+            quantizer_mod = importlib.import_module("torchao.quantization.pt2e.quantizer.quantizer")
+            pt2e = importlib.import_module("torchao.quantization.pt2e")
+            observer = importlib.import_module("torchao.quantization.pt2e.observer")
+    except ImportError as exc:
+        raise ImportError(f"{TORCHAO_HINT}: {exc}") from exc
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+    return types.SimpleNamespace(
+        Quantizer=quantizer.Quantizer,
+        QuantizationSpec=quantizer.QuantizationSpec,
+        SharedQuantizationSpec=quantizer.SharedQuantizationSpec,
+        QuantizationAnnotation=quantizer.QuantizationAnnotation,
+        Q_ANNOTATION_KEY=quantizer_mod.Q_ANNOTATION_KEY,
+        prepare_pt2e=quantize_pt2e.prepare_pt2e,
+        prepare_qat_pt2e=quantize_pt2e.prepare_qat_pt2e,
+        convert_pt2e=quantize_pt2e.convert_pt2e,
+        FakeQuantizeBase=pt2e.FakeQuantizeBase,
+        ObserverBase=pt2e.ObserverBase,
+        with_args=observer._with_args,  # torchao's prepare recognizes only its own PartialWrapper
+        version=getattr(importlib.import_module("torchao"), "__version__", "?"),
+    )
+
+
+def has_torchao() -> bool:
+    """torchao's PT2E API is importable."""
+    try:
+        torchao_pt2e()
+    except ImportError:
+        return False
+    return True
+
+
+def torchao_classes() -> tuple[type, ...]:
+    """torchao's own observer and fake-quant base classes, when torchao is already imported (a model prepared by
+    torchao's PT2E flow has them); ``()`` otherwise: nothing here imports torchao for a model that cannot hold them."""
+    import sys
+
+    if "torchao.quantization.pt2e" not in sys.modules:
+        return ()
+    ns = torchao_pt2e()
+    return (ns.FakeQuantizeBase, ns.ObserverBase)
+
+
+def export_for_quantization(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``torch.export`` a float model to the ATen-level GraphModule that PT2E quantization annotates (non-strict).
+
+    The batch dimension (dim 0 of every tensor input) is ``Dim.AUTO``: dynamic where the model allows it, so that
+    calibration and training run on any batch size, static where the model specializes on it; every other dimension
+    is static, so Python control flow on shapes is evaluated at the example inputs."""
+    import torch
+
+    def batch_dynamic(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {0: torch.export.Dim.AUTO} if value.dim() > 0 else None
+        return None
+
+    def two(value: Any) -> Any:  # a batch of 1 would specialize the batch dimension to 1 (0/1 specialization)
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1:
+            return torch.cat([value, value])
+        return value
+
+    traced_args, traced_kwargs = tuple(two(a) for a in args), {k: two(v) for k, v in kwargs.items()}
+    dynamic = ([batch_dynamic(a) for a in args] if not kwargs else
+               {**{f"_arg{i}": batch_dynamic(a) for i, a in enumerate(args)},
+                **{k: batch_dynamic(v) for k, v in kwargs.items()}})
+    with quiet_torch():
+        try:
+            program = torch.export.export(model, traced_args, traced_kwargs or None, strict=False,
+                                          dynamic_shapes=tuple(dynamic) if isinstance(dynamic, list) else dynamic)
+        except Exception:  # e.g. a batch-size assertion Dim.AUTO cannot express: retry static
+            program = torch.export.export(model, tuple(args), dict(kwargs) or None, strict=False)
+    return program.module()
+
+
+def allow_train_eval(model: Any) -> None:
+    """Let ``train()``/``eval()`` work on a torch.export GraphModule (torchao replaces them by errors, or by
+    ``move_exported_model_to_train/eval`` once allowed: batch norm and dropout ops switch with the mode)."""
+    importlib.import_module("torchao.quantization.pt2e").allow_exported_model_train_eval(model)
+
+
+def move_exported_model(model: Any, training: bool) -> None:
+    """Switch the ops of a torch.export GraphModule between training and eval behaviour (batch norm, dropout):
+    ``model.train()``/``eval()`` do not reach ops captured in the graph."""
+    pt2e = importlib.import_module("torchao.quantization.pt2e")
+    if training:
+        pt2e.move_exported_model_to_train(model)
+    else:
+        pt2e.move_exported_model_to_eval(model)

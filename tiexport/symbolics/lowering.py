@@ -48,6 +48,7 @@ from tiexport.quantization.conv_bn import conv_bn_folding
 from tiexport.symbolics.converted import VIEW_MODULES, graph_is_quantized, lower_converted_graph
 from tiexport.symbolics.modules import LoweredFunctional, Requant, lower_quantized_module
 from tiexport.symbolics.ops import QSpec, qdq
+from tiexport.symbolics.pt2e import is_pt2e_converted, lower_pt2e_graph
 from tiexport.symbolics.specs import spec_from_fake_quant, spec_from_qtensor
 
 __all__ = ["ExportLowering"]
@@ -95,6 +96,9 @@ class ExportLowering:
         classes = compat.ao_classes()
         fq_types, obs_types = classes["fake_quant"], classes["observer"]
         self._set_eval(model)
+        if is_pt2e_converted(model):  # convert_pt2e's quantized_decomposed Q/DQ (tiexport.symbolics.pt2e)
+            self.kind = "converted"
+            return lower_pt2e_graph(model)
         fake_quants = [(n, m) for n, m in model.named_modules() if fq_types and isinstance(m, fq_types)]
         fq_children = {id(c) for _, fq in fake_quants for c in fq.modules()}
         observers = [n for n, m in model.named_modules()
