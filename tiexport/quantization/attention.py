@@ -1,16 +1,25 @@
-"""Quantization-friendly module swaps: ``nn.MultiheadAttention`` as Linear, MatMul, Softmax, MatMul, Linear.
+"""Quantization-friendly attention: ``nn.MultiheadAttention`` and ``F.scaled_dot_product_attention`` as MatMul,
+Softmax, MatMul.
 
 torch.fx treats ``nn.MultiheadAttention`` as one opaque leaf, so it would stay float and export without Q/DQ; the
 wrappers swap it for :class:`QuantFriendlyMultiheadAttention` before preparing (same parameters, no copy).
+``F.scaled_dot_product_attention`` (timm's ``Attention``, torchvision's ViT through MHA) is one opaque function to
+torch.ao, which leaves the attention between its inputs and output float; while the wrappers trace the model,
+:func:`traceable_sdpa` puts :func:`sdpa_decomposed` in its place, so the traced graph has the MatMul -> Softmax ->
+MatMul that torch.ao observes and TIDL quantizes (TIDL's per-layer table: MatMul and Softmax need Q/DQ).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
-__all__ = ["QuantFriendlyMultiheadAttention", "swap_attention_modules"]
+__all__ = ["QuantFriendlyMultiheadAttention", "sdpa_decomposed", "swap_attention_modules", "traceable_sdpa"]
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +125,84 @@ def swap_attention_modules(model: torch.nn.Module) -> list[str]:
     if swapped:
         log.info("swapped %d MultiheadAttention module(s) for traceable ones: %s", len(swapped), ", ".join(swapped))
     return swapped
+
+
+def sdpa_decomposed(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
+                    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+                    *, shapes: tuple[int, int, int, int, int] | None = None) -> Any:
+    """``F.scaled_dot_product_attention`` written out: ``softmax(q @ k^T * scale + mask) @ v``.
+
+    ``shapes``: ``(query heads, key heads, query length, key length, head size)`` when the tensors are torch.fx
+    proxies (recorded by :func:`traceable_sdpa` on a real forward): the scale is then a Python float, one constant
+    Mul after the first MatMul, and the causal mask a constant. ``dropout_p`` is ignored: the wrappers calibrate
+    and export the deterministic network (a non-zero value is logged). ``is_causal`` and a boolean or additive
+    ``attn_mask`` are applied as torch does; ``enable_gqa`` repeats key and value heads."""
+    if dropout_p:
+        log.warning("scaled_dot_product_attention: dropout_p=%s ignored while quantizing", dropout_p)
+    if shapes is None:
+        if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor):  # proxies without sizes
+            return torch._C._nn.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                                             scale=scale, enable_gqa=enable_gqa)
+        shapes = _sdpa_shapes(query, key)
+    q_heads, k_heads, target_len, source_len, head_dim = shapes
+    factor = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    if enable_gqa and q_heads != k_heads:
+        key = key.repeat_interleave(q_heads // k_heads, dim=-3)
+        value = value.repeat_interleave(q_heads // k_heads, dim=-3)
+    scores = torch.matmul(query, key.transpose(-2, -1)) * factor
+    if is_causal:
+        causal = torch.ones(target_len, source_len, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.matmul(torch.softmax(scores, dim=-1), value)
+
+
+def _sdpa_shapes(query: Any, key: Any) -> tuple[int, int, int, int, int]:
+    return (int(query.shape[-3]) if query.dim() > 2 else 1, int(key.shape[-3]) if key.dim() > 2 else 1,
+            int(query.shape[-2]), int(key.shape[-2]), int(query.shape[-1]))
+
+
+@contextmanager
+def traceable_sdpa(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[int]:
+    """While the wrappers trace ``model``: ``torch.nn.functional.scaled_dot_product_attention`` is
+    :func:`sdpa_decomposed` (for calls that look it up on ``torch.nn.functional`` at run time, as timm and torch's
+    own modules do). torch.fx traces with proxies, which have no sizes, so one eval-mode forward on the example
+    inputs first records each call's head count, lengths and head size; the traced calls take them in order.
+    Yields the number of calls recorded (0: the model does not call it, and nothing is patched)."""
+    functional: Any = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+    recorded: list[tuple[int, int, int, int, int]] = []
+
+    def record(query: Any, key: Any, value: Any, *a: Any, **k: Any) -> Any:
+        recorded.append(_sdpa_shapes(query, key))
+        return original(query, key, value, *a, **k)
+
+    modes = [(m, m.training) for m in model.modules()]
+    functional.scaled_dot_product_attention = record
+    try:
+        for m, _ in modes:
+            m.training = False
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:  # the real tracing below reports what is wrong with the model
+        log.debug("recording attention shapes failed: %s", exc)
+        recorded.clear()
+    finally:
+        functional.scaled_dot_product_attention = original
+        for m, mode in modes:
+            m.training = mode
+    if not recorded:
+        yield 0
+        return
+    queue = list(recorded)
+
+    def decomposed(query: Any, key: Any, value: Any, *a: Any, **k: Any) -> Any:
+        shapes = queue.pop(0) if queue else None
+        return sdpa_decomposed(query, key, value, *a, shapes=shapes, **k)
+
+    functional.scaled_dot_product_attention = decomposed
+    try:
+        yield len(recorded)
+    finally:
+        functional.scaled_dot_product_attention = original

@@ -20,7 +20,10 @@ from tiexport.quantization.fake_quantize import TidlFakeQuantize
 from tiexport.quantization.observers import WeightObserver
 from tiexport.quantization.reuse import reuse_result
 
-__all__ = ["conv_bn_folding", "init_weight_qparams", "install_conv_bn_forward"]
+__all__ = [
+    "TracedIdentity", "conv_bn_folding", "init_weight_qparams", "install_conv_bn_forward",
+    "swap_batch_norm_subclasses",
+]
 
 
 def install_conv_bn_forward(module: Any) -> int:
@@ -171,3 +174,105 @@ def init_weight_qparams(graph_module: torch.nn.Module) -> None:
                 factor = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
                 w = w * factor.reshape([-1] + [1] * (w.dim() - 1))
             fq(w)
+
+
+# --- what torch.ao's Conv+BN fusion must see: plain BatchNorm modules right after the convolution -----------------
+
+_PLAIN_BATCH_NORMS: tuple[type[torch.nn.Module], ...] = (
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+)
+_PROBE_SHAPES: dict[type[torch.nn.Module], tuple[int, ...]] = {torch.nn.BatchNorm1d: (2, -1, 5), torch.nn.BatchNorm2d: (2, -1, 5, 5),
+                 torch.nn.BatchNorm3d: (2, -1, 3, 3, 3)}
+
+
+class TracedIdentity(torch.nn.Identity):
+    """``nn.Identity`` that torch.fx traces through (its class lives outside ``torch.nn``, so the quantization
+    tracer does not keep it as a leaf): no node at all in the traced graph, so an ``Identity`` placeholder between
+    a convolution and its batch norm, or between a batch norm and its ReLU (timm's ``drop_block``, ``aa``), does
+    not hide the pattern from torch.ao's fusion."""
+
+    def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:  # nn.Identity names it input
+        return input
+
+
+def _plain_batch_norm_type(m: torch.nn.Module) -> type[torch.nn.Module] | None:
+    for cls in _PLAIN_BATCH_NORMS:
+        if isinstance(m, cls):
+            return cls
+    return None
+
+
+def _plain_copy(m: Any, cls: type[torch.nn.Module]) -> Any:
+    """A ``cls`` batch norm holding ``m``'s very Parameters and buffers (nothing copied)."""
+    plain: Any = cls(m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                     track_running_stats=m.track_running_stats, device="meta")
+    for name in ("weight", "bias"):
+        setattr(plain, name, getattr(m, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        plain._buffers[name] = m._buffers.get(name)
+    plain.train(m.training)
+    return plain
+
+
+def _batch_norm_replacement(m: Any) -> tuple[torch.nn.Module | None, str]:
+    """A plain batch norm followed by ``m``'s non-Identity child modules (as timm's ``BatchNormAct2d``: dropout,
+    then the activation) when that computes what ``m`` computes in eval mode on a probe input, else None and why."""
+    cls = _plain_batch_norm_type(m)
+    if cls is None:
+        return None, "not a BatchNorm1d/2d/3d subclass"
+    if m.running_mean is None or m.running_var is None:
+        return None, "no running statistics"
+    plain = _plain_copy(m, cls)
+    rest = [c for c in m.children() if not isinstance(c, torch.nn.Identity)]
+    replacement: torch.nn.Module = torch.nn.Sequential(plain, *rest) if rest else plain
+    shape = tuple(m.num_features if d == -1 else d for d in _PROBE_SHAPES[cls])
+    ref = m.weight if m.weight is not None else m.running_mean
+    probe = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(ref.device, ref.dtype)
+    modes = [(mod, mod.training) for mod in (m, *m.modules(), *replacement.modules())]
+    try:
+        for mod, _ in modes:
+            mod.training = False
+        with torch.no_grad():
+            same = torch.allclose(m(probe), replacement(probe), rtol=1e-5, atol=1e-6)
+    except Exception as exc:  # a forward the probe cannot run: leave the module as it is
+        return None, f"its forward cannot be checked on a probe input ({type(exc).__name__})"
+    finally:
+        for mod, mode in modes:
+            mod.training = mode
+    if not same:
+        return None, "its forward is not a batch norm followed by its child modules"
+    return replacement, ""
+
+
+def swap_batch_norm_subclasses(model: torch.nn.Module) -> tuple[list[str], dict[str, str]]:
+    """Make every batch norm torch.ao can fold a plain one, in place, before preparing.
+
+    - A subclass of ``BatchNorm1d/2d/3d`` (timm's ``BatchNormAct2d``, ``FrozenBatchNorm``-like classes) is traced
+      into by torch.fx: its ``F.batch_norm`` call stays a separate, float op, with the training flag of the
+      moment baked in (an export then keeps ``BatchNormalization`` with ``training_mode=1``). It becomes a plain
+      batch norm sharing its Parameters and buffers, followed by its non-Identity children (dropout, activation),
+      when that is what its forward computes (checked on a probe input in eval mode).
+    - ``nn.Identity`` becomes :class:`TracedIdentity` (no node in the traced graph), so it no longer separates a
+      convolution from its batch norm or a batch norm from its activation.
+
+    Returns the qualified names of the batch norms swapped, and those left as they were with the reason (the
+    wrapper warns about them).
+    """
+    swapped: list[str] = []
+    kept: dict[str, str] = {}
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if type(child) is torch.nn.Identity:
+                setattr(parent, child_name, TracedIdentity())
+                continue
+            if not isinstance(child, torch.nn.modules.batchnorm._BatchNorm) or type(child) in _PLAIN_BATCH_NORMS or (
+                    isinstance(child, torch.nn.SyncBatchNorm)):
+                continue
+            replacement, reason = _batch_norm_replacement(child)
+            if replacement is None:
+                kept[full] = f"{type(child).__name__}: {reason}"
+                continue
+            setattr(parent, child_name, replacement)
+            swapped.append(full)
+    return swapped, kept

@@ -52,8 +52,9 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.fx import GraphModule
 
 from tiexport.errors import UsageError, first_line
-from tiexport.quantization.attention import swap_attention_modules
-from tiexport.quantization.conv_bn import init_weight_qparams, install_conv_bn_forward
+from tiexport.quantization.attention import swap_attention_modules, traceable_sdpa
+from tiexport.quantization.conv_bn import init_weight_qparams, install_conv_bn_forward, swap_batch_norm_subclasses
+from tiexport.quantization.coverage import unquantized_parts
 from tiexport.quantization.equalization import EqualizationReport, equalize_cross_layer
 from tiexport.quantization.qconfig import (
     QCONFIG_TYPES,
@@ -97,6 +98,8 @@ class _QuantFxModule(QuantWrapper):
                                         and not QCONFIG_TYPES[self.qconfig_type_name].weight_per_channel)
         self.cross_layer_equalization = cross_layer_equalization
         self.equalization: EqualizationReport | None = None
+        self.unquantized: dict[str, str] = {}
+        """Module name -> what stays unfolded or float there (warned about at wrap time)."""
         self._prepare_now()
 
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -104,9 +107,13 @@ class _QuantFxModule(QuantWrapper):
 
         model = self.module
         swap_attention_modules(model)
-        model.train()  # QAT fusion (Conv+BN kept as a QAT module) needs training mode
+        swapped_bn, kept_bn = swap_batch_norm_subclasses(model)
+        if swapped_bn:
+            log.info("%d batch-norm subclass module(s) made plain batch norm + their activation, so they fold: %s",
+                     len(swapped_bn), ", ".join(swapped_bn[:5]) + (" ..." if len(swapped_bn) > 5 else ""))
         try:
-            with _quiet_torch_ao():
+            with traceable_sdpa(model, args, kwargs), _quiet_torch_ao():
+                model.train()  # QAT fusion (Conv+BN kept as a QAT module) needs training mode
                 prepared = quantize_fx.prepare_qat_fx(
                     model, self._qconfig_mapping, (*args, *kwargs.values()), backend_config=self._backend_config
                 )
@@ -118,6 +125,9 @@ class _QuantFxModule(QuantWrapper):
         except AssertionError as exc:  # torch.ao states what it cannot fuse or prepare with bare asserts
             text = first_line(exc, default="an internal assertion failed")
             raise UsageError(f"torch.ao cannot prepare {type(model).__name__} for quantization: {text}") from exc
+        self.unquantized = unquantized_parts(prepared)
+        for name, reason in {**kept_bn, **self.unquantized}.items():
+            log.warning("%s: %s", name, reason)
         changed = (
             apply_graph_rules(prepared, align_add_inputs=self._align_add_inputs) if self._apply_rules else {}
         )
