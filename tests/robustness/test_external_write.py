@@ -105,3 +105,31 @@ def test_save_model_over_the_protobuf_limit_is_staged(tmp_path: Path) -> None:
     save_model(model, out, external_data_threshold=16)
     assert (tmp_path / "big.onnx.data").stat().st_size == size  # a fresh file, same size: nothing appended
     assert model.graph.initializer[0].data_location == onnx.TensorProto.DEFAULT  # the caller's model is intact
+
+
+def test_requantized_weights_are_spilled_not_held_twice(tmp_path: Path) -> None:
+    """Every 1 MiB weight requantized (per-tensor, power of two on TDA4VM): the replaced weights go through a spill
+    file beside OUT (removed afterwards) into OUT's data file; the result loads and keeps parity."""
+    from bench.bench_fix_memory import _with_scales
+    from bench.bench_robustness import build_external_model
+
+    model, size = build_external_model(tmp_path, 1024, 2, "chain")
+    requant = _with_scales(model, tmp_path / "chain_np2.onnx")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "fixed.onnx"
+    _, report = tiexport.fix(str(requant), "TDA4VM", output=out, num_samples=2)
+    in_memory, memory_report = tiexport.fix(str(requant), "TDA4VM", num_samples=2)  # no output: weights in memory
+    assert report.numerics_changed and report.parity is not None and memory_report.parity is not None
+    assert report.parity["outputs"] == memory_report.parity["outputs"]  # same rewrite, same numbers
+    assert sorted(p.name for p in out_dir.iterdir()) == ["fixed.onnx", "fixed.onnx.data"]  # no spill file left
+    assert (out_dir / "fixed.onnx.data").stat().st_size >= size
+    m = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"fixed.onnx.data"}  # nothing points at the spill file
+    written = onnx.load(str(out))
+    assert_loadable(written)
+    from onnx import numpy_helper
+
+    assert {t.name: numpy_helper.to_array(t).tobytes() for t in written.graph.initializer} == \
+        {t.name: numpy_helper.to_array(t).tobytes() for t in in_memory.graph.initializer}

@@ -10,6 +10,8 @@ ModelProto: import into onnx-graphsurgeon, run, export back with the model-level
 from __future__ import annotations
 
 import logging
+import mmap
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -19,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from tiexport import limits
 from tiexport.errors import TiexportError, first_line
+from tiexport.passes.graph import SPILL_BYTES, spilling
 
 __all__ = [
     "GraphRewriteError",
@@ -169,14 +172,18 @@ class GraphRewriteError(TiexportError):
 
 
 def apply_passes(model: onnx.ModelProto, passes: Sequence[Pass], *, max_iterations: int = 8, name: str = "model",
-                 consume: bool = False, base_dir: str | None = None) -> tuple[onnx.ModelProto, PipelineResult]:
+                 consume: bool = False, base_dir: str | None = None, spill: str | None = None,
+                 ) -> tuple[onnx.ModelProto, PipelineResult]:
     """Run ``passes`` to a fixed point on a copy of ``model`` (never modified); returns the rewritten model and what
     each pass did. Model-level fields onnx-graphsurgeon does not carry (doc string, domain, model version,
     metadata, producer when the graph has none) are kept. ``name`` names the model in errors. ``consume``: the
     caller throws ``model`` away afterwards (an exporter's raw output), so no copy is made (100 MB copied for
     nothing on a ResNet-50 export). ``base_dir``: the folder of ``model``'s external data, when it was loaded
     without it: a pass that reads such a weight gets a read-only memory map of the file, and a weight no pass
-    replaced stays an external reference in the result (a 1 GB model is never held in memory).
+    replaced stays an external reference in the result (a 1 GB model is never held in memory). ``spill``: an
+    existing file (the caller removes it) where replaced weights of 1 MiB or more are moved before the export, as
+    external data under its absolute path: the result then holds no weight twice; only
+    :func:`tiexport.onnx_io.stage_external` may read such a result.
 
     Raises :class:`GraphRewriteError` when the graph cannot be imported or exported, :class:`PassError` when a pass
     fails.
@@ -192,9 +199,12 @@ def apply_passes(model: onnx.ModelProto, passes: Sequence[Pass], *, max_iteratio
         raise GraphRewriteError(f"{name}: cannot import the graph for rewriting: {first_line(exc)}"
                                 ) from None
     external = _external_values(graph, base_dir) if base_dir is not None else []
-    result = PassManager(passes, max_iterations=max_iterations).run(graph)
+    with spilling(spill):
+        result = PassManager(passes, max_iterations=max_iterations).run(graph)
     for lazy in external:
         lazy.restore()
+    if spill is not None:
+        _spill(graph, spill)
     try:
         if not _is_sorted(graph):
             graph.toposort()
@@ -222,19 +232,56 @@ class _ExternalValues(gs.ir.tensor.LazyValues):
         self.constant = constant
         self.base_dir = base_dir
         self.mapped: Any = None
+        """A weak reference to the map handed out: a pass that drops it lets its pages go."""
 
     def load(self) -> Any:
         import numpy as np
 
         from tiexport.onnx_io import external_array
 
-        self.mapped = external_array(self.tensor, self.base_dir)
-        return self.mapped if isinstance(self.mapped, np.memmap) else np.array(self.mapped)
+        values = external_array(self.tensor, self.base_dir)
+        if isinstance(values, np.memmap):
+            self.mapped = weakref.ref(values)
+        return values
 
     def restore(self) -> None:
         values = self.constant._values
-        if values is self or (self.mapped is not None and values is self.mapped):
+        if values is self or (self.mapped is not None and values is self.mapped()):
             self.constant._values = gs.ir.tensor.LazyValues(self.tensor)
+
+
+
+
+def _spill(graph: gs.Graph, path: str) -> None:
+    """Move the weights passes replaced (1 MiB or more) to ``path`` as external data, so that exporting the graph
+    does not make a second in-memory copy of them (a 1 GiB model requantized on TDA4VM held both)."""
+    import numpy as np
+
+    with open(path, "r+b") as f:
+        f.seek(0, 2)
+        for g in (graph, *graph.subgraphs(recursive=True)):
+            for t in g.tensors().values():
+                values = t._values if isinstance(t, gs.Constant) else None
+                if not isinstance(values, np.ndarray) or values.nbytes < SPILL_BYTES or \
+                        values.dtype.kind not in "biuf" or getattr(t, "export_dtype", values.dtype) != values.dtype:
+                    continue
+                data: np.ndarray
+                if isinstance(values, np.memmap) and isinstance(values.base, mmap.mmap) and \
+                        isinstance(values.filename, str):
+                    # a whole map (not a view: a view keeps its parent's offset) of a file already: the spill file,
+                    # or the input's data under a new constant
+                    location, offset, data = values.filename, int(values.offset), values
+                else:
+                    data = np.ascontiguousarray(values)
+                    location, offset = path, f.tell()
+                    f.write(data.data.cast("B"))
+                proto = onnx.TensorProto(name=t.name, dims=data.shape,
+                                         data_type=onnx.helper.np_dtype_to_tensor_dtype(data.dtype))
+                proto.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", location), ("offset", str(offset)), ("length", str(data.nbytes))):
+                    proto.external_data.add(key=key, value=value)
+                t._values = gs.ir.tensor.LazyValues(proto)
+                limits.check()
 
 
 def _external_values(graph: gs.Graph, base_dir: str) -> list[_ExternalValues]:

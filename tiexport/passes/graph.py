@@ -7,7 +7,11 @@ Everything here works on ``onnx_graphsurgeon`` objects in place; nothing imports
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -334,6 +338,48 @@ def is_non_negative(t: gs.Tensor, depth: int = 0) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------- constants
+# ------------------------------------------------------------------------------------------------ weights on disk
+_SPILL = threading.local()
+SPILL_BYTES = 2**20
+"""Replaced weights of this many bytes or more go to the spill file while one is set (:func:`spilling`)."""
+
+
+@contextlib.contextmanager
+def spilling(path: str | None) -> Iterator[None]:
+    """Within the block (this thread), :class:`ConstEdits` writes the large weights it is given to ``path`` and
+    holds them as read-only memory maps of it, dropping their pages from memory: rewriting a 1 GiB model does not
+    hold it in memory twice. None: no spilling."""
+    previous = getattr(_SPILL, "path", None)
+    _SPILL.path = path
+    try:
+        yield
+    finally:
+        _SPILL.path = previous
+
+
+def spill_array(value: np.ndarray) -> np.ndarray:
+    """``value`` written to the spill file and returned as a read-only memory map of it (its pages dropped), when
+    spilling and large; else ``value``."""
+    path = getattr(_SPILL, "path", None)
+    if path is None or isinstance(value, np.memmap) or value.nbytes < SPILL_BYTES or value.dtype.kind not in "biuf":
+        return value
+    data = np.ascontiguousarray(value)
+    with open(path, "ab") as f:
+        offset = f.tell()
+        f.write(data.data.cast("B"))
+    mapped = np.memmap(path, dtype=data.dtype, mode="r", offset=offset, shape=data.shape)
+    release(mapped)
+    return mapped
+
+
+def release(value: Any) -> None:
+    """Drop the pages of a read-only memory map from memory (read again from its file if used again)."""
+    mm = getattr(value, "_mmap", None) if isinstance(value, np.memmap) else None
+    if isinstance(mm, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+
 class ConstEdits:
     """Collects "node input ``i`` should hold value ``v``" requests, then applies them in one go.
 
@@ -349,7 +395,10 @@ class ConstEdits:
         self._requests: list[tuple[gs.Node, int, np.ndarray]] = []
 
     def set(self, node: gs.Node, index: int, value: np.ndarray) -> None:
-        self._requests.append((node, index, np.asarray(value)))
+        self._requests.append((node, index, spill_array(np.asarray(value))))
+        current = node.inputs[index]
+        if isinstance(current, gs.Constant):
+            release(current._values)  # read by the caller to compute ``value``: its pages can go
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -367,7 +416,10 @@ class ConstEdits:
             t = tensors[key]
             old = const_value(t)
             values = [v for _, _, v in reqs]
-            if old is not None and all(_same(v, old) for v in values):
+            unchanged = old is not None and all(_same(v, old) for v in values)
+            for v in (old, *values):
+                release(v)  # compared: pages can go
+            if unchanged:
                 continue
             readers = {(id(n), i) for n in consumers(t) for i, inp in enumerate(n.inputs) if inp is t}
             asked = {(id(n), i) for n, i, _ in reqs}

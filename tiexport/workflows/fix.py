@@ -11,10 +11,13 @@ nodes and weights came out unchanged (outputs identical by construction,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -231,9 +234,42 @@ def _fix(model: Any, profile: DeviceProfile, *, input_shapes: Mapping[str, Seque
     why = _unsupported_types(original)
     if why:
         raise UnusableInputError(f"{loaded.name}: {why}; nothing written")
+    spill = _spill_file(output) if stream else None
+    try:
+        return _fix_passes(loaded, profile, passes, spill, stream=stream, inputs=inputs, parity=parity,
+                           num_samples=num_samples, seed=seed, max_lsb=max_lsb, max_iterations=max_iterations,
+                           output=output, protect=protect)
+    finally:
+        if spill is not None:
+            _unlink_temp(spill)
+
+
+def _spill_file(output: str | os.PathLike[str] | None) -> str:
+    """An empty temp file beside OUT where the passes put the weights they replace (registered for SIGTERM)."""
+    out = Path(output or ".")
+    try:
+        fd, path = tempfile.mkstemp(prefix=f".{out.name}.spill.", suffix=".tmp", dir=out.parent)
+    except OSError as exc:
+        raise UsageError(f"cannot write in {out.parent}: {exc.strerror or first_line(exc)}") from None
+    os.close(fd)
+    limits.add_temp_file(path)
+    return path
+
+
+def _unlink_temp(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    limits.discard_temp_file(path)
+
+
+def _fix_passes(loaded: LoadedModel, profile: DeviceProfile, passes: Any, spill: str | None, *, stream: bool,
+                inputs: Any, parity: bool, num_samples: int, seed: int, max_lsb: float, max_iterations: int,
+                output: str | os.PathLike[str] | None, protect: Sequence[str | os.PathLike[str]] | None,
+                ) -> tuple[onnx.ModelProto, FixReport]:
+    original = loaded.model
     try:
         fixed, result = apply_passes(original, passes, max_iterations=max_iterations, name=loaded.name,
-                                     base_dir=loaded.base_dir if stream else None)
+                                     base_dir=loaded.base_dir if stream else None, spill=spill)
     except (GraphRewriteError, PassError) as exc:
         # A pass tripping over a model that onnx.checker or ONNX Runtime already rejects is the input's fault
         broken = _unusable_because(original)[0]
