@@ -118,6 +118,7 @@ def export(
     from tiexport.onnx_io import save_model
     from tiexport.symbolics import REGISTRY
     from tiexport.symbolics.lowering import ExportLowering
+    from tiexport.symbolics.static_shapes import specialize_shapes
 
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"export() takes a torch.nn.Module, got {type(model).__name__}")
@@ -149,6 +150,7 @@ def export(
         lowering = ExportLowering(model, args)
         with lowering as export_model:
             notes.extend(lowering.warnings)
+            export_model = specialize_shapes(export_model, args)
             outputs = _run(export_model, args)
             in_names = list(input_names) if input_names is not None else _default_input_names(model, len(args))
             out_names = list(output_names) if output_names is not None else _default_output_names(outputs)
