@@ -64,7 +64,7 @@ def run(cfg: Config) -> list[Section]:
                f"Bound: 2 x model bytes + {ALLOWANCE_MB:.0f} MB = {limit_mb:.0f} MB.", ""]
     s.body += render_timings(timings, rss=True)
     s.body += ["", f"Files written: {', '.join(written)}", "", "Commands:",
-               *show_commands(commands, {"P": model, "OUT": out})]
+               *show_commands(commands, {"P": model, "P_np2": requant, "OUT": out})]
     for label, t in timings.items():
         if not t.walls:
             s.status = "failed"
