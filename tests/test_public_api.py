@@ -7,7 +7,8 @@ import sys
 
 import tiexport
 
-TORCH_SIDE = {"export", "ExportResult", "ExportError", "PTCFxModule", "QATFxModule", "load_weights"}
+TORCH_SIDE = {"export", "ExportResult", "ExportError", "PTCFxModule", "QATFxModule", "load_weights", "PTQPT2EModule",
+              "QATPT2EModule", "TIDLQuantizer"}
 
 
 def test_every_public_name_resolves() -> None:

@@ -34,6 +34,9 @@ _LAZY: dict[str, str] = {
     "ExportError": "tiexport.symbolics.export",
     "PTCFxModule": "tiexport.wrappers.fx",
     "QATFxModule": "tiexport.wrappers.fx",
+    "PTQPT2EModule": "tiexport.wrappers.pt2e",
+    "QATPT2EModule": "tiexport.wrappers.pt2e",
+    "TIDLQuantizer": "tiexport.quantization.pt2e",
     "load_weights": "tiexport.wrappers.checkpoint",
 }
 

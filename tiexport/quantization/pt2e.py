@@ -37,6 +37,7 @@ from torch.fx import GraphModule, Node
 
 from tiexport import compat
 from tiexport.errors import UsageError
+from tiexport.quantization.bias_calibration import BiasCalibrator, _Target
 from tiexport.quantization.fake_quantize import TidlFakeQuantize
 from tiexport.quantization.observers import (
     DEFAULT_RANGE_AGGREGATION,
@@ -47,10 +48,16 @@ from tiexport.quantization.observers import (
 from tiexport.quantization.qconfig import QCONFIG_TYPES, QConfigType, qconfig_type_name
 
 __all__ = [
+    "PT2EBiasCalibrator",
     "TIDLQuantizer",
     "TidlPT2EFakeQuantize",
     "TidlPT2EFixedQParamsFakeQuantize",
+    "has_batch_norm",
+    "init_weight_fake_quants",
+    "name_fake_quants",
+    "plain_train_eval",
     "qconfig_type_for_device",
+    "set_graph_modes",
 ]
 
 log = logging.getLogger(__name__)
@@ -396,3 +403,203 @@ class TIDLQuantizer(_ao.Quantizer):  # type: ignore[name-defined]
         for rule, which in changed.items():
             if which:
                 log.debug("graph rule %s made symmetric: %s", rule, ", ".join(which))
+
+
+# --- the prepared graph: names, weights, modes, bias calibration ----------------------------------------------------
+
+
+def _fake_quant_nodes(gm: GraphModule) -> list[Node]:
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+    # prepare registers a shared fake-quant under several names: look every name up
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    return [n for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(modules.get(str(n.target)), (FakeQuantizeBase,
+                                                                                 _ao.FakeQuantizeBase))]
+
+
+def _source_module(node: Node) -> str:
+    """The qualified name of the innermost module whose forward computed ``node`` ('' for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return str(path).replace("L['self'].", "").strip(".")
+
+
+def _stored_weight(node: Node) -> Node | None:
+    """The stored tensor a weight fake-quant's input is computed from (QAT Conv+BN scales it first)."""
+    seen: list[Node] = [node]
+    while seen:
+        current = seen.pop(0)
+        if current.op == "get_attr":
+            return current
+        if current.op == "call_function":
+            seen.extend(a for a in current.args if isinstance(a, Node))
+    return None
+
+
+def _fake_quant_base_name(node: Node) -> str | None:
+    source = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+    if source is None:
+        return None
+    is_weight = any(u.op == "call_function" and (u.target in _WEIGHTED or u.target in _TRANSPOSED)
+                    and len(u.args) > 1 and u.args[1] is node for u in node.users)
+    stored = _stored_weight(source) if is_weight or source.op == "get_attr" else None
+    if stored is not None:
+        return f"{stored.target}_fake_quant"
+    if source.op == "placeholder":
+        return f"{source.name}_activation_post_process"
+    module = _source_module(source)
+    return f"{module}.activation_post_process" if module else f"{source.name}_activation_post_process"
+
+
+def name_fake_quants(gm: GraphModule) -> dict[str, str]:
+    """Rename the fake-quants ``prepare_pt2e`` made (``activation_post_process_<n>``) after what they quantize, in
+    place, so that Q/DQ node names in the export say where they come from: a weight's is ``<weight>_fake_quant``
+    (``stem.0.weight_fake_quant``, as on the FX path), an activation's ``<module>.activation_post_process`` for the
+    module whose output it quantizes (``stem.2.activation_post_process``; ``_1``... for more in one module), a root
+    function's ``<op>_activation_post_process`` (``cat_activation_post_process``), a network input's
+    ``<input>_activation_post_process``. A fake-quant shared by several ops keeps the name of its first use.
+    Returns old name -> new name."""
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    taken = set(modules) | {name for name, _ in gm.named_parameters()} | {name for name, _ in gm.named_buffers()}
+    by_instance: dict[int, str] = {}
+    renamed: dict[str, str] = {}
+    for node in _fake_quant_nodes(gm):
+        old = str(node.target)
+        if not old.startswith("activation_post_process_") or "." in old:
+            continue
+        fq = modules[old]
+        new = by_instance.get(id(fq))
+        if new is None:
+            base = _fake_quant_base_name(node)
+            if base is None:
+                continue
+            new, k = base, 0
+            while new in taken:
+                k += 1
+                new = f"{base}_{k}"
+            try:
+                gm.add_submodule(new, fq)
+            except (AttributeError, TypeError):  # a dotted path through a non-module attribute: keep the old name
+                continue
+            taken.add(new)
+            by_instance[id(fq)] = new
+        renamed[old] = new
+        node.target = new
+    for old in renamed:
+        if hasattr(gm, old):
+            delattr(gm, old)
+    if renamed:
+        gm.recompile()
+    return renamed
+
+
+def init_weight_fake_quants(gm: GraphModule) -> None:
+    """Give every weight fake-quant whose input is a stored weight its scale now, before any forward (observers
+    frozen from the start would keep the placeholder scale otherwise; the FX path's ``init_weight_qparams``)."""
+    modules = dict(gm.named_modules())
+    with torch.no_grad():
+        for node in _fake_quant_nodes(gm):
+            source = node.args[0] if node.args else None
+            if isinstance(source, Node) and source.op == "get_attr":
+                value: Any = gm
+                for part in str(source.target).split("."):
+                    value = getattr(value, part)
+                if isinstance(value, torch.Tensor):
+                    fq = modules[str(node.target)]
+                    observed = bool(fq.observer_enabled[0] == 1)
+                    fq.enable_observer()
+                    fq(value.detach())
+                    if not observed:
+                        fq.disable_observer()
+
+
+_BN_TRAINING_ARG = {_aten.batch_norm.default: 5}
+_DROPOUT_TRAINING_ARG = {_aten.dropout.default: 2, _aten.feature_dropout.default: 2}
+
+
+def set_graph_modes(gm: GraphModule, *, batch_norm_training: bool, dropout_training: bool) -> bool:
+    """Set the ``training`` argument of every batch-norm and dropout op in a torch.export graph, in place: ops
+    captured in the graph do not follow ``module.train()``. Batch norm with ``training=False`` normalizes with its
+    running statistics and leaves them alone (frozen statistics). Returns whether anything changed."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        index = _BN_TRAINING_ARG.get(node.target)
+        want = batch_norm_training
+        if index is None:
+            index, want = _DROPOUT_TRAINING_ARG.get(node.target), dropout_training
+        if index is None or len(node.args) <= index or node.args[index] == want:
+            continue
+        args = list(node.args)
+        args[index] = want
+        node.args = tuple(args)
+        changed = True
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def has_batch_norm(gm: GraphModule) -> bool:
+    return any(n.op == "call_function" and n.target in _BATCH_NORM for n in gm.graph.nodes)
+
+
+def plain_train_eval(gm: GraphModule) -> None:
+    """Make ``train()``/``eval()`` of a torch.export GraphModule plain ``nn.Module`` ones (flags only). torchao
+    replaces them by errors; the PT2E wrappers set the graph's batch-norm and dropout ops themselves
+    (:func:`set_graph_modes`), and ``tiexport.export`` and parity set flags."""
+    for name in ("train", "eval"):
+        gm.__dict__.pop(name, None)
+
+
+class PT2EBiasCalibrator(BiasCalibrator):
+    """:class:`~tiexport.quantization.bias_calibration.BiasCalibrator` on a PT2E graph: the layers are ATen
+    conv/linear calls whose bias is a stored tensor (batch norm's shift in a QAT Conv+BN), followed by an optional
+    batch norm and ReLU, then a fake-quant."""
+
+    @staticmethod
+    def _find_targets(graph_module: GraphModule) -> list[_Target]:
+        modules = dict(graph_module.named_modules(remove_duplicate=False))
+        calls: dict[int, int] = {}
+        call_of: dict[Node, int] = {}
+        fq_nodes = set(_fake_quant_nodes(graph_module))
+        for node in graph_module.graph.nodes:
+            if node in fq_nodes:
+                module = modules[str(node.target)]
+                call_of[node] = calls.get(id(module), 0)
+                calls[id(module)] = call_of[node] + 1
+
+        def stored(value: Any) -> torch.Tensor | None:
+            if not (isinstance(value, Node) and value.op == "get_attr"):
+                return None
+            obj: Any = graph_module
+            for part in str(value.target).split("."):
+                obj = getattr(obj, part, None)
+            return obj if isinstance(obj, torch.Tensor) and obj.is_floating_point() else None
+
+        targets: list[_Target] = []
+        for node in graph_module.graph.nodes:
+            if node.op != "call_function" or node.target not in _WEIGHTED:
+                continue
+            bias = stored(node.args[2]) if len(node.args) > 2 else None
+            current = node
+            while len(current.users) == 1:
+                user = next(iter(current.users))
+                if user.op == "call_function" and user.target in _BATCH_NORM and user.args[0] is current:
+                    bias = stored(user.args[2])
+                elif not (user.op == "call_function" and (user.target in _RELU or user.target is operator.getitem
+                                                          or user.target in (_aten.div.Tensor, _aten.add.Tensor))):
+                    break
+                current = user
+            users = list(current.users)
+            if bias is None or len(users) != 1 or users[0] not in fq_nodes:
+                continue
+            dim = -1 if node.target is _aten.linear.default else 1
+            bias_param = bias if isinstance(bias, torch.nn.Parameter) else torch.nn.Parameter(bias, requires_grad=False)
+            if bias_param is not bias:
+                continue  # a plain tensor attribute: the correction must write the graph's own tensor
+            targets.append(_Target(node.name, bias_param, modules[str(users[0].target)], dim, call_of[users[0]]))
+        return targets

@@ -57,9 +57,11 @@ def is_pt2e_converted(model: torch.nn.Module) -> TypeGuard[GraphModule]:
 def _source_name(node: Node) -> str:
     """The observer / fake-quant node a convert_pt2e node was made from (``from_node`` metadata), else its name."""
     for source in node.meta.get("from_node", []) or []:
-        name = getattr(source, "name", None)
-        if isinstance(name, str) and name:
-            return name
+        # a call_module source's target is the module's qualified name (renamed by tiexport's wrappers); its node
+        # name stays the one prepare gave it
+        for name in (getattr(source, "target", None), getattr(source, "name", None)):
+            if isinstance(name, str) and name and not name.startswith("<"):
+                return name
     return node.name
 
 

@@ -129,6 +129,10 @@ class QuantWrapper(torch.nn.Module):
     and :meth:`convert`."""
 
     _is_qat: bool = False
+    #: the bias calibration that fits the subclass's graph (torch.fx modules; PT2E: ATen calls)
+    _bias_calibrator_class: type[BiasCalibrator] = BiasCalibrator
+    #: ``export()``'s exporter when none is given
+    _default_exporter: str = "torchscript"
 
     def __init__(self, model: torch.nn.Module, options: QuantOptions, example_inputs: Any = None) -> None:
         super().__init__()
@@ -176,8 +180,8 @@ class QuantWrapper(torch.nn.Module):
         self.module = prepared
         self._prepared = True
         if self.bias_calibration_factor > 0:
-            self._bias_calibrator = BiasCalibrator(prepared, self.bias_calibration_factor,
-                                                   fixed_reference=not self._is_qat)
+            self._bias_calibrator = self._bias_calibrator_class(prepared, self.bias_calibration_factor,
+                                                                fixed_reference=not self._is_qat)
         self.module.train(self.training)
         self._apply_freeze_state()
 
@@ -287,7 +291,7 @@ class QuantWrapper(torch.nn.Module):
         opset_version: int = 17,
         device: str | None = None,
         *,
-        exporter: str = "torchscript",
+        exporter: str | None = None,
         parity: bool = True,
         parity_inputs: Any = None,
         fix_options: dict[str, Any] | None = None,
@@ -315,8 +319,13 @@ class QuantWrapper(torch.nn.Module):
         if names is not None:
             export_kwargs.setdefault("input_names", names)
         self.eval()
-        return export_checked(self.module, args, path, opset_version=opset_version, device=device, exporter=exporter,
-                              parity=parity, parity_inputs=parity_inputs, fix_options=fix_options, **export_kwargs)
+        return export_checked(self._export_module(), args, path, opset_version=opset_version, device=device,
+                              exporter=exporter or self._default_exporter, parity=parity,
+                              parity_inputs=parity_inputs, fix_options=fix_options, **export_kwargs)
+
+    def _export_module(self) -> torch.nn.Module:
+        """The module ``export()`` exports and checks parity against (after ``eval()``): ``.module``."""
+        return self.module
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,237 @@
+"""PTQPT2EModule and QATPT2EModule: TI v3's PT2E wrapper names over torch.export and torchao's PT2E flow.
+
+The training loop is the FX wrappers' (:mod:`tiexport.wrappers.fx`, shared wrapper reference)::
+
+    model = PTQPT2EModule(model, qconfig_type="WC8_AT8", example_inputs=example)  # or QATPT2EModule(model, N, ...)
+    for epoch in range(model.total_epochs):
+        model.train()                     # each train() call is one epoch
+        for images, _ in loader:
+            model(images)                 # QAT: loss, backward, optimizer step as usual
+    model.eval()
+    model = model.convert()               # optional: convert_pt2e's integer Q/DQ form
+    model.export(example, "model.onnx", device="AM68A")   # dynamo exporter, then fix, parity, validate
+
+How the model is prepared: ``torch.export`` (non-strict; the batch dimension dynamic where the model allows it, every
+other shape fixed at the example inputs, so Python control flow on shapes works where torch.fx cannot trace it),
+then torchao's ``prepare_pt2e`` (PTQ: eval-mode graph, batch norm folded into the convolutions at prepare) or
+``prepare_qat_pt2e`` (QAT: Conv+BN kept with live statistics) with :class:`~tiexport.quantization.pt2e.TIDLQuantizer`
+(the FX path's qconfig types, observers, fake-quant and graph rules). The fake-quants are named after what they
+quantize (:func:`~tiexport.quantization.pt2e.name_fake_quants`), so the ONNX Q/DQ nodes are too.
+
+Shared with the FX wrappers (:class:`~tiexport.wrappers.base.QuantWrapper`): the epoch counting, batch-norm and
+observer freezing (here by setting the graph's batch-norm ops' ``training`` argument: ops captured by torch.export do
+not follow ``module.train()``), ``eval()``, bias calibration (on the ATen graph's conv/linear calls), DDP statistics
+sync, and ``export()`` (export, fix, parity, validate; the dynamo exporter by default). Differences: PTQ folds batch
+norm at prepare, so ``num_batch_norm_update_epochs`` has nothing to update there; cross-layer equalization is not
+done on this path (``cross_layer_equalization=True`` is refused; the FX path has it); a QAT model with Conv+BN
+exports its ``convert_pt2e`` form (batch norm folded), made on a copy, with parity checked against that copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, cast
+
+import torch
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+from torch.fx import GraphModule
+
+from tiexport import compat
+from tiexport.errors import UsageError, first_line
+from tiexport.quantization.attention import swap_attention_modules
+from tiexport.quantization.bias_calibration import BiasCalibrator
+from tiexport.quantization.qconfig import QConfigLike
+from tiexport.wrappers.base import QuantOptions, QuantWrapper
+
+__all__ = ["PTQPT2EModule", "QATPT2EModule"]
+
+log = logging.getLogger(__name__)
+
+
+def _resolve_type(qconfig_type: QConfigLike | None, device: str | None) -> QConfigLike:
+    """The named type to use: as given, else the device's (:func:`~tiexport.quantization.pt2e.qconfig_type_for_device`),
+    else ``WC8_AT8``."""
+    if qconfig_type is not None:
+        return qconfig_type
+    return _pt2e().qconfig_type_for_device(device) if device is not None else "WC8_AT8"
+
+
+def _pt2e() -> Any:
+    try:
+        from tiexport.quantization import pt2e
+    except ImportError as exc:
+        raise UsageError(f"{compat.TORCHAO_HINT} ({first_line(exc)})") from exc
+    return pt2e
+
+
+class _PT2EBiasCalibrator(BiasCalibrator):
+    """Looks up the PT2E bias calibrator lazily: the base class attribute needs a class at import time, and
+    ``tiexport.quantization.pt2e`` imports torchao."""
+
+    def __new__(cls, graph_module: GraphModule, factor: float, *, fixed_reference: bool = False) -> Any:
+        return _pt2e().PT2EBiasCalibrator(graph_module, factor, fixed_reference=fixed_reference)
+
+
+class _QuantPT2EModule(QuantWrapper):
+    """The PT2E side of PTQPT2EModule and QATPT2EModule; see the module docstring."""
+
+    _bias_calibrator_class = _PT2EBiasCalibrator
+    _default_exporter = "dynamo"
+
+    def __init__(self, model: torch.nn.Module, options: QuantOptions, example_inputs: Any = None,
+                 device: str | None = None, quantizer: Any = None) -> None:
+        pt2e = _pt2e()
+        if options.cross_layer_equalization:
+            raise UsageError("cross_layer_equalization is not available on the PT2E path; use PTCFxModule/"
+                             "QATFxModule for it")
+        if quantizer is None:
+            if not isinstance(options.qconfig_type, str):
+                raise UsageError("the PT2E wrappers take a qconfig type name, or a torchao Quantizer as quantizer=")
+            quantizer = pt2e.TIDLQuantizer(options.qconfig_type, device,
+                                           range_shrink_percentile=options.range_shrink_percentile)
+        elif not isinstance(quantizer, compat.torchao_pt2e().Quantizer):
+            raise UsageError(f"quantizer must be a torchao Quantizer, not {type(quantizer).__name__}")
+        super().__init__(model, options, example_inputs)
+        self.quantizer = quantizer
+        name = getattr(quantizer, "qconfig_type", None)
+        self.qconfig_type_name = name if isinstance(name, str) else "custom"
+        self.cross_layer_equalization = False
+        self.equalization = None
+        self._prepare_now()
+
+    def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        pt2e = _pt2e()
+        ao = compat.torchao_pt2e()
+        model = self.module
+        swap_attention_modules(model)
+        model.train(self._is_qat)  # PTQ: eval graph (batch norm folded at prepare); QAT: Conv+BN with statistics
+        try:
+            exported = compat.export_for_quantization(model, args, kwargs)
+        except Exception as exc:
+            raise UsageError(f"torch.export cannot capture {type(model).__name__}: {first_line(exc)}") from exc
+        prepare = ao.prepare_qat_pt2e if self._is_qat else ao.prepare_pt2e
+        try:
+            with compat.quiet_torch():
+                prepared = prepare(exported, self.quantizer)
+        except AssertionError as exc:  # torchao states what it cannot prepare with bare asserts
+            raise UsageError(f"torchao cannot prepare {type(model).__name__}: "
+                             f"{first_line(exc, default='an internal assertion failed')}") from exc
+        pt2e.plain_train_eval(prepared)
+        pt2e.name_fake_quants(prepared)
+        pt2e.init_weight_fake_quants(prepared)
+        setattr(prepared, "_tiexport_qconfig_type", self.qconfig_type_name)  # noqa: B010  export writes it
+        n_fq = len({id(m) for m in prepared.modules() if isinstance(m, FakeQuantizeBase)})
+        rules = getattr(self.quantizer, "rules", {}) or {}
+        log.info("%s prepared %s with %s: %d fake-quant modules, %d made symmetric by graph rules",
+                 type(self).__name__, type(model).__name__, self.qconfig_type_name, n_fq,
+                 sum(len(v) for v in rules.values()))
+        self._finish_prepare(prepared)
+
+    def _apply_freeze_state(self) -> None:
+        super()._apply_freeze_state()
+        if self._prepared and not self._converted:
+            _pt2e().set_graph_modes(cast(GraphModule, self.module),
+                                    batch_norm_training=self.training and not self._bn_frozen,
+                                    dropout_training=self.training and self._is_qat)
+
+    def convert(self) -> _QuantPT2EModule:
+        """``convert_pt2e``: every fake-quant becomes ``quantize_per_tensor -> dequantize_per_tensor`` and every
+        weight an int8 constant behind a dequantize (QAT Conv+BN folded). Returns ``self`` (as TI's ``convert``);
+        ``.module`` is the converted GraphModule, which exports to the same QDQ ONNX."""
+        if not self._prepared:
+            raise UsageError("convert() needs a prepared model: pass example_inputs or run a forward pass first")
+        if self._converted:
+            return self
+        self.eval()
+        self.module = self._converted_copy(in_place=True)
+        self._converted = True
+        self._bias_calibrator = None
+        log.info("converted with convert_pt2e")
+        return self
+
+    def _converted_copy(self, in_place: bool = False) -> GraphModule:
+        pt2e = _pt2e()
+        module = cast(GraphModule, self.module if in_place else copy.deepcopy(self.module))
+        pt2e.set_graph_modes(module, batch_norm_training=False, dropout_training=False)
+        with compat.quiet_torch():
+            converted = compat.torchao_pt2e().convert_pt2e(module)
+        pt2e.plain_train_eval(converted)
+        converted.train(False)
+        setattr(converted, "_tiexport_qconfig_type", self.qconfig_type_name)  # noqa: B010
+        return cast(GraphModule, converted)
+
+    def _export_module(self) -> torch.nn.Module:
+        if self._is_qat and not self._converted and _pt2e().has_batch_norm(cast(GraphModule, self.module)):
+            # the prepared QAT graph computes Conv+BN as conv(W * gamma/std) / (gamma/std) + b, then batch norm;
+            # convert_pt2e folds it to one conv, which is what TIDL takes
+            log.info("exporting the convert_pt2e form of a copy (Conv+BN folded); parity is checked against it")
+            return self._converted_copy()
+        return self.module
+
+
+class PTQPT2EModule(_QuantPT2EModule):
+    """Post-training quantization on the PT2E path (TI v3's name): training-mode forwards without backward
+    calibrate observers (and biases). Arguments as :class:`~tiexport.wrappers.fx.PTCFxModule`, plus ``device``
+    (picks the qconfig type when ``qconfig_type=None``) and ``quantizer`` (a torchao Quantizer of your own instead
+    of :class:`~tiexport.quantization.pt2e.TIDLQuantizer`)."""
+
+    _is_qat = False
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        qconfig_type: QConfigLike | None = None,
+        example_inputs: Any = None,
+        bias_calibration_factor: float = 0.01,
+        num_batch_norm_update_epochs: int | None = None,
+        num_observer_update_epochs: int | None = None,
+        total_epochs: int = 2,
+        range_shrink_percentile: float | None = None,
+        cross_layer_equalization: bool | None = None,
+        *,
+        device: str | None = None,
+        quantizer: Any = None,
+    ) -> None:
+        super().__init__(model, QuantOptions(
+            qconfig_type=_resolve_type(qconfig_type, device), bias_calibration_factor=bias_calibration_factor,
+            num_batch_norm_update_epochs=num_batch_norm_update_epochs,
+            num_observer_update_epochs=num_observer_update_epochs, total_epochs=total_epochs,
+            range_shrink_percentile=range_shrink_percentile, cross_layer_equalization=cross_layer_equalization,
+        ), example_inputs, device=device, quantizer=quantizer)
+
+
+class QATPT2EModule(_QuantPT2EModule):
+    """Quantization-aware training on the PT2E path (TI v3's name). ``total_epochs`` is required and > 0; other
+    arguments as :class:`~tiexport.wrappers.fx.QATFxModule`, plus ``device`` and ``quantizer`` as for
+    :class:`PTQPT2EModule`."""
+
+    _is_qat = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        total_epochs: int | None = None,
+        qconfig_type: QConfigLike | None = None,
+        example_inputs: Any = None,
+        bias_calibration_factor: float = 0.0,
+        num_batch_norm_update_epochs: int | None = None,
+        num_observer_update_epochs: int | None = None,
+        range_shrink_percentile: float | None = None,
+        cross_layer_equalization: bool | None = None,
+        *,
+        device: str | None = None,
+        quantizer: Any = None,
+    ) -> None:
+        if total_epochs is None or (isinstance(total_epochs, int) and not isinstance(total_epochs, bool)
+                                    and total_epochs <= 0):
+            raise UsageError(
+                f"QATPT2EModule needs total_epochs > 0 (got {total_epochs!r}): it sets when batch norm and observers "
+                "freeze; for calibration without training use PTQPT2EModule"
+            )
+        super().__init__(model, QuantOptions(
+            qconfig_type=_resolve_type(qconfig_type, device), bias_calibration_factor=bias_calibration_factor,
+            num_batch_norm_update_epochs=num_batch_norm_update_epochs,
+            num_observer_update_epochs=num_observer_update_epochs, total_epochs=total_epochs,
+            range_shrink_percentile=range_shrink_percentile, cross_layer_equalization=cross_layer_equalization,
+        ), example_inputs, device=device, quantizer=quantizer)
