@@ -81,7 +81,10 @@ class QuantFriendlyMultiheadAttention(torch.nn.Module):
         source_len = key.shape[1]
         e = self.embed_dim
         if self_attention:
-            q, k, v = self.in_proj(query).chunk(3, dim=-1)
+            # constant slices, not chunk(): chunk exports as run-time shape arithmetic (TorchScript) or an
+            # opset-18 Split (dynamo) that the opset-17 export cannot express
+            qkv = self.in_proj(query)
+            q, k, v = qkv[..., :e], qkv[..., e : 2 * e], qkv[..., 2 * e :]
         else:
             q = self.in_proj(query)[..., :e]
             k = self.in_proj(key)[..., e : 2 * e]

@@ -181,8 +181,9 @@ def init_weight_qparams(graph_module: torch.nn.Module) -> None:
 _PLAIN_BATCH_NORMS: tuple[type[torch.nn.Module], ...] = (
     torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
 )
-_PROBE_SHAPES: dict[type[torch.nn.Module], tuple[int, ...]] = {torch.nn.BatchNorm1d: (2, -1, 5), torch.nn.BatchNorm2d: (2, -1, 5, 5),
-                 torch.nn.BatchNorm3d: (2, -1, 3, 3, 3)}
+_PROBE_SHAPES: dict[type[torch.nn.Module], tuple[int, ...]] = {
+    torch.nn.BatchNorm1d: (2, -1, 5), torch.nn.BatchNorm2d: (2, -1, 5, 5), torch.nn.BatchNorm3d: (2, -1, 3, 3, 3),
+}
 
 
 class TracedIdentity(torch.nn.Identity):

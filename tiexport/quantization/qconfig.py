@@ -449,6 +449,8 @@ def apply_graph_rules(graph_module: GraphModule, *, align_add_inputs: bool = Fal
     - ``shared_scales``: the inputs of each Concat, and of each Add with ``align_add_inputs`` (the TDA4VM type),
       share one fake-quant module (see :func:`_share_fake_quants`).
     - ``network_inputs``: the fake-quant on each graph input: symmetric, no range shrink.
+    - ``constant_inputs``: the fake-quant of a parameter or buffer read by the graph (through views), e.g. a
+      position embedding: symmetric, as TIDL reads a constant behind a DequantizeLinear as a weight.
     - ``matmul_inputs``: the fake-quants feeding each MatMul (through reshapes and views) unless fed by
       Softmax/Relu/Sigmoid, and its output; when an input was made symmetric the output is int8 even if it happens
       to be non-negative (tidl.md §2: "signed inputs with unsigned output unsupported").
@@ -460,7 +462,8 @@ def apply_graph_rules(graph_module: GraphModule, *, align_add_inputs: bool = Fal
     shared = _share_fake_quants(graph_module, align_add_inputs)
     modules = dict(graph_module.named_modules(remove_duplicate=False))
     changed: dict[str, list[str]] = {
-        "shared_scales": shared, "network_inputs": [], "matmul_inputs": [], "symmetric_layers": [],
+        "shared_scales": shared, "network_inputs": [], "constant_inputs": [], "matmul_inputs": [],
+        "symmetric_layers": [],
     }
 
     def make_symmetric(fq_node: Node, rule: str, force_signed: bool = False) -> None:
@@ -480,6 +483,14 @@ def apply_graph_rules(graph_module: GraphModule, *, align_add_inputs: bool = Fal
             observer = _activation_observer(modules[str(fq_node.target)])
             if observer is not None:
                 observer.range_shrink_percentile = 0.0
+    for node in graph_module.graph.nodes:
+        # a parameter quantized by an activation fake-quant (a ViT's position embedding, class token) exports as a
+        # constant behind a DequantizeLinear, which TIDL reads as a weight: symmetric (zero point 0), or fix
+        # requantizes it after export with numerics the model never saw
+        if _is_fake_quant_node(node, modules):
+            producer = _producer(node, modules)
+            if producer is not None and producer.op == "get_attr":
+                make_symmetric(node, "constant_inputs")
     for matmul in _iter_matmuls(graph_module):
         signed_input = False
         for arg in matmul.args[:2]:

@@ -126,8 +126,11 @@ class _QuantFxModule(QuantWrapper):
             text = first_line(exc, default="an internal assertion failed")
             raise UsageError(f"torch.ao cannot prepare {type(model).__name__} for quantization: {text}") from exc
         self.unquantized = unquantized_parts(prepared)
-        for name, reason in {**kept_bn, **self.unquantized}.items():
-            log.warning("%s: %s", name, reason)
+        problems: dict[str, list[str]] = {name: [reason] for name, reason in kept_bn.items()}
+        for name, reason in self.unquantized.items():
+            problems.setdefault(name, []).append(reason)
+        for name, reasons in problems.items():  # never a silent float island
+            log.warning("%s: %s", name, "; ".join(reasons))
         changed = (
             apply_graph_rules(prepared, align_add_inputs=self._align_add_inputs) if self._apply_rules else {}
         )
