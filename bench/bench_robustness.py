@@ -61,6 +61,8 @@ FORMATS = ("benchmark", "tidl", "tidl-json", "yaml")
 FAILURES = ("traceback", "multi-line error", "rule crash (TIDL000)", "broken fix output", "input changed",
             "native abort")
 RSS_TARGET_MB = 300.0
+WORKER_MEMORY = 6 * 2**30
+"""Address space of a fuzz worker."""
 
 
 # ================================================================================================= fuzz worker
@@ -152,6 +154,10 @@ def fuzz_worker(entry: str, seed: int, start: int, stop: int, state: Path) -> No
     (JSON), so that the parent knows where a worker that died in native code stopped, and what it had counted."""
 
     logging.disable(logging.CRITICAL)
+    import resource
+
+    # a case that would exhaust memory fails as a MemoryError (a finding of this run), not the machine
+    resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
     from onnx_graphsurgeon.logger import G_LOGGER
 
     G_LOGGER.severity = G_LOGGER.CRITICAL + 1  # its warnings go to stdout, which nobody reads here

@@ -21,7 +21,6 @@ This module never imports torch at module level: comparing two ONNX models works
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -131,8 +130,7 @@ def _check_parity(reference: Any, candidate: Any, inputs: Any, num_samples: int,
         for sample in samples:
             limits.check()
             ref_outputs.append(ref_run.run(sample))  # type: ignore[union-attr]
-        ref_run = None
-        gc.collect()
+        ref_run = None  # freed here (reference count): its session and mapped weights go
     cand_run = OnnxRunner(cand_loaded, layer_tensors, ort_optimizations, session=candidate_session)
 
     def step(tensor_ref: str, tensor_cand: str) -> Step | None:
