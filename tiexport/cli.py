@@ -74,29 +74,71 @@ def _err(text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- validate
+def _validate_paths(models: list[str]) -> list[str]:
+    """The model arguments, a folder standing for the .onnx files in it (sorted)."""
+    paths: list[str] = []
+    for model in models:
+        if os.path.isdir(model):
+            found = sorted(os.path.join(model, n) for n in os.listdir(model) if n.endswith(".onnx"))
+            if not found:
+                raise UsageError(f"{model}: is a directory with no .onnx file in it")
+            paths.extend(found)
+        else:
+            paths.append(model)
+    return paths
+
+
+#: nodes listed per rule and device in validate's text output without --verbose
+TEXT_MAX_NODES = 5
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from tiexport.terminal import use_colour
     from tiexport.validators.registry import rule_titles
-    from tiexport.validators.report import render
+    from tiexport.validators.report import Report, render, render_many
     from tiexport.validators.validate import validate
 
     devices = args.device or ["all"]
-    report = validate(args.model, device=devices, sdk=args.sdk)
+    paths = _validate_paths(args.model)
     colour = args.output is None and use_colour(sys.stdout)
-    _emit(render(report, args.format, colour=colour, rule_titles=rule_titles()), args.output, (args.model,))
-    return report.exit_code(args.fail_on)
+    if len(paths) == 1:
+        report = validate(paths[0], device=devices, sdk=args.sdk)
+        _emit(render(report, args.format, colour=colour, rule_titles=rule_titles(),
+                     max_nodes=None if args.verbose else TEXT_MAX_NODES), args.output, (paths[0],))
+        return report.exit_code(args.fail_on)
+    # several models (a CI job over a folder): one summary line per model and device, one exit code for all
+    reports: list[Report] = []
+    failed: dict[str, str] = {}
+    for path in paths:
+        try:
+            reports.append(validate(path, device=devices, sdk=args.sdk))
+        except (UsageError, TiexportError) as exc:
+            failed[path] = first_line(exc)
+    if args.verbose and args.format == "text":
+        text = "\n".join(r.to_text(colour, rule_titles()) for r in reports)
+        text += render_many([], "text", colour, failed=failed) if failed else ""
+    else:
+        text = render_many(reports, args.format, colour, rule_titles(), failed)
+    _emit(text, args.output, tuple(paths))
+    if failed:
+        return 2
+    return max((r.exit_code(args.fail_on) for r in reports), default=0)
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="check a QDQ ONNX model against TIDL's prequantized-import rules",
-                       description="Check a QDQ ONNX model against TIDL's prequantized-import rules, per device.")
-    p.add_argument("model", help="the .onnx file")
+    p = sub.add_parser("validate", help="check QDQ ONNX models against TIDL's prequantized-import rules",
+                       description="Check QDQ ONNX models against TIDL's prequantized-import rules, per device. "
+                       "Several models (or a folder of them): one summary line each, one exit code for all.")
+    p.add_argument("model", nargs="+", help="the .onnx file(s), or a folder of them")
     p.add_argument("--device", "-d", action="append", metavar="NAME",
                    help="TDA4VM, AM62A, AM67A, AM68A, AM69A, AM62 or 'all' (repeatable; default all)")
     _add_sdk_option(p)
     _add_output_options(p, ("text", "json", "sarif"))
     p.add_argument("--fail-on", choices=("error", "warning", "never"), default="error",
                    help="exit 1 when a finding of this severity or worse exists (default: %(default)s)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help=f"text: list every node of each rule (default: the first {TEXT_MAX_NODES}); several "
+                   "models: each model's full report instead of its summary lines")
     p.set_defaults(handler=_cmd_validate)
 
 

@@ -180,8 +180,8 @@ OP_RULE_IDS = sorted({"TIDL040", "TIDL041", *(r.id for r in OP_CONSTRAINT_RULES)
 SEVENTEEN_SUBGRAPHS = [
     *[_ceil(n) for n in sorted(["ceil", *(f"ceil_{i}" for i in range(1, 16))])],
     F("TIDL041", "subgraph_limit", "warning", "", "",
-      "16 node(s) left to Arm split the model into 17 TIDL subgraphs; TIDL offloads 16 (max_num_subgraphs) and "
-      "delegates the rest to Arm",
+      "16 Ceil (TIDL040: Ceil is not in TIDL 11.0's operator table): these 16 node(s) left to Arm split the model "
+      "into 17 TIDL subgraphs; TIDL offloads 16 (max_num_subgraphs) and delegates the rest to Arm",
       "make the Arm nodes TIDL-supported (see the TIDL040 and op_constraint findings) so subgraphs merge", False),
 ]
 

@@ -104,7 +104,8 @@ class IncompatibleModelError(TiexportError):
     """The model cannot be deployed on the device as it is: validate reported errors, or it is a float model.
 
     ``findings`` holds the error findings (all findings, warnings included, are in ``report``). The CLI prints them
-    with a pointer to ``tiexport fix --device NAME`` and exits 1.
+    with a pointer to ``tiexport fix --device NAME`` when fix can remove every one of them, else with the rules it
+    cannot fix and a pointer to re-exporting, and exits 1.
     """
 
     def __init__(self, model: str, device: str, findings: list[Finding], report: Report) -> None:
@@ -113,9 +114,16 @@ class IncompatibleModelError(TiexportError):
         self.findings = tuple(findings)
         self.report = report
         n = len(self.findings)
+        unfixable = sorted({f.rule_id for f in self.findings if not f.fixable})
+        if not unfixable:
+            advice = f"Run `tiexport fix --device {device}` and try again"
+        else:
+            # never send the user to fix for what fix has said it cannot change
+            advice = (f"{', '.join(unfixable)} {'is' if len(unfixable) == 1 else 'are'} not fixable by "
+                      "`tiexport fix`: re-export or re-quantize the model (see the findings), then try again")
         super().__init__(
             f"{model} is not compatible with {device} ({n} error{'s' if n != 1 else ''}); no snippet generated. "
-            f"Run `tiexport fix --device {device}` (or re-export the model) and try again"
+            f"{advice}"
         )
 
 

@@ -7,7 +7,7 @@ and a verdict. Renderers never decide anything; the CLI exit code follows :meth:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ __all__ = [
     "Finding",
     "Report",
     "render",
+    "render_many",
 ]
 
 Severity = Literal["error", "warning", "info"]
@@ -166,20 +167,31 @@ class Report:
     def to_sarif(self, rule_titles: dict[str, str] | None = None) -> str:
         return json.dumps(_sarif(self, rule_titles or {}), indent=2) + "\n"
 
-    def to_text(self, colour: bool = False, rule_titles: dict[str, str] | None = None) -> str:
-        return _text(self, colour, rule_titles)
+    def to_text(self, colour: bool = False, rule_titles: dict[str, str] | None = None,
+                max_nodes: int | None = None) -> str:
+        """Grouped text; ``max_nodes``: list at most that many nodes per rule and device (None: all)."""
+        return _text(self, colour, rule_titles, max_nodes)
+
+    def summary_lines(self, colour: bool = False) -> list[str]:
+        """One line per device: verdict and counts."""
+        return [_summary_line(self, name, dev, colour) for name, dev in self.devices.items()]
 
 
 # ---------------------------------------------------------------------------------------------------------- text
-def _text(report: Report, colour: bool, titles: dict[str, str] | None = None) -> str:
-    """Per device: a summary line, then findings grouped by severity and rule, each rule's hint printed once."""
+def _summary_line(report: Report, name: str, dev: DeviceReport, colour: bool) -> str:
+    counts = ", ".join(f"{dev.count(s)} {s}{'s' if dev.count(s) != 1 else ''}" for s in SEVERITIES)
+    key = {"incompatible": "error", "compatible_with_warnings": "warning", "compatible": "ok"}[dev.verdict]
+    head = f"{paint(name, 'bold', colour)} (TIDL {report.sdk}): {paint(dev.verdict, key, colour)}"
+    return f"{head} ({counts})  [{report.model}]"
+
+
+def _text(report: Report, colour: bool, titles: dict[str, str] | None = None, max_nodes: int | None = None) -> str:
+    """Per device: a summary line, then findings grouped by severity and rule, each rule's hint printed once;
+    with ``max_nodes``, at most that many nodes per rule and a count of the rest."""
     titles = titles or {}
     lines: list[str] = []
     for name, dev in report.devices.items():
-        counts = ", ".join(f"{dev.count(s)} {s}{'s' if dev.count(s) != 1 else ''}" for s in SEVERITIES)
-        key = {"incompatible": "error", "compatible_with_warnings": "warning", "compatible": "ok"}[dev.verdict]
-        head = f"{paint(name, 'bold', colour)} (TIDL {report.sdk}): {paint(dev.verdict, key, colour)}"
-        lines.append(f"{head} ({counts})  [{report.model}]")
+        lines.append(_summary_line(report, name, dev, colour))
         for severity in SEVERITIES:
             by_rule: dict[str, list[Finding]] = {}
             for f in dev.findings:
@@ -201,7 +213,8 @@ def _text(report: Report, colour: bool, titles: dict[str, str] | None = None) ->
                 shared_source = next(iter(sources)) if len(sources) == 1 and all(f.source for f in group) else ""
                 if shared_source:
                     lines.append(f"    source: {shared_source}")
-                for f in group:
+                shown = group if max_nodes is None or len(group) <= max_nodes + 1 else group[:max_nodes]
+                for f in shown:
                     where = f"{f.node} ({f.op_type})" if f.node else (f.op_type or "model")
                     lines.append(f"    - {where}: {f.message}")
                     if f.hint and not shared_hint:
@@ -210,6 +223,8 @@ def _text(report: Report, colour: bool, titles: dict[str, str] | None = None) ->
                         lines.append(f"      source: {f.source}")
                     if f.advice and not advice:
                         lines.append("      (tiexport advice: no TI source)")
+                if len(shown) < len(group):
+                    lines.append(f"    ... and {len(group) - len(shown)} more (--verbose lists all)")
         lines.append("")
     return "\n".join(lines)
 
@@ -279,14 +294,48 @@ def _sarif(report: Report, titles: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def render(report: Report, fmt: str, colour: bool = False, rule_titles: dict[str, str] | None = None) -> str:
-    """Render a report as ``text``, ``json`` or ``sarif``."""
+def render(report: Report, fmt: str, colour: bool = False, rule_titles: dict[str, str] | None = None,
+           max_nodes: int | None = None) -> str:
+    """Render a report as ``text`` (at most ``max_nodes`` nodes per rule and device; None: all), ``json`` or
+    ``sarif``."""
     if fmt == "text":
-        return report.to_text(colour, rule_titles)
+        return report.to_text(colour, rule_titles, max_nodes)
     if fmt == "json":
         return report.to_json()
     if fmt == "sarif":
         return report.to_sarif(rule_titles)
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def render_many(reports: Sequence[Report], fmt: str, colour: bool = False,
+                rule_titles: dict[str, str] | None = None, failed: Mapping[str, str] | None = None) -> str:
+    """Several models in one output: ``text`` one summary line per model and device (and per model that could
+    not be read, from ``failed``: path -> reason); ``json`` ``{"models": [report, ...], "unreadable": {...}}``;
+    ``sarif`` one run whose results cover every model (each result's location names its model)."""
+    failed = dict(failed or {})
+    if fmt == "text":
+        lines = [line for r in reports for line in r.summary_lines(colour)]
+        lines += [f"{paint('unusable', 'error', colour)}: {reason}  [{path}]" for path, reason in failed.items()]
+        return "\n".join(lines) + "\n"
+    if fmt == "json":
+        return json.dumps({"models": [r.to_dict() for r in reports], "unreadable": failed}, indent=2) + "\n"
+    if fmt == "sarif":
+        titles = rule_titles or {}
+        runs = [_sarif(r, titles)["runs"][0] for r in reports]
+        rule_ids = sorted({rule["id"] for run in runs for rule in run["tool"]["driver"]["rules"]})
+        rules = {rule["id"]: rule for run in runs for rule in run["tool"]["driver"]["rules"]}
+        results = []
+        for run in runs:
+            for result in run["results"]:
+                result["ruleIndex"] = rule_ids.index(result["ruleId"])
+                results.append(result)
+        for path, reason in failed.items():
+            results.append({"ruleId": "unusable", "level": "error", "message": {"text": reason},
+                            "locations": [{"physicalLocation": {"artifactLocation": {"uri": path}}}]})
+        merged = _sarif(reports[0], titles) if reports else _sarif(Report(model="", devices={}), titles)
+        merged["runs"][0]["tool"]["driver"]["rules"] = [rules[rid] for rid in rule_ids]
+        merged["runs"][0]["results"] = results
+        return json.dumps(merged, indent=2) + "\n"
     raise ValueError(f"unknown format {fmt!r}")
 
 

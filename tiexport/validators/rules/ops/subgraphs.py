@@ -14,7 +14,7 @@ from tiexport.devices import DeviceProfile
 from tiexport.tidl_spec.sources import OSRT_MAX_SUBGRAPH_NODES, OSRT_MAX_SUBGRAPHS
 from tiexport.validators.report import Finding
 from tiexport.validators.rules.base import Rule
-from tiexport.validators.rules.ops.support import partition
+from tiexport.validators.rules.ops.support import Partition, partition
 
 __all__ = ["SubgraphLimitRule"]
 
@@ -46,7 +46,8 @@ class SubgraphLimitRule(Rule):
         if n > limit:
             yield self.finding(
                 ctx, None,
-                f"{len(part.arm)} node(s) left to Arm split the model into {n} TIDL subgraphs; TIDL offloads "
+                f"{_causes(ctx, part)}: these {len(part.arm)} node(s) left to Arm split the model into {n} TIDL "
+                f"subgraphs; TIDL offloads "
                 f"{limit} (max_num_subgraphs) and delegates the rest to Arm",
                 "make the Arm nodes TIDL-supported (see the TIDL040 and op_constraint findings) so subgraphs merge",
             )
@@ -60,3 +61,20 @@ class SubgraphLimitRule(Rule):
                     f"set advanced_options:max_num_subgraph_nodes to at least {len(sub)} to keep it whole",
                     severity="info", source=OSRT_MAX_SUBGRAPH_NODES,
                 )
+
+
+def _causes(ctx: ModelContext, part: Partition, k: int = 3) -> str:
+    """The Arm nodes by cause: ``44 BatchNormalization (TIDL063: training_mode 1 ...), 8 Slice (...)``, the most
+    frequent op types with the first reason found for each, so the finding leads with what to change rather than
+    only its consequence."""
+    by_op: dict[str, list[str]] = {}
+    for node in part.arm:
+        by_op.setdefault(node.op_type, []).append(ctx.node_name(node))
+    parts = []
+    for op, names in sorted(by_op.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:k]:
+        reason = next((r for name in names for r in part.reasons.get(name, [])), "")
+        reason = reason.split(";")[0]
+        parts.append(f"{len(names)} {op}" + (f" ({reason})" if reason else ""))
+    more = len(by_op) - len(parts)
+    tail = f", {more} other op type(s)" if more > 0 else ""
+    return f"{', '.join(parts)}{tail}"
