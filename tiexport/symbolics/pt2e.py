@@ -83,20 +83,14 @@ def lower_pt2e_graph(gm: GraphModule) -> GraphModule:
     used = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
     for name in used:
         root[name] = _resolve(gm, name)
-    site_names: dict[str, int] = {}
-
-    def unique(name: str) -> str:
-        count = site_names.get(name, 0)
-        site_names[name] = count + 1
-        return name if count == 0 else f"{name}_{count}"
-
+    # a shared fake-quant's later sites keep its name: the exporters number them (``<q>/QuantizeLinear_1``)
     weight_index = 0
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in q_tensor:
             x, scale, zero_point, qmin, qmax = (node.args + (None,) * 6)[:5]
             spec = QSpec((float(_number(scale, "scale", node)),), (int(_number(zero_point, "zero point", node)),),
                          int(qmin), int(qmax))
-            env[node] = _site(graph, env[x], spec, unique(_source_name(node)))
+            env[node] = _site(graph, env[x], spec, _source_name(node))
             continue
         if node.op == "call_function" and (node.target in dq_tensor or node.target in dq_channel):
             source = node.args[0]
@@ -126,7 +120,7 @@ def lower_pt2e_graph(gm: GraphModule) -> GraphModule:
             weight_index += 1
             root[attr] = weight.detach()
             value = graph.get_attr(attr)
-            env[node] = _site(graph, value, spec, unique(_source_name(node)))
+            env[node] = _site(graph, value, spec, _source_name(node))
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
     lowered = GraphModule(_Root(root), graph, class_name="PT2ELowered")
