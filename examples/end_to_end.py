@@ -81,13 +81,14 @@ def main(argv: list[str] | None = None) -> int:
                     qmodel(xb)
         qmodel.eval()
         path = args.out / f"smallcnn_{qconfig.lower()}_{profile.name.lower()}.onnx"
-        result = qmodel.export(calib[0], path, device=profile.name, parity_inputs=[(b.numpy(),) for b in calib])
+        # TIDL runs one image at a time: export at batch 1 (calibration batches can be any size)
+        samples = [(calib[0][i:i + 1].numpy(),) for i in range(16)]
+        result = qmodel.export(calib[0][:1], path, device=profile.name, parity_inputs=samples)
         dev_report = result.validation.devices[profile.name]
 
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
-        logits = np.concatenate([sess.run(None, {name: x_test[i:i + batch]})[0]
-                                 for i in range(0, len(x_test) - batch + 1, batch)])
+        logits = np.concatenate([sess.run(None, {name: x_test[i:i + 1]})[0] for i in range(len(x_test))])
         n = len(logits)
         acc = float((logits.argmax(1) == y_test[:n]).mean() * 100)
         ref = float_logits[:n]
