@@ -36,6 +36,7 @@ __all__ = [
     "external_data_files",
     "external_data_info",
     "load_model",
+    "over_budget",
     "same_file",
     "save_model",
     "serialize",
@@ -123,16 +124,24 @@ def check_tensor_budget(model: onnx.ModelProto, name: str) -> None:
     for tname, dims, data_type in _declared_tensors(model.graph):
         if any(d < 0 for d in dims):
             continue  # the checker's and the rules' business
-        n = _elements(dims)
-        try:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
-        except (KeyError, ValueError, TypeError):
-            itemsize = 1
-        if n * itemsize > budget:
-            raise UnusableInputError(
-                f"{name}: tensor {_text(tname)!r} declares {n} elements ({limits.format_bytes(n * itemsize)} dense), "
-                f"over the memory budget of {limits.format_bytes(budget)} (physical memory, or "
-                "TIEXPORT_MEMORY_LIMIT); refusing to materialize it")
+        over = over_budget(dims, data_type, budget)
+        if over:
+            raise UnusableInputError(f"{name}: tensor {_text(tname)!r} declares {over} dense; refusing to "
+                                     "materialize it")
+
+
+def over_budget(dims: Any, data_type: int, budget: int) -> str:
+    """"N elements (S), over the memory budget of B (...)" when a tensor of ``dims`` and ``data_type`` takes more
+    than ``budget`` bytes dense, else ""."""
+    n = _elements(dims)
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        itemsize = 1
+    if n * itemsize <= budget:
+        return ""
+    return (f"{n} elements ({limits.format_bytes(n * itemsize)}), over the memory budget of "
+            f"{limits.format_bytes(budget)} (physical memory, or TIEXPORT_MEMORY_LIMIT)")
 
 
 def external_data_info(model: onnx.ModelProto) -> list[tuple[str, str, int, int]]:

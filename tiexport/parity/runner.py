@@ -12,7 +12,7 @@ import onnx
 from tiexport import limits
 from tiexport.context import ModelContext
 from tiexport.errors import UnusableInputError, first_line
-from tiexport.onnx_io import LoadedModel, external_data_info
+from tiexport.onnx_io import LoadedModel, external_data_info, over_budget
 
 __all__ = ["OnnxRunner", "ort_session", "probe_candidates"]
 
@@ -115,18 +115,10 @@ def check_tensor_sizes(ctx: ModelContext) -> None:
         dims = t.tensor_type.shape.dim
         if not all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
             continue
-        n = 1
-        for d in dims:
-            n *= int(d.dim_value)
-        try:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type).itemsize
-        except (KeyError, ValueError, TypeError):
-            itemsize = 1
-        if n * itemsize > budget:
-            raise UnusableInputError(
-                f"{ctx.name}: tensor {tensor!r} would hold {n} elements ({limits.format_bytes(n * itemsize)}) by "
-                f"shape inference, over the memory budget of {limits.format_bytes(budget)} (physical memory, or "
-                "TIEXPORT_MEMORY_LIMIT); ONNX Runtime is not run on it")
+        over = over_budget([d.dim_value for d in dims], t.tensor_type.elem_type, budget)
+        if over:
+            raise UnusableInputError(f"{ctx.name}: tensor {tensor!r} would hold {over} by shape inference; ONNX "
+                                     "Runtime is not run on it")
 
 
 def _dynamic_tensors(ctx: ModelContext) -> list[str]:
