@@ -381,3 +381,73 @@ def move_exported_model(model: Any, training: bool) -> None:
         pt2e.move_exported_model_to_train(model)
     else:
         pt2e.move_exported_model_to_eval(model)
+
+
+# torchao's QAT Conv+BN fusion (prepare_qat_pt2e) and folding (convert_pt2e) trace each of their ~24 pattern
+# functions with a strict torch.export on every call, 96 traces per convert_pt2e of a QAT model: 15-30 s on a CPU,
+# whatever the model's size. The traced pattern depends only on the pattern function (code and closure), the shapes
+# and dtypes of the example inputs and the keyword arguments, so tiexport traces each once per process and hands out
+# copies. torchao 0.18: qat_utils imports _get_aten_graph_module_for_pattern by name; the patch is in place only
+# for the duration of tiexport's own prepare/convert calls.
+_PATTERN_CACHE: dict[Any, Any] = {}
+
+
+def _pattern_key(pattern: Any, example_inputs: Any, is_cuda: bool, kwargs: dict[str, Any]) -> Any:
+    import torch
+
+    def part(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+        if isinstance(value, (tuple, list)):
+            return tuple(part(v) for v in value)
+        hash(value)
+        return value
+
+    fn = getattr(pattern, "fn", pattern)  # torchao wraps each pattern function in a fresh WrapperModule
+    cells = tuple(part(c.cell_contents) for c in (getattr(fn, "__closure__", None) or ()))
+    return (getattr(fn, "__code__", fn), cells, part(tuple(example_inputs)), is_cuda,
+            tuple(sorted((k, part(v)) for k, v in kwargs.items())))
+
+
+@contextlib.contextmanager
+def _cached_pt2e_patterns() -> Iterator[None]:
+    import copy
+
+    try:
+        qat_utils = importlib.import_module("torchao.quantization.pt2e.qat_utils")
+    except ImportError:  # pragma: no cover - another torchao layout: no cache
+        yield
+        return
+    original = getattr(qat_utils, "_get_aten_graph_module_for_pattern", None)
+    if original is None:  # pragma: no cover
+        yield
+        return
+
+    def cached(pattern: Any, example_inputs: Any, is_cuda: bool = False, **kwargs: Any) -> Any:
+        try:
+            key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        except TypeError:  # something unhashable: trace as torchao would
+            return original(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in _PATTERN_CACHE:
+            _PATTERN_CACHE[key] = original(pattern, example_inputs, is_cuda, **kwargs)
+        return copy.deepcopy(_PATTERN_CACHE[key])
+
+    setattr(qat_utils, "_get_aten_graph_module_for_pattern", cached)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(qat_utils, "_get_aten_graph_module_for_pattern", original)  # noqa: B010
+
+
+def pt2e_prepare(model: Any, quantizer: Any, qat: bool) -> Any:
+    """torchao's ``prepare_qat_pt2e`` (``qat``) or ``prepare_pt2e``, with the QAT patterns traced once per process."""
+    ns = torchao_pt2e()
+    with quiet_torch(), _cached_pt2e_patterns():
+        return (ns.prepare_qat_pt2e if qat else ns.prepare_pt2e)(model, quantizer)
+
+
+def pt2e_convert(model: Any) -> Any:
+    """torchao's ``convert_pt2e`` (Q/DQ form, weights folded to int8 constants), with the QAT Conv+BN folding
+    patterns traced once per process."""
+    with quiet_torch(), _cached_pt2e_patterns():
+        return torchao_pt2e().convert_pt2e(model)

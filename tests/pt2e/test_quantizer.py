@@ -12,9 +12,9 @@ from tiexport import compat  # noqa: E402
 from tiexport.errors import UsageError  # noqa: E402
 from tiexport.quantization.observers import ActivationObserver, WeightObserver  # noqa: E402
 from tiexport.quantization.pt2e import (  # noqa: E402
-    TIDLQuantizer,
     TidlPT2EFakeQuantize,
     TidlPT2EFixedQParamsFakeQuantize,
+    TIDLQuantizer,
     name_fake_quants,
     qconfig_type_for_device,
 )

@@ -102,7 +102,6 @@ class _QuantPT2EModule(QuantWrapper):
 
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         pt2e = _pt2e()
-        ao = compat.torchao_pt2e()
         model = self.module
         swap_attention_modules(model)
         model.train(self._is_qat)  # PTQ: eval graph (batch norm folded at prepare); QAT: Conv+BN with statistics
@@ -110,10 +109,8 @@ class _QuantPT2EModule(QuantWrapper):
             exported = compat.export_for_quantization(model, args, kwargs)
         except Exception as exc:
             raise UsageError(f"torch.export cannot capture {type(model).__name__}: {first_line(exc)}") from exc
-        prepare = ao.prepare_qat_pt2e if self._is_qat else ao.prepare_pt2e
         try:
-            with compat.quiet_torch():
-                prepared = prepare(exported, self.quantizer)
+            prepared = compat.pt2e_prepare(exported, self.quantizer, qat=self._is_qat)
         except AssertionError as exc:  # torchao states what it cannot prepare with bare asserts
             raise UsageError(f"torchao cannot prepare {type(model).__name__}: "
                              f"{first_line(exc, default='an internal assertion failed')}") from exc
@@ -154,8 +151,7 @@ class _QuantPT2EModule(QuantWrapper):
         pt2e = _pt2e()
         module = cast(GraphModule, self.module if in_place else copy.deepcopy(self.module))
         pt2e.set_graph_modes(module, batch_norm_training=False, dropout_training=False)
-        with compat.quiet_torch():
-            converted = compat.torchao_pt2e().convert_pt2e(module)
+        converted = compat.pt2e_convert(module)
         pt2e.plain_train_eval(converted)
         converted.train(False)
         setattr(converted, "_tiexport_qconfig_type", self.qconfig_type_name)  # noqa: B010
