@@ -189,7 +189,12 @@ def test_device_picks_the_type_and_bad_arguments_are_usage_errors() -> None:
     with pytest.raises(UsageError, match="total_epochs"):
         QATPT2EModule(SmallCNN(), 0)
     with pytest.raises(UsageError, match="cross_layer_equalization"):
-        PTQPT2EModule(SmallCNN(), cross_layer_equalization=True)
+        QATPT2EModule(SmallCNN(), 2, cross_layer_equalization=True)
+
+
+def test_tda4vm_type_ptq_equalizes_cross_layer() -> None:
+    w = PTQPT2EModule(_seeded(SmallCNN()), qconfig_type="WT8SYMP2_AT8SYMP2", example_inputs=torch.randn(*SHAPE))
+    assert w.cross_layer_equalization and w.equalization is not None and w.equalization.pairs
 
 
 def test_prepares_on_the_first_forward_without_example_inputs() -> None:

@@ -22,8 +22,9 @@ Shared with the FX wrappers (:class:`~tiexport.wrappers.base.QuantWrapper`): the
 observer freezing (here by setting the graph's batch-norm ops' ``training`` argument: ops captured by torch.export do
 not follow ``module.train()``), ``eval()``, bias calibration (on the ATen graph's conv/linear calls), DDP statistics
 sync, and ``export()`` (export, fix, parity, validate; the dynamo exporter by default). Differences: PTQ folds batch
-norm at prepare, so ``num_batch_norm_update_epochs`` has nothing to update there; cross-layer equalization is not
-done on this path (``cross_layer_equalization=True`` is refused; the FX path has it); a QAT model with Conv+BN
+norm at prepare, so ``num_batch_norm_update_epochs`` has nothing to update there; cross-layer equalization (default
+on for ``WT8SYMP2_AT8SYMP2``) runs for PTQ on a torch.fx trace of the BN-folded float model when torch.fx can trace
+it, and not for QAT (``cross_layer_equalization=True`` is refused there; QATFxModule has it); a QAT model with Conv+BN
 exports its ``convert_pt2e`` form (batch norm folded), made on a copy, with parity checked against that copy.
 """
 
@@ -41,7 +42,8 @@ from tiexport import compat
 from tiexport.errors import UsageError, first_line
 from tiexport.quantization.attention import swap_attention_modules
 from tiexport.quantization.bias_calibration import BiasCalibrator
-from tiexport.quantization.qconfig import QConfigLike
+from tiexport.quantization.equalization import EqualizationReport, equalize_cross_layer
+from tiexport.quantization.qconfig import QCONFIG_TYPES, QConfigLike
 from tiexport.wrappers.base import QuantOptions, QuantWrapper
 
 __all__ = ["PTQPT2EModule", "QATPT2EModule"]
@@ -82,9 +84,8 @@ class _QuantPT2EModule(QuantWrapper):
     def __init__(self, model: torch.nn.Module, options: QuantOptions, example_inputs: Any = None,
                  device: str | None = None, quantizer: Any = None) -> None:
         pt2e = _pt2e()
-        if options.cross_layer_equalization:
-            raise UsageError("cross_layer_equalization is not available on the PT2E path; use PTCFxModule/"
-                             "QATFxModule for it")
+        if options.cross_layer_equalization and self._is_qat:
+            raise UsageError("cross_layer_equalization is not available for PT2E QAT; use QATFxModule for it")
         if quantizer is None:
             if not isinstance(options.qconfig_type, str):
                 raise UsageError("the PT2E wrappers take a qconfig type name, or a torchao Quantizer as quantizer=")
@@ -96,8 +97,12 @@ class _QuantPT2EModule(QuantWrapper):
         self.quantizer = quantizer
         name = getattr(quantizer, "qconfig_type", None)
         self.qconfig_type_name = name if isinstance(name, str) else "custom"
-        self.cross_layer_equalization = False
-        self.equalization = None
+        cle = options.cross_layer_equalization
+        if cle is None:  # as on the FX path: on for the per-tensor weight type (PTQ here)
+            spec = QCONFIG_TYPES.get(self.qconfig_type_name)
+            cle = not self._is_qat and spec is not None and not spec.weight_per_channel
+        self.cross_layer_equalization = bool(cle)
+        self.equalization: EqualizationReport | None = None
         self._prepare_now()
 
     def _prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -105,6 +110,8 @@ class _QuantPT2EModule(QuantWrapper):
         model = self.module
         swap_attention_modules(model)
         model.train(self._is_qat)  # PTQ: eval graph (batch norm folded at prepare); QAT: Conv+BN with statistics
+        if self.cross_layer_equalization:
+            model = self._equalized(model)
         try:
             exported = compat.export_for_quantization(model, args, kwargs)
         except Exception as exc:
@@ -124,6 +131,24 @@ class _QuantPT2EModule(QuantWrapper):
                  type(self).__name__, type(model).__name__, self.qconfig_type_name, n_fq,
                  sum(len(v) for v in rules.values()))
         self._finish_prepare(prepared)
+
+    def _equalized(self, model: torch.nn.Module) -> torch.nn.Module:
+        """PTQ: batch norm folded into the convolutions (as prepare_pt2e would) and cross-layer equalization on the
+        result, a torch.fx GraphModule of the float model (:mod:`tiexport.quantization.equalization`, as on the FX
+        path). A model torch.fx cannot trace is quantized without it (logged)."""
+        from torch.fx.experimental.optimization import fuse
+
+        spec = QCONFIG_TYPES.get(self.qconfig_type_name)
+        try:
+            with compat.quiet_torch():
+                folded = fuse(model.eval())
+        except Exception as exc:  # torch.fx cannot trace it: the PT2E path goes on without equalization
+            log.info("cross-layer equalization skipped: torch.fx cannot trace %s (%s)", type(model).__name__,
+                     first_line(exc))
+            return model
+        self.equalization = equalize_cross_layer(
+            cast(GraphModule, folded), power_of_2_grid=127.0 if spec is not None and spec.weight_power_of_2 else None)
+        return folded
 
     def _apply_freeze_state(self) -> None:
         super()._apply_freeze_state()
