@@ -188,13 +188,23 @@ def test_device_picks_the_type_and_bad_arguments_are_usage_errors() -> None:
     assert PTQPT2EModule(SmallCNN(), example_inputs=x).qconfig_type_name == "WC8_AT8"
     with pytest.raises(UsageError, match="total_epochs"):
         QATPT2EModule(SmallCNN(), 0)
-    with pytest.raises(UsageError, match="cross_layer_equalization"):
-        QATPT2EModule(SmallCNN(), 2, cross_layer_equalization=True)
 
 
-def test_tda4vm_type_ptq_equalizes_cross_layer() -> None:
-    w = PTQPT2EModule(_seeded(SmallCNN()), qconfig_type="WT8SYMP2_AT8SYMP2", example_inputs=torch.randn(*SHAPE))
+@pytest.mark.parametrize("cls", [PTQPT2EModule, QATPT2EModule])
+def test_tda4vm_type_equalizes_cross_layer_keeping_the_float_function(cls: type) -> None:
+    model = _seeded(SmallCNN()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    args = (2,) if cls is QATPT2EModule else ()
+    w = cls(model, *args, qconfig_type="WT8SYMP2_AT8SYMP2", example_inputs=x[:1])
     assert w.cross_layer_equalization and w.equalization is not None and w.equalization.pairs
+    for m in w.module.modules():
+        if hasattr(m, "disable_fake_quant"):
+            m.disable_fake_quant()
+    w.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(w(x), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_prepares_on_the_first_forward_without_example_inputs() -> None:

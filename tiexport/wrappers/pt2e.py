@@ -23,8 +23,8 @@ observer freezing (here by setting the graph's batch-norm ops' ``training`` argu
 not follow ``module.train()``), ``eval()``, bias calibration (on the ATen graph's conv/linear calls), DDP statistics
 sync, and ``export()`` (export, fix, parity, validate; the dynamo exporter by default). Differences: PTQ folds batch
 norm at prepare, so ``num_batch_norm_update_epochs`` has nothing to update there; cross-layer equalization (default
-on for ``WT8SYMP2_AT8SYMP2``) runs for PTQ on a torch.fx trace of the BN-folded float model when torch.fx can trace
-it, and not for QAT (``cross_layer_equalization=True`` is refused there; QATFxModule has it); a QAT model with Conv+BN
+on for ``WT8SYMP2_AT8SYMP2``) is computed on a torch.fx trace of the BN-folded float model, so it needs a model
+torch.fx can trace (others go on without it, logged); a QAT model with Conv+BN
 exports its ``convert_pt2e`` form (batch norm folded), made on a copy, with parity checked against that copy.
 """
 
@@ -75,6 +75,20 @@ class _PT2EBiasCalibrator(BiasCalibrator):
         return _pt2e().PT2EBiasCalibrator(graph_module, factor, fixed_reference=fixed_reference)
 
 
+def _following_batch_norm(folded: GraphModule, model: torch.nn.Module,
+                          conv_name: str) -> torch.nn.modules.batchnorm._BatchNorm | None:
+    """The batch norm that followed ``conv_name`` in ``model`` before torch.fx's ``fuse`` folded it away."""
+    traced = torch.fx.symbolic_trace(model)
+    for node in traced.graph.nodes:
+        if node.op == "call_module" and str(node.target) == conv_name and len(node.users) == 1:
+            user = next(iter(node.users))
+            if user.op == "call_module":
+                m = model.get_submodule(str(user.target))
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    return m
+    return None
+
+
 class _QuantPT2EModule(QuantWrapper):
     """The PT2E side of PTQPT2EModule and QATPT2EModule; see the module docstring."""
 
@@ -84,8 +98,6 @@ class _QuantPT2EModule(QuantWrapper):
     def __init__(self, model: torch.nn.Module, options: QuantOptions, example_inputs: Any = None,
                  device: str | None = None, quantizer: Any = None) -> None:
         pt2e = _pt2e()
-        if options.cross_layer_equalization and self._is_qat:
-            raise UsageError("cross_layer_equalization is not available for PT2E QAT; use QATFxModule for it")
         if quantizer is None:
             if not isinstance(options.qconfig_type, str):
                 raise UsageError("the PT2E wrappers take a qconfig type name, or a torchao Quantizer as quantizer=")
@@ -100,7 +112,7 @@ class _QuantPT2EModule(QuantWrapper):
         cle = options.cross_layer_equalization
         if cle is None:  # as on the FX path: on for the per-tensor weight type (PTQ here)
             spec = QCONFIG_TYPES.get(self.qconfig_type_name)
-            cle = not self._is_qat and spec is not None and not spec.weight_per_channel
+            cle = spec is not None and not spec.weight_per_channel
         self.cross_layer_equalization = bool(cle)
         self.equalization: EqualizationReport | None = None
         self._prepare_now()
@@ -133,22 +145,53 @@ class _QuantPT2EModule(QuantWrapper):
         self._finish_prepare(prepared)
 
     def _equalized(self, model: torch.nn.Module) -> torch.nn.Module:
-        """PTQ: batch norm folded into the convolutions (as prepare_pt2e would) and cross-layer equalization on the
-        result, a torch.fx GraphModule of the float model (:mod:`tiexport.quantization.equalization`, as on the FX
-        path). A model torch.fx cannot trace is quantized without it (logged)."""
+        """Cross-layer equalization (:mod:`tiexport.quantization.equalization`, as on the FX path) computed on a
+        torch.fx trace of the float model with batch norm folded into the convolutions. PTQ quantizes that folded
+        model (prepare_pt2e would fold it the same way); QAT keeps its batch norms and gets the same per-channel
+        factors on the model itself: a layer's outputs through its batch norm's affine parameters (or its weight
+        and bias), the next layer's inputs through its weight. A model torch.fx cannot trace goes on without it."""
         from torch.fx.experimental.optimization import fuse
 
         spec = QCONFIG_TYPES.get(self.qconfig_type_name)
+        was_training = model.training
         try:
             with compat.quiet_torch():
-                folded = fuse(model.eval())
+                folded = cast(GraphModule, fuse(model.eval(), inplace=False))
         except Exception as exc:  # torch.fx cannot trace it: the PT2E path goes on without equalization
             log.info("cross-layer equalization skipped: torch.fx cannot trace %s (%s)", type(model).__name__,
                      first_line(exc))
+            model.train(was_training)
             return model
+        model.train(was_training)
+        modules = dict(folded.named_modules())
+        before = {name: m.weight.detach().clone() for name, m in modules.items() if hasattr(m, "weight")
+                  and isinstance(getattr(m, "weight", None), torch.Tensor)}
         self.equalization = equalize_cross_layer(
-            cast(GraphModule, folded), power_of_2_grid=127.0 if spec is not None and spec.weight_power_of_2 else None)
-        return folded
+            folded, power_of_2_grid=127.0 if spec is not None and spec.weight_power_of_2 else None,
+            headroom=0.95 if self._is_qat else 1.0)
+        if not self._is_qat:
+            return folded
+        originals = dict(model.named_modules())
+        with torch.no_grad():
+            for a_name, b_name in self.equalization.pairs:
+                a_w, a_before = modules[a_name].weight.detach(), before[a_name]
+                # A's output channels were scaled by f: read f off its weight rows (exactly one factor per row)
+                rows = a_before.flatten(1).abs().sum(1)
+                f = torch.where(rows > 0, a_w.flatten(1).abs().sum(1) / rows.clamp_min(1e-30), torch.ones_like(rows))
+                a, b = originals[a_name], originals[b_name]
+                bn = _following_batch_norm(folded, model, a_name)
+                if bn is not None:
+                    bn.weight.mul_(f.to(bn.weight))
+                    bn.bias.mul_(f.to(bn.bias))
+                else:
+                    a.weight.mul_(f.reshape(-1, *([1] * (a.weight.dim() - 1))).to(a.weight))
+                    if getattr(a, "bias", None) is not None:
+                        a.bias.mul_(f.to(a.bias))
+                inv = (1.0 / f).to(b.weight)
+                depthwise = isinstance(b, torch.nn.Conv2d) and b.groups == b.in_channels == b.out_channels > 1
+                shape = (-1, *([1] * (b.weight.dim() - 1))) if depthwise else (1, -1, *([1] * (b.weight.dim() - 2)))
+                b.weight.mul_(inv.reshape(shape))
+        return model
 
     def _apply_freeze_state(self) -> None:
         super()._apply_freeze_state()
