@@ -240,3 +240,26 @@ def test_family_qat_end_to_end(tmp_path: Path, name: str) -> None:
 def test_vit_like_forward_matches_with_mha() -> None:
     model = ViTLike(mha=True).eval()
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+
+
+class _OptionalArgsNet(nn.Module):
+    """timm's VisionTransformer signature: optional arguments passed down to the attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        q, k, v = self.qkv(x).reshape(1, 4, 3, 8).permute(2, 0, 1, 3).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def test_optional_forward_arguments_are_traced_as_their_defaults(tmp_path: Path) -> None:
+    x = torch.rand(1, 4, 8)
+    w = PTCFxModule(_OptionalArgsNet(), example_inputs=x)
+    w.train()
+    w(x)
+    w.eval()
+    result = w.export(x, tmp_path / "opt.onnx", device="AM68A")  # was: 'is_causal' must be bool, not Tensor
+    assert result.parity_passed, result.parity_summary
+    assert [i.name for i in onnx.load(str(result.path)).graph.input] == ["x"]

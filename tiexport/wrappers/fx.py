@@ -41,6 +41,7 @@ parameters are therefore identical on all ranks, with or without DDP's ``broadca
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from collections.abc import Iterator
@@ -79,6 +80,47 @@ def _quiet_torch_ao() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _optional_arguments_as_defaults(model: torch.nn.Module, n_args: int, kwarg_names: list[str]) -> Iterator[None]:
+    """While preparing: ``forward`` parameters the example inputs do not give are traced as their defaults.
+
+    torch.fx makes every parameter of the root ``forward`` a placeholder, so an optional ``attn_mask=None`` or
+    ``is_causal=False`` (timm's VisionTransformer) becomes a proxy: ``attn_mask is not None`` is then true and
+    ``is_causal`` a tensor (``scaled_dot_product_attention(): argument 'is_causal' must be bool``). torch.ao's
+    ``prepare_qat_fx`` takes no ``concrete_args``, so its tracer's ``trace`` gets them here."""
+    from torch.ao.quantization.fx.tracer import QuantizationTracer
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    concrete: dict[str, Any] = {}
+    positional = 0
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        given = p.name in kwarg_names or (p.kind != p.KEYWORD_ONLY and positional < n_args)
+        if p.kind != p.KEYWORD_ONLY:
+            positional += 1
+        if not given and p.default is not p.empty:
+            concrete[p.name] = p.default
+    if not concrete:
+        yield
+        return
+    original = QuantizationTracer.trace
+
+    def trace(self: Any, root: Any, concrete_args: Any = None) -> Any:
+        if root is model and concrete_args is None:
+            concrete_args = concrete
+        return original(self, root, concrete_args)
+
+    QuantizationTracer.trace = trace  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        QuantizationTracer.trace = original  # type: ignore[method-assign]
+
+
 class _QuantFxModule(QuantWrapper):
     """The torch.fx side of PTCFxModule and QATFxModule: ``prepare_qat_fx`` with tiexport's qconfigs and graph
     rules, cross-layer equalization, the Conv+BN forward, and ``convert_to_reference_fx``."""
@@ -112,7 +154,8 @@ class _QuantFxModule(QuantWrapper):
             log.info("%d batch-norm subclass module(s) made plain batch norm + their activation, so they fold: %s",
                      len(swapped_bn), ", ".join(swapped_bn[:5]) + (" ..." if len(swapped_bn) > 5 else ""))
         try:
-            with traceable_sdpa(model, args, kwargs), _quiet_torch_ao():
+            with traceable_sdpa(model, args, kwargs), _quiet_torch_ao(), \
+                    _optional_arguments_as_defaults(model, len(args), list(kwargs)):
                 model.train()  # QAT fusion (Conv+BN kept as a QAT module) needs training mode
                 prepared = quantize_fx.prepare_qat_fx(
                     model, self._qconfig_mapping, (*args, *kwargs.values()), backend_config=self._backend_config
