@@ -114,9 +114,10 @@ def ao_classes() -> dict[str, Any]:
         return tuple(getattr(mod, n) for n in names if hasattr(mod, n))
 
     conv_bn = _get(importlib.import_module("torch.ao.nn.intrinsic.qat.modules.conv_fused"), "_ConvBnNd")
+    torchao = torchao_classes()  # a model prepared by torchao's own observers (PT2E with another quantizer)
     return {
-        "fake_quant": _get(ao, "FakeQuantizeBase"),
-        "observer": _get(ao, "ObserverBase"),
+        "fake_quant": _get(ao, "FakeQuantizeBase") + torchao[:1],
+        "observer": _get(ao, "ObserverBase") + torchao[1:],
         "conv_bn_qat": conv_bn,
         "conv_bn_relu_qat": _get(nniqat, "ConvBnReLU1d", "ConvBnReLU2d", "ConvBnReLU3d"),
         "quant_stub": _get(ao, "QuantStub"),
