@@ -209,7 +209,8 @@ def test_family_ptc_torchscript_end_to_end(tmp_path: Path, name: str, qconfig_ty
 
 
 @needs_dynamo
-@pytest.mark.parametrize("name", FAMILY_NAMES)
+# CI time: the families whose dynamo export differs (BN+act, as_strided, Split, Resize)
+@pytest.mark.parametrize("name", ["efficientnet", "convnext", "vit_sdpa", "vit_mha", "aspp"])
 def test_family_ptc_dynamo_end_to_end(tmp_path: Path, name: str) -> None:
     w, x = _calibrated(name, "WC8_AT8")
     result = w.export(x, tmp_path / f"{name}.onnx", device="AM68A", exporter="dynamo")
