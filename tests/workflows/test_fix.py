@@ -475,3 +475,19 @@ def test_parity_reuses_the_load_check_session() -> None:
     without = check_parity(model, fixed, num_samples=2)
     assert len(calls) == 2  # both samples ran on the given session
     assert with_session.to_dict()["outputs"] == without.to_dict()["outputs"]
+
+
+def test_fix_text_lists_a_few_nodes_per_rule() -> None:
+    """Readable on a 300-node model: five nodes per rule, then a count (the JSON keeps all)."""
+    from tiexport.validators.report import Finding
+    from tiexport.workflows.fix import FixReport
+
+    remaining = [Finding("TIDL040", "unsupported_op", "warning", f"n{i}", "Range", "Range runs on Arm", "")
+                 for i in range(40)]
+    remaining.append(Finding("TIDL014", "qdq_coverage", "error", "mm", "MatMul", "no Q/DQ", ""))
+    report = FixReport(model="m.onnx", device="AM68A", passes=[], iterations=1, converged=True, remaining=remaining)
+    text = report.to_text()
+    assert sum("TIDL040 n" in line for line in text.splitlines()) == 5
+    assert "... and 35 more TIDL040" in text and "error TIDL014 mm: no Q/DQ" in text
+    assert sum("TIDL040 n" in line for line in report.to_text(max_nodes=None).splitlines()) == 40
+    assert len(report.to_dict()["remaining_findings"]) == 41

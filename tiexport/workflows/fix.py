@@ -100,7 +100,8 @@ class FixReport:
             "notes": list(self.notes),
         }
 
-    def to_text(self) -> str:
+    def to_text(self, max_nodes: int | None = 5) -> str:
+        """The summary; ``max_nodes`` findings per rule (None: all)."""
         out = self.output or "(not written)"
         lines = [f"tiexport fix: {self.model} -> {out} for {self.device} (TIDL {self.sdk}) "
                  f"({self.iterations} iteration{'s' if self.iterations != 1 else ''}"
@@ -119,10 +120,19 @@ class FixReport:
         n_warn = sum(1 for f in self.remaining if f.severity == "warning")
         lines.append(f"  findings: {self.findings_before} before ({self.fixable_before} fixable), "
                      f"{len(self.remaining)} after: {n_err} error(s), {n_warn} warning(s)")
+        by_rule: dict[tuple[str, str], list[Finding]] = {}
         for f in self.remaining:
             if f.severity in ("error", "warning"):
+                by_rule.setdefault((f.severity, f.rule_id), []).append(f)
+        for (severity, rule_id), group in by_rule.items():
+            # readable on a 300-node model: a few nodes per rule, the JSON output (and validate --verbose) has all
+            shown = group if max_nodes is None or len(group) <= max_nodes + 1 else group[:max_nodes]
+            for f in shown:
                 where = f" {f.node}" if f.node else ""
-                lines.append(f"    {f.severity} {f.rule_id}{where}: {f.message}")
+                lines.append(f"    {severity} {rule_id}{where}: {f.message}")
+            if len(shown) < len(group):
+                lines.append(f"    ... and {len(group) - len(shown)} more {rule_id} (--format json, or tiexport "
+                             "validate --verbose OUT, lists all)")
         for note in self.notes:
             lines.append(f"  note: {note}")
         verdict = (f"no errors remain for {self.device}" if not n_err

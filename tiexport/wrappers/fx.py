@@ -160,10 +160,14 @@ class _QuantFxModule(QuantWrapper):
                 prepared = quantize_fx.prepare_qat_fx(
                     model, self._qconfig_mapping, (*args, *kwargs.values()), backend_config=self._backend_config
                 )
-        except torch.fx.proxy.TraceError as exc:
+        except (torch.fx.proxy.TraceError, TypeError) as exc:
+            # shape-driven control flow fails as a TypeError ("'Proxy' object cannot be interpreted as an integer")
+            if isinstance(exc, TypeError) and "Proxy" not in str(exc):
+                raise
             raise UsageError(
-                f"torch.fx cannot trace {type(model).__name__} ({exc}); make data-dependent control flow a leaf "
-                "module or a concrete argument"
+                f"torch.fx cannot trace {type(model).__name__} ({first_line(exc)}); make data-dependent control flow "
+                "a leaf module or a concrete argument, or use the PT2E path (tiexport.PTQPT2EModule / "
+                "QATPT2EModule), which traces with torch.export"
             ) from exc
         except AssertionError as exc:  # torch.ao states what it cannot fuse or prepare with bare asserts
             text = first_line(exc, default="an internal assertion failed")
