@@ -310,7 +310,7 @@ def _fix_passes(loaded: LoadedModel, profile: DeviceProfile, passes: Any, spill:
         return fixed, report
     data = serialize(fixed)  # once: the checker, ONNX Runtime and the written file all take these bytes
     session = _check_usable(fixed, data, original, loaded.name)
-    report = _prove(loaded, LoadedModel(fixed, _text_name(fixed), None), result, profile, session,
+    report = _prove(loaded, as_model(fixed), result, profile, session,
                     identical=identical, parity=parity, inputs=inputs, num_samples=num_samples, seed=seed,
                     max_lsb=max_lsb, max_iterations=max_iterations)
     if output is not None:
@@ -318,10 +318,6 @@ def _fix_passes(loaded: LoadedModel, profile: DeviceProfile, passes: Any, spill:
         save_model(fixed, output, protect=tuple(protect), serialized=data)
         report.output = str(output)
     return fixed, report
-
-
-def _text_name(model: onnx.ModelProto) -> str:
-    return as_model(model).name
 
 
 def _prove(loaded: LoadedModel, fixed: LoadedModel, result: Any, profile: DeviceProfile, session: Any, *,

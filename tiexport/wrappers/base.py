@@ -82,6 +82,18 @@ class QuantOptions:
         return max(self.total_epochs // 2 + 1, 0) if n is None else n
 
 
+def check_qat_epochs(total_epochs: int | None, wrapper: str, calibration_wrapper: str) -> int:
+    """``total_epochs`` of a QAT wrapper, which must be > 0: it sets when batch norm and observers freeze (other
+    types are QuantOptions' to refuse)."""
+    if total_epochs is None or (isinstance(total_epochs, int) and not isinstance(total_epochs, bool)
+                                and total_epochs <= 0):
+        raise UsageError(
+            f"{wrapper} needs total_epochs > 0 (got {total_epochs!r}): it sets when batch norm and observers "
+            f"freeze; for calibration without training use {calibration_wrapper}"
+        )
+    return total_epochs
+
+
 def split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """A tensor -> one positional argument; a tuple/list -> positional arguments; a dict -> keyword arguments."""
     if isinstance(example_inputs, torch.Tensor):

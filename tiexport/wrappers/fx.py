@@ -64,7 +64,7 @@ from tiexport.quantization.qconfig import (
     get_backend_config,
     get_qconfig_mapping,
 )
-from tiexport.wrappers.base import QuantOptions, QuantWrapper
+from tiexport.wrappers.base import QuantOptions, QuantWrapper, check_qat_epochs
 
 __all__ = ["PTCFxModule", "QATFxModule"]
 
@@ -281,12 +281,7 @@ class QATFxModule(_QuantFxModule):
         range_shrink_percentile: float | None = None,
         cross_layer_equalization: bool | None = None,
     ) -> None:
-        if total_epochs is None or (isinstance(total_epochs, int) and not isinstance(total_epochs, bool)
-                                    and total_epochs <= 0):
-            raise UsageError(
-                f"QATFxModule needs total_epochs > 0 (got {total_epochs!r}): it sets when batch norm and observers "
-                "freeze; for calibration without training use PTCFxModule"
-            )
+        total_epochs = check_qat_epochs(total_epochs, "QATFxModule", "PTCFxModule")
         super().__init__(model, QuantOptions(
             qconfig_type=qconfig_type, backend=backend, bias_calibration_factor=bias_calibration_factor,
             num_batch_norm_update_epochs=num_batch_norm_update_epochs,

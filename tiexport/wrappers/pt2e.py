@@ -44,7 +44,7 @@ from tiexport.quantization.attention import swap_attention_modules
 from tiexport.quantization.bias_calibration import BiasCalibrator
 from tiexport.quantization.equalization import EqualizationReport, equalize_cross_layer
 from tiexport.quantization.qconfig import QCONFIG_TYPES, QConfigLike
-from tiexport.wrappers.base import QuantOptions, QuantWrapper
+from tiexport.wrappers.base import QuantOptions, QuantWrapper, check_qat_epochs
 
 __all__ = ["PTQPT2EModule", "QATPT2EModule"]
 
@@ -287,12 +287,7 @@ class QATPT2EModule(_QuantPT2EModule):
         device: str | None = None,
         quantizer: Any = None,
     ) -> None:
-        if total_epochs is None or (isinstance(total_epochs, int) and not isinstance(total_epochs, bool)
-                                    and total_epochs <= 0):
-            raise UsageError(
-                f"QATPT2EModule needs total_epochs > 0 (got {total_epochs!r}): it sets when batch norm and observers "
-                "freeze; for calibration without training use PTQPT2EModule"
-            )
+        total_epochs = check_qat_epochs(total_epochs, "QATPT2EModule", "PTQPT2EModule")
         super().__init__(model, QuantOptions(
             qconfig_type=_resolve_type(qconfig_type, device), bias_calibration_factor=bias_calibration_factor,
             num_batch_norm_update_epochs=num_batch_norm_update_epochs,
