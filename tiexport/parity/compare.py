@@ -67,6 +67,7 @@ def check_parity(
     progress: ProgressCallback | None = None,
     candidate_session: Any = None,
     time_limit: float | None = limits.DEFAULT_TIME_LIMIT,
+    local: bool = True,
 ) -> ParityReport:
     """Compare ``candidate`` (an ONNX path / ModelProto, run in ONNX Runtime) against ``reference``.
 
@@ -83,15 +84,21 @@ def check_parity(
     same ``ort_optimizations``), reused instead of making a second one (``fix`` makes one for its load check).
     ``time_limit``: seconds the comparison may take (None or 0: no limit); past it, the ONNX Runtime run in
     progress is stopped and :class:`tiexport.limits.LimitExceeded` raised.
+    ``local`` (torch reference): when an output fails end to end, compare again layer by layer with every mapped
+    quantized activation fed from the reference (:class:`~tiexport.parity.report.LocalParity`); the report passes
+    ("layer-local") when every layer and output is within the criterion that way. In a deep network a 1-LSB rounding
+    difference (torch and ONNX Runtime sum in different orders) can grow to many LSB at the outputs; fed from the
+    reference, each layer shows what it computes itself. ``local=False``: outputs end to end only.
     """
     with limits.time_limit(time_limit, "parity"):
         return _check_parity(reference, candidate, inputs, num_samples, seed, atol, rtol, max_lsb, per_layer,
-                             ort_optimizations, progress=progress, candidate_session=candidate_session)
+                             ort_optimizations, progress=progress, candidate_session=candidate_session,
+                             local=local)
 
 
 def _check_parity(reference: Any, candidate: Any, inputs: Any, num_samples: int, seed: int, atol: float | None,
                   rtol: float | None, max_lsb: float, per_layer: bool, ort_optimizations: bool, *,
-                  progress: ProgressCallback | None, candidate_session: Any) -> ParityReport:
+                  progress: ProgressCallback | None, candidate_session: Any, local: bool = True) -> ParityReport:
     criterion = check_tolerances(atol, rtol, max_lsb)
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
         raise UsageError(f"num_samples must be an integer, got {num_samples!r}")
@@ -103,7 +110,7 @@ def _check_parity(reference: Any, candidate: Any, inputs: Any, num_samples: int,
         return run_torch_parity(reference, cand_loaded, cand_ctx, inputs=inputs, num_samples=int(num_samples),
                                 seed=seed, criterion=criterion, per_layer=per_layer,
                                 ort_optimizations=ort_optimizations, progress=progress, report_kwargs=report_kwargs,
-                                candidate_session=candidate_session)
+                                candidate_session=candidate_session, local=local)
     ref_loaded = as_model(reference)
     ref_ctx = ModelContext(ref_loaded)
     specs = input_specs(ref_ctx)

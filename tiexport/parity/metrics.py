@@ -28,6 +28,7 @@ from tiexport.parity.steps import Step
 __all__ = [
     "DEFAULT_ATOL",
     "DEFAULT_RTOL",
+    "LOCAL_MIN_EXACT",
     "LSB_SLACK",
     "MIN_FRACTION",
     "Accumulator",
@@ -41,6 +42,12 @@ DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-4
 MIN_FRACTION = 0.999
 """Share of elements that must be within ``max_lsb`` steps for a quantized tensor to pass."""
+LOCAL_MIN_EXACT = 0.5
+"""Layer-local parity (:class:`~tiexport.parity.report.LocalParity`): share of a quantized tensor's elements that
+must also be *exactly* the reference's value. Rounding ties make legitimate 1-LSB differences common where a layer
+keeps its input's scale (a 2x2 average pool sums four grid values: a quarter land on a tie; measured on the timm
+zoo: up to 7 % of elements), but a systematic difference (a zero point off by one, a scale off) moves most of
+them."""
 LSB_SLACK = 1e-3
 """Steps of slack on the LSB test: two grid values one step apart differ by 1 +- ~1e-5 steps once rounded to float32."""
 
@@ -72,6 +79,8 @@ class TensorMetrics:
     per_channel: bool = False
     elements: int = 0
     shape: tuple[int, ...] = ()
+    exact: float | None = None
+    """Share of elements on the reference's own quantized value (error under half a step); None: not quantized."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +99,7 @@ class TensorMetrics:
             "per_channel": self.per_channel,
             "elements": self.elements,
             "shape": list(self.shape),
+            "exact": _jf(self.exact),
         }
 
     def summary(self) -> str:
@@ -155,6 +165,7 @@ class Accumulator:
         self.max_rel = 0.0
         self.max_lsb: float | None = 0.0 if step is not None else None
         self.within_1 = 0
+        self.exact = 0
         self.within_max = 0
         self.over_tol = 0
         self.min_atol = 0.0
@@ -211,6 +222,7 @@ class Accumulator:
                 lsb = (d / scale).ravel()
                 self.max_lsb = max(self.max_lsb or 0.0, float(lsb.max()))
                 self.within_1 += int(np.count_nonzero(lsb <= 1.0 + LSB_SLACK))
+                self.exact += int(np.count_nonzero(lsb < 0.5))
                 self.within_max += int(np.count_nonzero(lsb <= self.criterion.max_lsb + LSB_SLACK))
                 # Keep only the largest errors of this sample: enough to find the 99.9th percentile over all
                 # samples exactly (an element among the global top k is among its own sample's top k).
@@ -230,11 +242,13 @@ class Accumulator:
         if n == 0:
             return TensorMetrics(0.0, 0.0, 0.0, 0.0 if step else None, 1.0 if step else None, float("inf"), 1.0, 0.0,
                                  True, 0.0 if step else None, "lsb" if self.lsb_mode else "allclose", step_value,
-                                 per_channel, 0, self.shape)
+                                 per_channel, 0, self.shape, 1.0 if step else None)
         min_lsb: float | None = None
         within_1: float | None = None
+        exact: float | None = None
         if step is not None:
             within_1 = self.within_1 / n
+            exact = self.exact / n
             buf = np.concatenate(self.top) if self.top else np.zeros(1)
             k = n - self._need() + 1
             # ragged sample sizes can leave fewer than k kept: fall back to the (conservative) maximum
@@ -273,6 +287,7 @@ class Accumulator:
             per_channel=per_channel,
             elements=n,
             shape=tuple(int(s) for s in self.shape),
+            exact=exact,
         )
 
 

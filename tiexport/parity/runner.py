@@ -14,7 +14,7 @@ from tiexport.context import ModelContext
 from tiexport.errors import UnusableInputError, first_line
 from tiexport.onnx_io import LoadedModel, external_data_info, over_budget
 
-__all__ = ["OnnxRunner", "ort_session", "probe_candidates"]
+__all__ = ["OnnxRunner", "forced_input_name", "ort_session", "probe_candidates"]
 
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                           onnx.TensorProto.BFLOAT16})
@@ -51,15 +51,19 @@ class OnnxRunner:
     concatenated messages, so repeated ``graph.output`` fields append): no ModelProto copy, weights serialized
     once. External data is read by ONNX Runtime from the model's folder. ``session``: one already made by
     :func:`ort_session` for this model without probes (``fix`` makes it for its load check), used as it is.
+    ``forced``: tensor -> ONNX element type; a *forced run* (layer-local parity) feeds each such tensor's consumers
+    from an extra input (:func:`forced_input_name`) and returns the tensor as computed by its own producer.
     """
 
     def __init__(self, loaded: LoadedModel, probes: Sequence[str] = (), optimizations: bool = False,
-                 session: Any = None) -> None:
+                 session: Any = None, forced: Mapping[str, int] | None = None) -> None:
         self.name = loaded.name
         self.output_names = [o.name for o in loaded.model.graph.output]
         declared = set(self.output_names)
         self.probes = [p for p in dict.fromkeys(probes) if p not in declared]
-        if session is not None and not self.probes:
+        self.forced = dict(forced or {})
+        self.probes += [t for t in self.forced if t not in declared and t not in self.probes]
+        if session is not None and not self.probes and not self.forced:
             self.session = session
             self.input_names = [i.name for i in session.get_inputs()]
             return
@@ -67,7 +71,9 @@ class OnnxRunner:
         has_external = bool(external_data_info(loaded.model))
         folder = loaded.base_dir if has_external and loaded.base_dir is not None else None
         path = Path(loaded.name)
-        if not self.probes and loaded.base_dir is not None and path.is_file():
+        if self.forced:
+            source = _forced_bytes(loaded.model, self.forced, self.probes)
+        elif not self.probes and loaded.base_dir is not None and path.is_file():
             source = str(path)
         else:
             try:
@@ -101,6 +107,69 @@ class OnnxRunner:
             limits.check()
             raise UnusableInputError(f"{self.name}: ONNX Runtime failed on the inputs: {first_line(exc)}") from None
         return dict(zip(names, (np.asarray(v) for v in values), strict=True))
+
+
+def forced_input_name(tensor: str) -> str:
+    """The graph input that replaces ``tensor`` for its consumers in a forced run (see :class:`OnnxRunner`)."""
+    return f"{tensor}::reference"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _forced_bytes(model: onnx.ModelProto, forced: Mapping[str, int], probes: Sequence[str]) -> bytes:
+    """``model`` serialized with every consumer of a ``forced`` tensor reading a new graph input instead
+    (:func:`forced_input_name`, of the element type given) and the forced tensors and ``probes`` as extra outputs.
+
+    The tensor's producer still runs: its output, computed from forced inputs upstream, is what a layer-local
+    comparison checks. Nodes are copied, initializers are not: the graph is serialized without them and each
+    initializer is appended as its own ``graph { initializer { ... } }`` message (protobuf merges repeated fields of
+    concatenated messages), one tensor in memory at a time beside the result. Subgraph bodies are left as they are.
+    """
+    shell = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(shell, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(shell, field.name).CopyFrom(value)
+        else:
+            setattr(shell, field.name, value)
+    g = model.graph
+    sg = shell.graph
+    sg.name = g.name
+    sg.doc_string = g.doc_string
+    sg.input.extend(g.input)
+    sg.output.extend(g.output)
+    sg.value_info.extend(g.value_info)
+    sg.sparse_initializer.extend(g.sparse_initializer)
+    for node in g.node:
+        copy = sg.node.add()
+        copy.CopyFrom(node)
+        for k, name in enumerate(copy.input):
+            if name in forced:
+                copy.input[k] = forced_input_name(name)
+    declared = {o.name for o in g.output}
+    for tensor, elem_type in forced.items():
+        sg.input.append(onnx.helper.make_tensor_value_info(forced_input_name(tensor), elem_type, None))
+        if tensor not in declared:
+            sg.output.append(onnx.ValueInfoProto(name=tensor))
+            declared.add(tensor)
+    sg.output.extend(onnx.ValueInfoProto(name=p) for p in probes if p not in declared)
+    parts = [shell.SerializeToString()]
+    for init in g.initializer:
+        tensor = init.SerializeToString()
+        inner = b"\x2a" + _varint(len(tensor)) + tensor  # GraphProto.initializer = field 5, length-delimited
+        parts.append(b"\x3a" + _varint(len(inner)) + inner)  # ModelProto.graph = field 7, length-delimited
+    return b"".join(parts)
 
 
 def check_tensor_sizes(ctx: ModelContext) -> None:

@@ -36,13 +36,13 @@ from typing import Any
 import numpy as np
 
 from tiexport import limits
-from tiexport.context import ModelContext
+from tiexport.context import ModelContext, outer_references
 from tiexport.errors import UnusableInputError, UsageError, first_line
 from tiexport.onnx_io import LoadedModel
 from tiexport.parity.inputs import input_specs, load_inputs
 from tiexport.parity.metrics import Accumulator
-from tiexport.parity.report import LayerResult, ParityReport, first_divergence
-from tiexport.parity.runner import OnnxRunner, check_tensor_sizes
+from tiexport.parity.report import LayerResult, LocalParity, ParityReport, first_divergence, locally_passed
+from tiexport.parity.runner import OnnxRunner, check_tensor_sizes, forced_input_name
 from tiexport.parity.steps import Step, step_of, valid_scale
 
 __all__ = [
@@ -299,8 +299,12 @@ def run_torch_parity(
     progress: Any,
     report_kwargs: dict[str, Any],
     candidate_session: Any = None,
+    local: bool = True,
 ) -> Any:
-    """check_parity with a torch reference (called by :func:`tiexport.parity.check_parity`)."""
+    """check_parity with a torch reference (called by :func:`tiexport.parity.check_parity`).
+
+    ``local``: when an output fails end to end, run the layer-local comparison (:class:`LocalParity`).
+    """
     specs = input_specs(cand_ctx)
     samples = load_inputs(inputs, specs, cand_ctx, num_samples, seed)
     check_tensor_sizes(cand_ctx)
@@ -317,6 +321,7 @@ def run_torch_parity(
             raise UsageError(f"the torch module returns {len(first_out)} tensor(s), {cand_loaded.name} has "
                              f"{len(out_names)} output(s): they do not compare")
         matches, map_notes = map_fake_quant_points([p for p, _ in first_events], cand_ctx)
+        all_matches = matches
         ref_steps = ref.steps()
         step_of_tensor = {m.tensor: ref_steps.get(m.module) for m in matches}
         if per_layer:
@@ -358,11 +363,185 @@ def run_torch_parity(
                 layer_acc[point].update(value, b)
             if progress is not None:
                 progress(i + 1, total)
-    outputs = {name: acc.result() for name, acc in zip(out_names, out_acc, strict=True)}
+        outputs = {name: acc.result() for name, acc in zip(out_names, out_acc, strict=True)}
+        local_result = None
+        if local and not all(m.passed for m in outputs.values()):
+            if all_matches:
+                local_result = _local_parity(ref, cand_loaded, cand_ctx, all_matches, samples, first_out,
+                                             first_events, step, criterion, ort_optimizations, notes)
+            else:
+                notes.append("no fake-quant point maps to the ONNX model: no layer-local comparison")
     layers = [LayerResult(m.tensor, m.node, m.op_type, layer_acc[(m.module, m.call)].result(), module=m.label)
               for m in matches if (m.module, m.call) not in skipped]
     if skipped:
         notes.append(f"{len(skipped)} mapped fake-quant point(s) not compared: shapes differ from their ONNX tensor")
-    return ParityReport(passed=all(m.passed for m in outputs.values()), outputs=outputs,
+    end_to_end = all(m.passed for m in outputs.values())
+    return ParityReport(passed=end_to_end or (local_result is not None and local_result.passed), outputs=outputs,
                         first_divergence=first_divergence(layers, outputs, cand_ctx), layers=layers,
-                        reference=ref_name, samples=len(samples), notes=notes, **report_kwargs)
+                        reference=ref_name, samples=len(samples), notes=notes, local=local_result, **report_kwargs)
+
+
+def _local_parity(ref: TorchReference, cand_loaded: LoadedModel, cand_ctx: ModelContext,
+                  matches: Sequence[PointMatch], samples: Sequence[Mapping[str, np.ndarray]],
+                  first_out: Sequence[np.ndarray], first_events: Sequence[tuple[Point, np.ndarray]],
+                  step: Any, criterion: Any, ort_optimizations: bool, notes: list[str]) -> LocalParity | None:
+    """The candidate run with every mapped activation DequantizeLinear's consumers fed the reference's fake-quant
+    output for that point, each layer compared with the reference; None (and a note) when it cannot run.
+
+    Tensors read inside If/Loop/Scan bodies are not fed (the bodies keep the candidate's own values); the
+    candidate's outputs are compared as computed from fed inputs too. Also measures how far ONNX Runtime's
+    optimized run is from its unoptimized one on the same inputs (:attr:`LocalParity.ort_self_lsb`).
+    """
+    import onnx
+
+    read_in_bodies: set[str] = set()
+    for node in cand_ctx.nodes:
+        read_in_bodies |= outer_references(node)
+    forced = {m.tensor: (cand_ctx.elem_type(m.tensor) or onnx.TensorProto.FLOAT) for m in matches
+              if m.tensor not in read_in_bodies}
+    if not forced:
+        notes.append("no mapped activation can be fed from the reference: no layer-local comparison")
+        return None
+    dtypes = {t: onnx.helper.tensor_dtype_to_np_dtype(et) for t, et in forced.items()}
+    out_names = [o.name for o in cand_loaded.model.graph.output]
+    by_point = {(m.module, m.call): m for m in matches}
+    total = len(samples)
+    layer_acc = {(m.module, m.call): Accumulator(step(m.tensor), criterion, total) for m in matches}
+    out_acc = {n: Accumulator(step(n), criterion, total) for n in out_names}
+    mismatches = _grid_mismatches(ref, cand_ctx, matches)
+    try:
+        runner = OnnxRunner(cand_loaded, (), ort_optimizations, forced=forced)
+    except UnusableInputError as exc:
+        notes.append(f"layer-local comparison not run: {exc}")
+        return None
+    ref.recording = True
+    compared: set[Point] = set()
+    for i, sample in enumerate(samples):
+        limits.check()
+        outs, events = (first_out, first_events) if i == 0 else ref.run(sample)
+        feed = dict(sample)
+        for point, value in events:
+            pm = by_point.get(point)
+            if pm is not None and pm.tensor in forced:
+                feed[forced_input_name(pm.tensor)] = value.astype(dtypes[pm.tensor], copy=False)
+        missing = [t for t in forced if forced_input_name(t) not in feed]
+        if missing:
+            notes.append(f"layer-local comparison not run: the reference did not reach {missing[0]!r} "
+                         f"on sample {i}")
+            return None
+        try:
+            vals = runner.run(feed)
+        except UnusableInputError as exc:
+            notes.append(f"layer-local comparison not run: {exc}")
+            return None
+        for name, a in zip(out_names, outs, strict=False):
+            b = vals[name]
+            if a.shape == b.shape:
+                out_acc[name].update(a, b)
+        for point, value in events:
+            pm = by_point.get(point)
+            if pm is None:
+                continue
+            got = vals.get(pm.tensor)
+            if got is not None and got.shape == value.shape:
+                layer_acc[point].update(value, got)
+                compared.add(point)
+    del runner
+    layers = [LayerResult(m.tensor, m.node, m.op_type, layer_acc[(m.module, m.call)].result(), module=m.label)
+              for m in matches if (m.module, m.call) in compared]
+    outputs = {n: acc.result() for n, acc in out_acc.items()}
+    passed = (not mismatches and all(locally_passed(x.metrics) for x in layers)
+              and all(locally_passed(m) for m in outputs.values()))
+    return LocalParity(passed=passed, layers=layers, outputs=outputs, forced=len(forced), grid_mismatches=mismatches,
+                       ort_self_lsb=_ort_self_lsb(cand_loaded, samples, out_names, step) if passed else None)
+
+
+Grid = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""A quantization grid in real values: (scale, lowest value, highest value), per tensor or per channel."""
+
+
+def _reference_grid(module: Any) -> Grid | None:
+    """The grid of a torch fake-quant module (None for observers and modules without scale and range)."""
+    scale, zp = getattr(module, "scale", None), getattr(module, "zero_point", None)
+    qmin, qmax = getattr(module, "quant_min", None), getattr(module, "quant_max", None)
+    if scale is None or zp is None or qmin is None or qmax is None or not hasattr(scale, "detach"):
+        return None
+    s = scale.detach().double().cpu().numpy().ravel()
+    z = zp.detach().double().cpu().numpy().ravel()
+    if s.size == 0 or not valid_scale(s) or z.size not in (1, s.size):
+        return None
+    return s, (qmin - z) * s, (qmax - z) * s
+
+
+def _onnx_grid(ctx: ModelContext, node: Any) -> Grid | None:
+    q = ctx.qparams(node)
+    if q is None or q.qrange is None or not valid_scale(np.asarray(q.scale, np.float64).ravel()):
+        return None
+    s = np.asarray(q.scale, np.float64).ravel()
+    z = q.zero_points.astype(np.float64).ravel()
+    lo, hi = q.qrange
+    return s, (lo - z) * s, (hi - z) * s
+
+
+def _grid_difference(ref: Grid, cand: Grid) -> str | None:
+    """What differs between two grids (None: the same values, to float32 precision)."""
+    for what, a, b in (("scale", ref[0], cand[0]), ("lowest value", ref[1], cand[1]),
+                       ("highest value", ref[2], cand[2])):
+        if a.size != b.size and 1 not in (a.size, b.size):
+            return f"{b.size} scale(s) in the ONNX, {a.size} in torch"
+        tol = 1e-6 * np.maximum(np.abs(a), ref[0])
+        if not np.all(np.abs(a - b) <= tol):
+            k = int(np.argmax(np.abs(a - b) - tol)) if a.size == b.size else 0
+            av, bv = float(a.ravel()[min(k, a.size - 1)]), float(b.ravel()[min(k, b.size - 1)])
+            return f"{what} {bv:.6g} in the ONNX, {av:.6g} in torch"
+    return None
+
+
+def _grid_mismatches(ref: TorchReference, ctx: ModelContext, matches: Sequence[PointMatch]) -> list[str]:
+    """Mapped points whose ONNX DequantizeLinear (or the QuantizeLinear feeding it) is on another grid than the
+    torch fake-quant: the candidate quantizes differently there (a wrong scale, a zero point off by one)."""
+    modules = dict(ref.points)
+    out = []
+    for m in matches:
+        module = modules.get(m.module)
+        ref_grid = _reference_grid(module) if module is not None else None
+        dq = ctx.producer_of(m.tensor)
+        if ref_grid is None or dq is None:
+            continue
+        nodes = [dq]
+        q = ctx.producer_of(dq.input[0]) if dq.input else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            nodes.append(q)
+        for node in nodes:
+            grid = _onnx_grid(ctx, node)
+            diff = _grid_difference(ref_grid, grid) if grid is not None else None
+            if diff is not None:
+                out.append(f"{m.label} ({ctx.node_name(node)}): {diff}")
+                break
+    return out
+
+
+def _ort_self_lsb(cand_loaded: LoadedModel, samples: Sequence[Mapping[str, np.ndarray]], out_names: Sequence[str],
+                  step: Any) -> float | None:
+    """Worst output difference in LSB between ONNX Runtime with and without graph optimizations (its QDQ fusions
+    run integer kernels), on the same candidate and inputs; None when either run fails or no output is quantized."""
+    try:
+        plain = OnnxRunner(cand_loaded, (), False)
+        runs = [plain.run(s) for s in samples]
+        del plain
+        fused = OnnxRunner(cand_loaded, (), True)
+        worst = 0.0
+        seen = False
+        for sample, a in zip(samples, runs, strict=True):
+            b = fused.run(sample)
+            for name in out_names:
+                st = step(name)
+                scale = st.broadcast(a[name].ndim) if st is not None else None
+                if scale is None or a[name].shape != b[name].shape:
+                    continue
+                seen = True
+                diff = np.abs(a[name].astype(np.float64) - b[name].astype(np.float64)) / scale
+                worst = max(worst, float(diff.max()))
+        return worst if seen else None
+    except UnusableInputError:
+        return None
