@@ -23,12 +23,15 @@ The in-repo models reproducing each family's pattern, run by CI, are in ``fixtur
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import resource
+import subprocess
 import sys
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,7 @@ class Row:
     qconfig: str
     device: str
     exporter: str
+    flow: str = "PTC"
     wrap: str = "-"
     unquantized: int = 0
     export: str = "-"
@@ -67,8 +71,12 @@ class Row:
     within_1: float | None = None
     sqnr: float | None = None
     parity: str = "-"
+    local_lsb: float | None = None
+    local_exact: float | None = None
+    ort_self_lsb: float | None = None
     snippet: str = "-"
     seconds: float = 0.0
+    peak_mb: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -89,7 +97,7 @@ def run_one(name: str, size: int, qconfig: str, exporter: str, qat: bool, out: P
     from tiexport.wrappers import PTCFxModule, QATFxModule
 
     device = COMBOS[qconfig]
-    row = Row(name, qconfig, device, exporter)
+    row = Row(name, qconfig, device, exporter, flow="QAT" if qat else "PTC")
     t0 = time.perf_counter()
     torch.manual_seed(0)
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 10}
@@ -139,7 +147,13 @@ def run_one(name: str, size: int, qconfig: str, exporter: str, qat: bool, out: P
         if result.parity is not None:
             worst = max(result.parity.outputs.values(), key=lambda m: (m.max_lsb or 0.0))
             row.max_lsb, row.within_1, row.sqnr = worst.max_lsb, worst.within_1_lsb, worst.sqnr_db
-            row.parity = "pass" if result.parity.passed else "FAIL"
+            rep = result.parity
+            row.parity = {"end-to-end": "pass", "layer-local": "pass (layer-local)"}.get(rep.mode, "FAIL")
+            if rep.local is not None:
+                worst_local = rep.local.worst
+                if worst_local is not None:
+                    row.local_lsb, row.local_exact = worst_local[1].max_lsb, worst_local[1].exact
+                row.ort_self_lsb = rep.local.ort_self_lsb
         try:
             tiexport.snippet(str(path), device, "benchmark", model_path=path.name)
             row.snippet = "yes"
@@ -152,19 +166,38 @@ def run_one(name: str, size: int, qconfig: str, exporter: str, qat: bool, out: P
     return row
 
 
+def _run_child(name: str, qconfig: str, exporter: str, flow: str, args: argparse.Namespace) -> Row:
+    cmd = [sys.executable, __file__, "--one", name, qconfig, exporter, flow, "--out", str(args.out),
+           "--batches", str(args.batches)] + (["--size", str(args.size)] if args.size else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("ROW "):
+            return Row(**json.loads(line[4:]))
+    row = Row(name, qconfig, COMBOS[qconfig], exporter, flow=flow, seconds=time.perf_counter() - t0)
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    row.wrap = f"FAIL: child exited {proc.returncode}: {tail[:120]}"
+    return row
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| model | qconfig -> device | exporter | wrap | unquantized modules | export | verdict | errors/warnings "
-             "by rule | parity | max LSB | within 1 LSB | SQNR dB | snippet | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | flow | qconfig -> device | exporter | wrap | unquantized modules | export | verdict | "
+             "errors/warnings by rule | parity | max LSB | within 1 LSB | SQNR dB | layer-local max LSB / exact | "
+             "ORT opt vs no-opt LSB | snippet | s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         within = "-" if r.within_1 is None else f"{100 * r.within_1:.2f} %"
-        lines.append(f"| {r.model} | {r.qconfig} -> {r.device} | {r.exporter} | {r.wrap} | {r.unquantized} | "
-                     f"{r.export} | {r.verdict} | {r.problems or '-'} | {r.parity} | {_fmt(r.max_lsb, '.0f')} | "
-                     f"{within} | {_fmt(r.sqnr, '.1f')} | {r.snippet} | {r.seconds:.0f} |")
+        local = "-" if r.local_lsb is None else (f"{r.local_lsb:.0f} / "
+                                                 f"{'-' if r.local_exact is None else f'{100 * r.local_exact:.2f} %'}")
+        lines.append(f"| {r.model} | {r.flow} | {r.qconfig} -> {r.device} | {r.exporter} | {r.wrap} | "
+                     f"{r.unquantized} | {r.export} | {r.verdict} | {r.problems or '-'} | {r.parity} | "
+                     f"{_fmt(r.max_lsb, '.0f')} | "
+                     f"{within} | {_fmt(r.sqnr, '.1f')} | {local} | {_fmt(r.ort_self_lsb, '.0f')} | {r.snippet} | "
+                     f"{r.seconds:.0f} | {_fmt(r.peak_mb, '.0f')} |")
     return "\n".join(lines)
 
 
@@ -184,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated timm names")
     p.add_argument("--qconfigs", default=",".join(COMBOS), help="WC8_AT8 and/or WT8SYMP2_AT8SYMP2")
     p.add_argument("--exporters", default="torchscript,dynamo")
-    p.add_argument("--qat", action="store_true", help="QATFxModule (2 short epochs) instead of PTCFxModule")
+    p.add_argument("--flows", default="PTC", help="PTC (PTCFxModule) and/or QAT (QATFxModule, 2 short epochs)")
+    p.add_argument("--qat", action="store_true", help="same as --flows QAT")
+    p.add_argument("--one", nargs=4, metavar=("MODEL", "QCONFIG", "EXPORTER", "FLOW"), help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=None, help="input size for every model (default: per model)")
     p.add_argument("--batches", type=int, default=4, help="calibration batches of 4 images")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "_work" / "zoo")
@@ -193,21 +228,29 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.ERROR)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.one:  # one row in this process (the parent runs each row in a child: its own peak RSS and time)
+        name, qconfig, exporter, flow = args.one
+        row = run_one(name, args.size or MODELS.get(name, 64), qconfig, exporter, flow == "QAT", args.out,
+                      args.batches)
+        row.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("ROW " + json.dumps(asdict(row)), flush=True)
+        return 0
     import timm
     import torch
 
+    flows = ["QAT"] if args.qat else args.flows.split(",")
     rows = []
     for name in args.models.split(","):
-        for qconfig in args.qconfigs.split(","):
-            for exporter in args.exporters.split(","):
-                row = run_one(name, args.size or MODELS.get(name, 64), qconfig, exporter, args.qat, args.out,
-                              args.batches)
-                rows.append(row)
-                print(table([row]).splitlines()[-1], flush=True)
-                for note in row.notes:
-                    print(f"    warning: {note}", flush=True)
+        for flow in flows:
+            for qconfig in args.qconfigs.split(","):
+                for exporter in args.exporters.split(","):
+                    row = _run_child(name, qconfig, exporter, flow, args)
+                    rows.append(row)
+                    print(table([row]).splitlines()[-1], flush=True)
+                    for note in row.notes:
+                        print(f"    warning: {note}", flush=True)
     text = (f"## Real model families end to end (bench/zoo.py)\n\n"
-            f"timm {timm.__version__}, torch {torch.__version__}, random init, {'QAT' if args.qat else 'PTC'} on "
+            f"timm {timm.__version__}, torch {torch.__version__}, random init, {'/'.join(flows)} on "
             f"{args.batches} synthetic batches of 4, export at batch 1, parity on 4 random images against the torch "
             f"module (pass: <= 1 LSB on >= 99.9 % of elements). Command: `PYTHONPATH=. /work/venv_timm/bin/python "
             f"bench/zoo.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{table(rows)}\n")
