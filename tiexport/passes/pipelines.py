@@ -23,6 +23,7 @@ from tiexport.passes.bias_scale import AlignBiasScalePass
 from tiexport.passes.dead_nodes import RemoveDeadNodesPass
 from tiexport.passes.expand_markers import ExpandQdqMarkersPass
 from tiexport.passes.fold_weights import FoldWeightQuantizationPass
+from tiexport.passes.gather_reshape import FoldIdentityGatherPass
 from tiexport.passes.identity import RemoveIdentityPass
 from tiexport.passes.ir_version import DowngradeIrVersionPass
 from tiexport.passes.merge_duplicates import MergeDuplicateQdqPass
@@ -63,6 +64,7 @@ def fix_pipeline(
         PinInputShapesPass(input_shapes),
         NormalizeQdqParamsPass(),
         RemoveIdentityPass(),
+        FoldIdentityGatherPass(),
         FoldWeightQuantizationPass(),
         RemoveRedundantQdqPass(),
         MergeDuplicateQdqPass(),
@@ -93,6 +95,7 @@ def export_pipeline(opset: int) -> list[Pass]:
     return [
         ExpandQdqMarkersPass(),
         RemoveIdentityPass(),
+        FoldIdentityGatherPass(),
         FoldWeightTransposePass(),
         RemoveDeadNodesPass(),
         ConvertOpsetPass(opset),

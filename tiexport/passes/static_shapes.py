@@ -177,6 +177,21 @@ def _opsets(graph: gs.Graph) -> list[onnx.OperatorSetIdProto]:
     return [onnx.helper.make_opsetid(o.domain, o.version) for o in update_import_domains(graph)]
 
 
+def inferred_static_shapes(graph: gs.Graph) -> dict[str, tuple[int, ...]]:
+    """Every tensor whose shape inference (on the skeleton) gives all dimensions as numbers; {} when it fails."""
+    try:
+        inferred = infer_shapes(_skeleton(graph))
+    except Exception:  # best effort, as inferred_ranks
+        return {}
+    out: dict[str, tuple[int, ...]] = {}
+    for vi in (*inferred.graph.value_info, *inferred.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            dims = vi.type.tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims):
+                out[vi.name] = tuple(int(d.dim_value) for d in dims)
+    return out
+
+
 def inferred_ranks(graph: gs.Graph) -> dict[str, int]:
     """The rank of every tensor whose rank is known, declared or inferred (ONNX shape inference on the skeleton;
     declared shapes alone when inference fails). Reads the graph, changes nothing."""
