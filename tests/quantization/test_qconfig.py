@@ -259,3 +259,31 @@ def test_user_qconfig_mapping_is_used_as_is() -> None:
 def test_wrong_qconfig_kind_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="qconfig_type must be"):
         get_qconfig_mapping(42)  # type: ignore[arg-type]
+
+
+class _ScaledScores(nn.Module):
+    """Attention's ``q @ k^T * scale``: a product by a Python number."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 8)
+        self.k = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.matmul(self.q(x), self.k(x).transpose(-2, -1)) * 0.125
+        return torch.softmax(scores, dim=-1)
+
+
+@pytest.mark.parametrize("qconfig_type", ["WC8_AT8", "WT8SYMP2_AT8SYMP2"])
+def test_product_by_a_number_gets_its_own_scale(qconfig_type: str) -> None:
+    """torch's native config quantizes ``x * 0.125`` on ``x``'s grid (an eighth of the range, 3 bits lost before
+    the Softmax); here it has its own observer, calibrated on the product's range."""
+    w = _calibrated(qconfig_type, model=seeded(_ScaledScores()).eval(), shape=(2, 6, 8))
+    matmul = next(n for n in w.module.graph.nodes if n.op == "call_function" and n.target is torch.matmul)
+    matmul_fq_node = next(iter(matmul.users))
+    mul = next(iter(matmul_fq_node.users))
+    assert mul.op == "call_function" and mul.target.__name__ == "mul"
+    matmul_fq = w.module.get_submodule(matmul_fq_node.target)
+    mul_fq = w.module.get_submodule(next(iter(mul.users)).target)
+    assert mul_fq is not matmul_fq
+    assert float(mul_fq.scale) == pytest.approx(float(matmul_fq.scale) / 8, rel=0.05 if qconfig_type == "WC8_AT8" else 0)

@@ -271,6 +271,7 @@ def get_backend_config(backend: str = "qnnpack") -> BackendConfig:
     for pattern_config in native.configs:
         twins = [t for t in (_signed_variant(c) for c in pattern_config.dtype_configs) if t is not None]
         pattern_config.set_dtype_configs([*pattern_config.dtype_configs, *twins])
+        _own_observer_for_scalar_mul(pattern_config)
         config.set_backend_pattern_config(pattern_config)
     unsigned = DTypeConfig(input_dtype=torch.quint8, output_dtype=torch.quint8)
     signed = DTypeConfig(input_dtype=torch.qint8, output_dtype=torch.qint8)
@@ -281,6 +282,20 @@ def get_backend_config(backend: str = "qnnpack") -> BackendConfig:
             .set_dtype_configs([unsigned, signed])
         )
     return config
+
+
+def _own_observer_for_scalar_mul(pattern_config: BackendPatternConfig) -> None:
+    """``x * c`` (a Python number) gets an observer of its own instead of sharing ``x``'s.
+
+    torch's native config shares it: the product is quantized on the input's grid. For attention's ``scores * scale``
+    (1/8 for 64-wide heads) that leaves the Softmax input an eighth of the int8 range, 3 bits lost; TIDL requantizes
+    at every layer anyway, so the Mul gets its own scale like every other layer.
+    """
+    pattern = pattern_config.pattern
+    head = pattern[0] if isinstance(pattern, tuple) else pattern
+    mapping = pattern_config._num_tensor_args_to_observation_type
+    if head in (operator.mul, torch.mul) and mapping:
+        mapping[1] = ObservationType.OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT
 
 
 # --- graph rules -------------------------------------------------------------------------------------------------
