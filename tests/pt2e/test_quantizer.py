@@ -132,6 +132,15 @@ def test_matmul_rules_and_fixed_range_softmax() -> None:
     assert quantizer.rules["matmul_inputs"]
 
 
+@pytest.mark.parametrize(("qtype", "dtype"), [("WC8_AT8", torch.quint8), ("WT8SYMP2_AT8SYMP2", torch.qint8)])
+def test_softmax_beside_signed_values_is_int8_for_the_tda4vm_type(qtype: str, dtype: torch.dtype) -> None:
+    """TDA4VM takes no signed x unsigned MatMul (edgeai-tidl-tools rel_11_00 supported_ops_rts_versions.md L18)."""
+    prepared = _prepared(TransformerBlock(), (1, 8, 32), TIDLQuantizer(qtype))
+    softmax = _single(prepared, ATEN.softmax.int)[0]
+    fq = _fq_of(prepared, next(iter(softmax.users)))
+    assert isinstance(fq, TidlPT2EFixedQParamsFakeQuantize) and fq.dtype == dtype and int(fq.zero_point) == 0
+
+
 def test_layer_norm_weights_stay_float() -> None:
     prepared = _prepared(TransformerBlock(), (1, 8, 32), TIDLQuantizer("WC8_AT8"))
     ln = _single(prepared, ATEN.layer_norm.default)[0]

@@ -287,3 +287,26 @@ def test_product_by_a_number_gets_its_own_scale(qconfig_type: str) -> None:
     mul_fq = w.module.get_submodule(next(iter(mul.users)).target)
     assert mul_fq is not matmul_fq
     assert float(mul_fq.scale) == pytest.approx(float(matmul_fq.scale) / 8, rel=0.05 if qconfig_type == "WC8_AT8" else 0)
+
+
+class _SignedValues(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(4, 4)
+        self.k = nn.Linear(4, 4)
+        self.v = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.softmax(torch.matmul(self.q(x), self.k(x).transpose(-2, -1)), dim=-1)
+        return torch.matmul(scores, self.v(x))
+
+
+@pytest.mark.parametrize(("qconfig_type", "signed"), [("WT8SYMP2_AT8SYMP2", True), ("WC8_AT8", False)])
+def test_softmax_beside_signed_values_is_int8_for_the_tda4vm_type(qconfig_type: str, signed: bool) -> None:
+    """TDA4VM takes no signed x unsigned MatMul (edgeai-tidl-tools rel_11_00 supported_ops_rts_versions.md L18):
+    the attention probabilities meeting a signed V are int8 for the TDA4VM type, uint8 (one more bit) elsewhere."""
+    w = _calibrated(qconfig_type, model=seeded(_SignedValues()).eval(), shape=(2, 3, 4))
+    softmax = next(n for n in w.module.graph.nodes if n.op == "call_function" and n.target is torch.softmax)
+    fq = w.module.get_submodule(next(iter(softmax.users)).target)
+    assert (fq.dtype == torch.qint8) is signed and fq.zero_point.item() == 0
+    assert _observer_of(w, "v").symmetric and _observer_of(w, "v").dtype == torch.qint8

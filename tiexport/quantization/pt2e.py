@@ -249,6 +249,8 @@ class TIDLQuantizer(_ao.Quantizer):  # type: ignore[name-defined]
                 self._annotate(node, {node.args[0]: self.activation}, None)
             elif target in _RANGE_0TO1 or target in _RANGE_NEG1TO1:
                 out = self.range_0to1 if target in _RANGE_0TO1 else self.range_neg1to1
+                if target in _RANGE_0TO1 and self.spec.matmul_same_sign and _meets_signed_in_matmul(node):
+                    out = self.range_neg1to1  # TDA4VM: int8 beside a signed MatMul input (see QConfigType)
                 self._annotate(node, {node.args[0]: self.activation}, out)
                 annotated.add(node)
             elif target in _MATMUL or target in _LAYER_NORM or target in _COMPUTED:
@@ -383,8 +385,12 @@ class TIDLQuantizer(_ao.Quantizer):  # type: ignore[name-defined]
                 continue
             if node.target in _MATMUL:
                 signed_input = False
+                non_negative: list[Any] = []
                 for arg in node.args[:2]:
-                    if not isinstance(arg, Node) or producer(arg).target in _NON_NEGATIVE:
+                    if not isinstance(arg, Node):
+                        continue
+                    if producer(arg).target in _NON_NEGATIVE:
+                        non_negative.extend(keys_of(arg, node))
                         continue
                     keys = keys_of(arg, node)
                     signed_input = signed_input or bool(keys)
@@ -392,6 +398,9 @@ class TIDLQuantizer(_ao.Quantizer):  # type: ignore[name-defined]
                         make_symmetric(key, "matmul_inputs")
                 if signed_input and node in fqs:
                     make_symmetric(node, "matmul_inputs", force_signed=True)
+                if signed_input and self.spec.matmul_same_sign:
+                    for key in non_negative:  # TDA4VM: no signed x unsigned MatMul (see QConfigType)
+                        make_symmetric(key, "matmul_inputs", force_signed=True)
             elif node.target in _SYMMETRIC_LAYERS:
                 for arg in node.args:
                     if isinstance(arg, Node):
@@ -603,3 +612,28 @@ class PT2EBiasCalibrator(BiasCalibrator):
                 continue  # a plain tensor attribute: the correction must write the graph's own tensor
             targets.append(_Target(node.name, bias_param, modules[str(users[0].target)], dim, call_of[users[0]]))
         return targets
+
+
+def _meets_signed_in_matmul(node: Node) -> bool:
+    """``node``'s output (through pass-through ops) is one input of a MatMul whose other input is not produced by a
+    non-negative op."""
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop()
+        for user in current.users:
+            if user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            if user.target in _PASS_THROUGH:
+                frontier.append(user)
+            elif user.target in _MATMUL:
+                for other in user.args[:2]:
+                    if not isinstance(other, Node) or other is current:
+                        continue
+                    src = other
+                    while src.op == "call_function" and src.target in _PASS_THROUGH and src.args \
+                            and isinstance(src.args[0], Node):
+                        src = src.args[0]
+                    if src.target not in _NON_NEGATIVE:
+                        return True
+    return False

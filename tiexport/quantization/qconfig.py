@@ -24,7 +24,9 @@ torch's per-channel axis 0 would be the input-channel axis there.
 Graph rules applied after ``prepare`` (:func:`apply_graph_rules`), for the named types:
 
 - MatMul inputs are symmetric unless fed by Softmax, Relu or Sigmoid (tidl.md §2, "MatMul: signed inputs with
-  unsigned output unsupported"; TI's v2 wrapper does the same), and then its output is int8.
+  unsigned output unsupported"; TI's v2 wrapper does the same), and then its output is int8. For
+  ``WT8SYMP2_AT8SYMP2`` a non-negative input beside a signed one is int8 as well: TDA4VM takes no signed x unsigned
+  MatMul (edgeai-tidl-tools rel_11_00 docs/supported_ops_rts_versions.md L18).
 - Inputs and outputs of the layers TIDL runs symmetric only are symmetric: element-wise ops other than Add, pooling,
   resize (tidl.md §2, per-layer table). On non-negative tensors this costs nothing: uint8 with zero point 0 is the
   grid affine quantization would pick anyway.
@@ -105,6 +107,10 @@ class QConfigType:
     description: str
     align_add_inputs: bool = False
     """Both inputs of an Add share one scale (TDA4VM aligns them, so the model is calibrated and trained so)."""
+    matmul_same_sign: bool = False
+    """A MatMul's inputs are both signed when one is: TDA4VM takes no signed x unsigned MatMul (TI's supported-ops
+    table, edgeai-tidl-tools rel_11_00 docs/supported_ops_rts_versions.md L18), so attention's Softmax output that
+    meets a signed V is int8 there (one bit of the probabilities) instead of running on Arm."""
 
 
 QCONFIG_TYPES: dict[str, QConfigType] = {
@@ -115,7 +121,8 @@ QCONFIG_TYPES: dict[str, QConfigType] = {
         QConfigType("MSA_WC8_AT8", True, False, False, False, False,
                     "as WC8_AT8 without range shrink (attention networks with important peaks)"),
         QConfigType("WT8SYMP2_AT8SYMP2", False, True, True, True, True,
-                    "per-tensor symmetric power-of-2 weights and activations (TDA4VM)", align_add_inputs=True),
+                    "per-tensor symmetric power-of-2 weights and activations (TDA4VM)", align_add_inputs=True,
+                    matmul_same_sign=True),
         QConfigType("WC8SYMP2_AT8SYMP2", True, True, True, True, True,
                     "per-channel symmetric power-of-2 weights, symmetric power-of-2 activations"),
         QConfigType("WC8P2_AT8P2", True, True, False, True, True,
@@ -458,7 +465,8 @@ def _share_fake_quants(graph_module: GraphModule, align_add_inputs: bool) -> lis
     return merged
 
 
-def apply_graph_rules(graph_module: GraphModule, *, align_add_inputs: bool = False) -> dict[str, list[str]]:
+def apply_graph_rules(graph_module: GraphModule, *, align_add_inputs: bool = False,
+                      matmul_same_sign: bool = False) -> dict[str, list[str]]:
     """Make the activations TIDL needs symmetric, in place; see the module docstring. Returns changes per rule.
 
     - ``shared_scales``: the inputs of each Concat, and of each Add with ``align_add_inputs`` (the TDA4VM type),
@@ -468,7 +476,8 @@ def apply_graph_rules(graph_module: GraphModule, *, align_add_inputs: bool = Fal
       position embedding: symmetric, as TIDL reads a constant behind a DequantizeLinear as a weight.
     - ``matmul_inputs``: the fake-quants feeding each MatMul (through reshapes and views) unless fed by
       Softmax/Relu/Sigmoid, and its output; when an input was made symmetric the output is int8 even if it happens
-      to be non-negative (tidl.md §2: "signed inputs with unsigned output unsupported").
+      to be non-negative (tidl.md §2: "signed inputs with unsigned output unsupported"); with ``matmul_same_sign``
+      (the TDA4VM type) a non-negative input that meets a signed one is made int8 too.
     - ``symmetric_layers``: inputs and outputs of element-wise Mul/Div/Sub/Max/Min, pooling and resize.
 
     Works on the fake-quant modules of a freshly prepared GraphModule made with a named type; fake-quant modules
@@ -508,6 +517,7 @@ def apply_graph_rules(graph_module: GraphModule, *, align_add_inputs: bool = Fal
                 make_symmetric(node, "constant_inputs")
     for matmul in _iter_matmuls(graph_module):
         signed_input = False
+        non_negative: list[Node] = []
         for arg in matmul.args[:2]:
             if not isinstance(arg, Node):
                 continue
@@ -516,6 +526,7 @@ def apply_graph_rules(graph_module: GraphModule, *, align_add_inputs: bool = Fal
                 log.debug("MatMul %s: input %s has no fake-quant upstream", matmul.name, arg.name)
                 continue
             if _is_non_negative_op(_producer(fq_nodes[-1], modules), modules):
+                non_negative.extend(fq_nodes)
                 continue
             signed_input = True
             for fq_node in fq_nodes:
@@ -523,6 +534,9 @@ def apply_graph_rules(graph_module: GraphModule, *, align_add_inputs: bool = Fal
         if signed_input:
             for fq_node in _output_fake_quants(matmul, modules):
                 make_symmetric(fq_node, "matmul_inputs", force_signed=True)
+            if matmul_same_sign:
+                for fq_node in non_negative:
+                    make_symmetric(fq_node, "matmul_inputs", force_signed=True)
     for node in graph_module.graph.nodes:
         if not _is_symmetric_layer(node, modules):
             continue

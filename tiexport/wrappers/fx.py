@@ -133,6 +133,7 @@ class _QuantFxModule(QuantWrapper):
                                                     range_shrink_percentile=options.range_shrink_percentile)
         self._apply_rules = isinstance(qconfig_type, str)
         self._align_add_inputs = self._apply_rules and QCONFIG_TYPES[self.qconfig_type_name].align_add_inputs
+        self._matmul_same_sign = self._apply_rules and QCONFIG_TYPES[self.qconfig_type_name].matmul_same_sign
         cross_layer_equalization = options.cross_layer_equalization
         if cross_layer_equalization is None:
             # one weight scale per tensor: the case it is for (see tiexport.quantization.equalization)
@@ -179,7 +180,8 @@ class _QuantFxModule(QuantWrapper):
         for name, reasons in problems.items():  # never a silent float island
             log.warning("%s: %s", name, "; ".join(reasons))
         changed = (
-            apply_graph_rules(prepared, align_add_inputs=self._align_add_inputs) if self._apply_rules else {}
+            apply_graph_rules(prepared, align_add_inputs=self._align_add_inputs,
+                              matmul_same_sign=self._matmul_same_sign) if self._apply_rules else {}
         )
         if self.cross_layer_equalization:
             spec = QCONFIG_TYPES.get(self.qconfig_type_name)
