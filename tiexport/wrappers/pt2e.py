@@ -40,7 +40,7 @@ from torch.fx import GraphModule
 
 from tiexport import compat
 from tiexport.errors import UsageError, first_line
-from tiexport.quantization.attention import swap_attention_modules
+from tiexport.quantization.attention import swap_attention_modules, traceable_sdpa
 from tiexport.quantization.bias_calibration import BiasCalibrator
 from tiexport.quantization.equalization import EqualizationReport, equalize_cross_layer
 from tiexport.quantization.qconfig import QCONFIG_TYPES, QConfigLike
@@ -122,12 +122,16 @@ class _QuantPT2EModule(QuantWrapper):
         model = self.module
         swap_attention_modules(model)
         model.train(self._is_qat)  # PTQ: eval graph (batch norm folded at prepare); QAT: Conv+BN with statistics
-        if self.cross_layer_equalization:
-            model = self._equalized(model)
-        try:
-            exported = compat.export_for_quantization(model, args, kwargs)
-        except Exception as exc:
-            raise UsageError(f"torch.export cannot capture {type(model).__name__}: {first_line(exc)}") from exc
+        # F.scaled_dot_product_attention stays one opaque ATen op in torch.export: the quantizer would leave the
+        # attention between its inputs and output float (TIDL014 errors on its MatMuls); written out, it is
+        # MatMul -> Softmax -> MatMul with Q/DQ, as the FX path traces it (also in equalization's torch.fx trace)
+        with traceable_sdpa(model, args, kwargs):
+            if self.cross_layer_equalization:
+                model = self._equalized(model)
+            try:
+                exported = compat.export_for_quantization(model, args, kwargs)
+            except Exception as exc:
+                raise UsageError(f"torch.export cannot capture {type(model).__name__}: {first_line(exc)}") from exc
         try:
             prepared = compat.pt2e_prepare(exported, self.quantizer, qat=self._is_qat)
         except AssertionError as exc:  # torchao states what it cannot prepare with bare asserts
