@@ -1,11 +1,14 @@
 """Real model families end to end (issue 15): timm models, random init, through the whole tiexport chain.
 
-For each model x qconfig type (WC8_AT8 on an MMAv2 device, WT8SYMP2_AT8SYMP2 on TDA4VM) x exporter: wrap with
-``PTCFxModule`` (or ``QATFxModule`` with ``--qat``), calibrate on synthetic images (seeded uniform noise, a few
-batches), ``export(device=)`` at batch 1 (export, fix, parity against the torch module in ONNX Runtime, validate),
-then ``tiexport.snippet``. One table row per run: wrap / export status, the wrap-time warnings (modules left
-unfolded or float), the verdict with its errors and warnings by rule, parity (max LSB and % of elements within
-1 LSB over the worst output, SQNR), whether a snippet was generated, and seconds.
+For each model x flow (``--flows PTC,QAT``: ``PTCFxModule``, or ``QATFxModule`` for 2 short epochs) x qconfig type
+(WC8_AT8 on an MMAv2 device, WT8SYMP2_AT8SYMP2 on TDA4VM) x exporter: wrap, calibrate on synthetic images (seeded
+uniform noise, a few batches), ``export(device=)`` at batch 1 (export, fix, parity against the torch module in ONNX
+Runtime, validate), then ``tiexport.snippet``. Each row runs in its own process. One table row per run: wrap /
+export status, the wrap-time warnings (modules left unfolded or float), the verdict with its errors and warnings by
+rule, parity (``pass`` end to end, ``pass (layer-local)`` when only the layer-by-layer comparison passes, see
+``check_parity(local=)``; max LSB, % of elements within 1 LSB and SQNR of the worst output end to end; the
+layer-local worst max LSB and exact share; ONNX Runtime's optimized vs unoptimized run of the same file in output
+LSB), whether a snippet was generated, seconds and the row's peak RSS.
 
 timm is for this benchmark only, in a separate virtual environment (it is not a dependency of tiexport or its
 tests)::
