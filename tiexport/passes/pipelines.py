@@ -23,7 +23,7 @@ from tiexport.passes.bias_scale import AlignBiasScalePass
 from tiexport.passes.dead_nodes import RemoveDeadNodesPass
 from tiexport.passes.expand_markers import ExpandQdqMarkersPass
 from tiexport.passes.fold_weights import FoldWeightQuantizationPass
-from tiexport.passes.gather_reshape import FoldIdentityGatherPass
+from tiexport.passes.gather_reshape import FoldIdentityGatherPass, ScalarGatherToSlicePass
 from tiexport.passes.identity import RemoveIdentityPass
 from tiexport.passes.ir_version import DowngradeIrVersionPass
 from tiexport.passes.merge_duplicates import MergeDuplicateQdqPass
@@ -65,6 +65,7 @@ def fix_pipeline(
         NormalizeQdqParamsPass(),
         RemoveIdentityPass(),
         FoldIdentityGatherPass(),
+        ScalarGatherToSlicePass(),
         FoldWeightQuantizationPass(),
         RemoveRedundantQdqPass(),
         MergeDuplicateQdqPass(),
@@ -89,13 +90,15 @@ def fix_pipeline(
 
 def export_pipeline(opset: int) -> list[Pass]:
     """The passes that turn an exporter's output into the QDQ model :func:`tiexport.export` writes: markers ->
-    Q/DQ with int8 weights, no Identity, weight Transposes folded, nothing dead, opset ``opset`` at the lowest IR
-    version it allows, spatial ReduceMean -> GlobalAveragePool, no needless Reshape ``allowzero``. The first pass
-    (:class:`ExpandQdqMarkersPass`) lists the quantization sites in its ``sites`` afterwards."""
+    Q/DQ with int8 weights, no Identity, Gathers TIDL runs on Arm as Reshape or Slice + Squeeze, weight Transposes
+    folded, nothing dead, opset ``opset`` at the lowest IR version it allows, spatial ReduceMean ->
+    GlobalAveragePool, no needless Reshape ``allowzero``. The first pass (:class:`ExpandQdqMarkersPass`) lists the
+    quantization sites in its ``sites`` afterwards."""
     return [
         ExpandQdqMarkersPass(),
         RemoveIdentityPass(),
         FoldIdentityGatherPass(),
+        ScalarGatherToSlicePass(),
         FoldWeightTransposePass(),
         RemoveDeadNodesPass(),
         ConvertOpsetPass(opset),

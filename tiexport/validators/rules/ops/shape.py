@@ -115,12 +115,15 @@ class SliceSplitRule(OpConstraintRule):
     """TIDL058: a Slice or Split TIDL does not take.
 
     What (tidl.md §3 Slice/Split row): starts/ends/axes/steps (Slice) or split sizes (Split) not constant 1-D
-    tensors; a batch larger than 1; a Slice step other than 1 outside a patch-merging pattern (strided slices
-    concatenated, as in Swin). Why: delegated to Arm. Fix: export with constant slice bounds and batch 1.
+    tensors; an input of more than 4 dimensions ("the variable (Must be <=4 dimensions) input", TI's table, rel_11_00
+    docs/supported_ops_rts_versions.md L23: timm's attention unbinds q, k, v from a 5-D tensor) or with a batch
+    larger than 1; a Slice step other than 1 outside a patch-merging pattern (strided slices concatenated, as in
+    Swin). Why: delegated to Arm. Fix: export with constant slice bounds and batch 1, split q, k, v along the last
+    axis before reshaping to heads.
     """
 
     id = "TIDL058"
-    title = "Slice/Split with run-time parameters, batch > 1 or a step"
+    title = "Slice/Split with run-time parameters, more than 4 dimensions, batch > 1 or a step"
     ops = frozenset({"Slice", "Split"})
 
     def violations(self, ctx: ModelContext, node: onnx.NodeProto, device: DeviceProfile) -> Iterator[Violation]:
@@ -135,7 +138,17 @@ class SliceSplitRule(OpConstraintRule):
             elif (r := rank_of(ctx, t)) is not None and r != 1:
                 yield Violation(f"{name} has rank {r}; TIDL needs a 1-D {name}", "make the parameter 1-D")
         shape = ctx.static_shape(node_input(node, 0))
-        if shape is not None and len(shape) >= 2 and shape[0] != 1:
+        if shape is not None and len(shape) > 4:
+            transpose = up(ctx, node_input(node, 0))
+            if transpose is not None and transpose.op_type == "Transpose":
+                # timm's Attention: qkv(x).reshape(B, N, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+                fix = ("split before the permute, along the last axis: q, k, v = qkv(x).chunk(3, dim=-1), then "
+                       "reshape and permute each to [B, heads, N, dim] (4-D)")
+            else:
+                fix = "reshape to at most 4 dimensions, with the sliced axis not first"
+            yield Violation(f"input has {len(shape)} dimensions ({'x'.join(map(str, shape))}); TIDL's "
+                            f"{node.op_type} takes at most 4, batch 1", fix)
+        elif shape is not None and len(shape) >= 2 and shape[0] != 1:
             yield Violation(f"input batch is {shape[0]}; TIDL's {node.op_type} takes batch 1 only",
                             "run with batch 1 (or reshape so the batch is 1)")
         if node.op_type == "Slice":
