@@ -112,8 +112,8 @@ EXPECTED: dict[str, F] = {
         'run with batch 1 (or reshape so the batch is 1)'),
     "TIDL058_split_5d_attention": C('TIDL058', 'qkv_split', 'Split',
         "input has 5 dimensions (3x1x2x4x8); TIDL's Split takes at most 4, batch 1",
-        'split before the permute, along the last axis: q, k, v = qkv(x).chunk(3, dim=-1), then reshape and '
-        'permute each to [B, heads, N, dim] (4-D)'),
+        'split before the permute: q, k, v = qkv(x).chunk(3, dim=-1), then reshape and permute each to '
+        '[B, heads, N, dim] (4-D)'),
     "TIDL059_argmax_axis": C('TIDL059', 'argmax', 'ArgMax',
         "axis 0: TIDL's ArgMax runs along axis -3 (channels) only",
         'take the argmax over channels of an NCHW tensor (dim=1)'),

@@ -264,3 +264,19 @@ def test_optional_forward_arguments_are_traced_as_their_defaults(tmp_path: Path)
     result = w.export(x, tmp_path / "opt.onnx", device="AM68A")  # was: 'is_causal' must be bool, not Tensor
     assert result.parity_passed, result.parity_summary
     assert [i.name for i in onnx.load(str(result.path)).graph.input] == ["x"]
+
+
+@needs_dynamo
+def test_vit_exports_the_same_tidl_layers_with_both_exporters(tmp_path: Path) -> None:
+    """timm's q/k/v unbind from a 5-D tensor (TIDL058) and its class token ``x[:, 0]`` (a scalar Gather, TIDL068)
+    run on Arm as exported; the export pipeline rewrites both, and the verdict and findings do not depend on the
+    exporter."""
+    w, x = _calibrated("vit_sdpa")
+    found = {}
+    for exporter in ("torchscript", "dynamo"):
+        result = w.export(x, tmp_path / f"vit_{exporter}.onnx", device="AM68A", exporter=exporter)
+        assert result.parity_passed, result.parity_summary
+        dev = result.validation.devices["AM68A"]
+        found[exporter] = (dev.verdict, sorted({f.rule_id for f in dev.findings if f.severity != "info"}))
+        assert {"TIDL058", "TIDL068", "TIDL014"}.isdisjoint(found[exporter][1]), found[exporter]
+    assert found["torchscript"] == found["dynamo"]

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 
 from tiexport.devices import DeviceProfile, get_device
 from tiexport.passes.align_scales import AlignConcatScalesPass
+from tiexport.passes.attention_split import SplitQkvBeforeHeadsPass
 from tiexport.passes.base import Pass
 from tiexport.passes.bias_scale import AlignBiasScalePass
 from tiexport.passes.dead_nodes import RemoveDeadNodesPass
@@ -66,6 +67,7 @@ def fix_pipeline(
         RemoveIdentityPass(),
         FoldIdentityGatherPass(),
         ScalarGatherToSlicePass(),
+        SplitQkvBeforeHeadsPass(),
         FoldWeightQuantizationPass(),
         RemoveRedundantQdqPass(),
         MergeDuplicateQdqPass(),
@@ -90,15 +92,16 @@ def fix_pipeline(
 
 def export_pipeline(opset: int) -> list[Pass]:
     """The passes that turn an exporter's output into the QDQ model :func:`tiexport.export` writes: markers ->
-    Q/DQ with int8 weights, no Identity, Gathers TIDL runs on Arm as Reshape or Slice + Squeeze, weight Transposes
-    folded, nothing dead, opset ``opset`` at the lowest IR version it allows, spatial ReduceMean ->
-    GlobalAveragePool, no needless Reshape ``allowzero``. The first pass (:class:`ExpandQdqMarkersPass`) lists the
-    quantization sites in its ``sites`` afterwards."""
+    Q/DQ with int8 weights, no Identity, Gathers TIDL runs on Arm as Reshape or Slice + Squeeze, attention's q/k/v
+    split before the heads (3-D, not 5-D), weight Transposes folded, nothing dead, opset ``opset`` at the lowest IR
+    version it allows, spatial ReduceMean -> GlobalAveragePool, no needless Reshape ``allowzero``. The first pass
+    (:class:`ExpandQdqMarkersPass`) lists the quantization sites in its ``sites`` afterwards."""
     return [
         ExpandQdqMarkersPass(),
         RemoveIdentityPass(),
         FoldIdentityGatherPass(),
         ScalarGatherToSlicePass(),
+        SplitQkvBeforeHeadsPass(),
         FoldWeightTransposePass(),
         RemoveDeadNodesPass(),
         ConvertOpsetPass(opset),

@@ -142,8 +142,11 @@ class SliceSplitRule(OpConstraintRule):
             transpose = up(ctx, node_input(node, 0))
             if transpose is not None and transpose.op_type == "Transpose":
                 # timm's Attention: qkv(x).reshape(B, N, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
-                fix = ("split before the permute, along the last axis: q, k, v = qkv(x).chunk(3, dim=-1), then "
-                       "reshape and permute each to [B, heads, N, dim] (4-D)")
+                fix = ("split before the permute: q, k, v = qkv(x).chunk(3, dim=-1), then reshape and permute each "
+                       "to [B, heads, N, dim] (4-D)")
+                reshape = up(ctx, node_input(transpose, 0))
+                if reshape is not None and reshape.op_type == "Reshape":
+                    fix = "tiexport fix rewrites this Reshape -> Transpose -> split chain; in PyTorch, " + fix
             else:
                 fix = "reshape to at most 4 dimensions, with the sliced axis not first"
             yield Violation(f"input has {len(shape)} dimensions ({'x'.join(map(str, shape))}); TIDL's "
