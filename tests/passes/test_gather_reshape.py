@@ -37,6 +37,11 @@ def test_in_order_gather_of_the_same_shape_is_dropped(declared: bool) -> None:
     assert results[0].changes == 1 and not results[0].numerics_changed and not results[2].modified
     assert_valid(out)
     np.testing.assert_array_equal(outputs_of(out, {"x": x})[0], outputs_of(before, {"x": x})[0])
+    from tiexport.validators.validate import validate
+
+    flagged = [f for f in validate(before, "AM68A").devices["AM68A"].findings if f.rule_id == "TIDL068"]
+    assert flagged and all(f.fixable and "tiexport fix" in f.hint for f in flagged)
+    assert not [f for f in validate(out, "AM68A").devices["AM68A"].findings if f.rule_id == "TIDL068"]
 
 
 def test_in_order_gather_of_another_shape_becomes_a_reshape() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import onnx
 
 from tiexport.context import ModelContext
@@ -139,6 +140,7 @@ class SliceSplitRule(OpConstraintRule):
                 yield Violation(f"{name} has rank {r}; TIDL needs a 1-D {name}", "make the parameter 1-D")
         shape = ctx.static_shape(node_input(node, 0))
         if shape is not None and len(shape) > 4:
+            fixable = False  # True for the chain SplitQkvBeforeHeadsPass rewrites (it checks the rest)
             transpose = up(ctx, node_input(node, 0))
             if transpose is not None and transpose.op_type == "Transpose":
                 # timm's Attention: qkv(x).reshape(B, N, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -147,10 +149,11 @@ class SliceSplitRule(OpConstraintRule):
                 reshape = up(ctx, node_input(transpose, 0))
                 if reshape is not None and reshape.op_type == "Reshape":
                     fix = "tiexport fix rewrites this Reshape -> Transpose -> split chain; in PyTorch, " + fix
+                    fixable = True
             else:
                 fix = "reshape to at most 4 dimensions, with the sliced axis not first"
             yield Violation(f"input has {len(shape)} dimensions ({'x'.join(map(str, shape))}); TIDL's "
-                            f"{node.op_type} takes at most 4, batch 1", fix)
+                            f"{node.op_type} takes at most 4, batch 1", fix, fixable=fixable)
         elif shape is not None and len(shape) >= 2 and shape[0] != 1:
             yield Violation(f"input batch is {shape[0]}; TIDL's {node.op_type} takes batch 1 only",
                             "run with batch 1 (or reshape so the batch is 1)")
@@ -243,12 +246,24 @@ class GatherRule(OpConstraintRule):
             yield Violation("data is a constant (a lookup table); TIDL gathers from variable tensors only",
                             "precompute the lookup, or leave it on Arm")
         r = rank_of(ctx, idx)
+        index = ctx.const(idx) if idx and ctx.is_const(idx) else None
         if spec.gather_1d_indices and r is not None and r != 1:
-            yield Violation(f"indices have rank {r}; TIDL gathers with 1-D indices only",
-                            "index with a 1-D list (x[:, [i]] instead of x[:, i]) and reshape after")
+            if r == 0 and index is not None:  # x[:, i]: ScalarGatherToSlicePass
+                yield Violation(f"indices have rank {r}; TIDL gathers with 1-D indices only",
+                                "tiexport fix writes it as a one-element Slice and a Squeeze", fixable=True)
+            else:
+                yield Violation(f"indices have rank {r}; TIDL gathers with 1-D indices only",
+                                "index with a 1-D list (x[:, [i]] instead of x[:, i]) and reshape after")
         rd = rank_of(ctx, data)
         if rd is not None and rd <= 1:
-            yield Violation("gathers from a 1-D tensor; TIDL needs input rank > 1", "gather from a 2-D+ tensor")
+            producer = ctx.producer_of(data)
+            if (producer is not None and producer.op_type == "Reshape" and index is not None
+                    and np.array_equal(np.asarray(index).ravel(), np.arange(np.asarray(index).size))):
+                # the dynamo exporter's layout-restoring as_strided: FoldIdentityGatherPass
+                yield Violation("gathers from a 1-D tensor; TIDL needs input rank > 1",
+                                "tiexport fix folds this in-order Gather into a Reshape", fixable=True)
+            else:
+                yield Violation("gathers from a 1-D tensor; TIDL needs input rank > 1", "gather from a 2-D+ tensor")
 
 
 class ScatterRule(OpConstraintRule):
