@@ -246,22 +246,25 @@ class GatherRule(OpConstraintRule):
             yield Violation("data is a constant (a lookup table); TIDL gathers from variable tensors only",
                             "precompute the lookup, or leave it on Arm")
         r = rank_of(ctx, idx)
+        rd = rank_of(ctx, data)
         index = ctx.const(idx) if idx and ctx.is_const(idx) else None
+        producer = ctx.producer_of(data)
+        # the dynamo exporter's layout-restoring as_strided (FoldIdentityGatherPass folds it into a Reshape)
+        in_order = (rd == 1 and producer is not None and producer.op_type == "Reshape" and index is not None
+                    and np.array_equal(np.asarray(index).ravel(), np.arange(np.asarray(index).size)))
+        folds = "tiexport fix folds this in-order Gather into a Reshape"
         if spec.gather_1d_indices and r is not None and r != 1:
-            if r == 0 and index is not None:  # x[:, i]: ScalarGatherToSlicePass
+            if in_order:
+                yield Violation(f"indices have rank {r}; TIDL gathers with 1-D indices only", folds, fixable=True)
+            elif r == 0 and index is not None:  # x[:, i]: ScalarGatherToSlicePass
                 yield Violation(f"indices have rank {r}; TIDL gathers with 1-D indices only",
                                 "tiexport fix writes it as a one-element Slice and a Squeeze", fixable=True)
             else:
                 yield Violation(f"indices have rank {r}; TIDL gathers with 1-D indices only",
                                 "index with a 1-D list (x[:, [i]] instead of x[:, i]) and reshape after")
-        rd = rank_of(ctx, data)
         if rd is not None and rd <= 1:
-            producer = ctx.producer_of(data)
-            if (producer is not None and producer.op_type == "Reshape" and index is not None
-                    and np.array_equal(np.asarray(index).ravel(), np.arange(np.asarray(index).size))):
-                # the dynamo exporter's layout-restoring as_strided: FoldIdentityGatherPass
-                yield Violation("gathers from a 1-D tensor; TIDL needs input rank > 1",
-                                "tiexport fix folds this in-order Gather into a Reshape", fixable=True)
+            if in_order:
+                yield Violation("gathers from a 1-D tensor; TIDL needs input rank > 1", folds, fixable=True)
             else:
                 yield Violation("gathers from a 1-D tensor; TIDL needs input rank > 1", "gather from a 2-D+ tensor")
 
