@@ -73,7 +73,7 @@ def _scalar_gather_model(index: int, axis: int = 1, opset: int = 17) -> onnx.Mod
 @pytest.mark.parametrize(("index", "axis", "opset"), [(0, 1, 17), (-1, 1, 17), (2, -1, 17), (3, 2, 11)])
 def test_scalar_gather_becomes_slice_and_squeeze_exactly(index: int, axis: int, opset: int) -> None:
     """``x[:, 0]`` (a ViT's class token): TIDL gathers with 1-D indices only (TIDL068)."""
-    from tiexport.passes.gather_reshape import ScalarGatherToSlicePass
+    from tiexport.passes.scalar_gather import ScalarGatherToSlicePass
     from tiexport.validators.validate import validate
 
     before = _scalar_gather_model(index, axis, opset)
@@ -88,7 +88,7 @@ def test_scalar_gather_becomes_slice_and_squeeze_exactly(index: int, axis: int, 
 
 
 def test_gathers_of_index_lists_are_left_to_the_validator() -> None:
-    from tiexport.passes.gather_reshape import ScalarGatherToSlicePass
+    from tiexport.passes.scalar_gather import ScalarGatherToSlicePass
 
     nodes = [helper.make_node("Gather", ["x", "idx"], ["y"], axis=1)]
     m = model(nodes, {"x": [1, 5, 4]}, {"y": [1, 2, 4]}, {"idx": np.array([0, 3], np.int64)}, markers=False)

@@ -24,7 +24,7 @@ from tiexport.passes.bias_scale import AlignBiasScalePass
 from tiexport.passes.dead_nodes import RemoveDeadNodesPass
 from tiexport.passes.expand_markers import ExpandQdqMarkersPass
 from tiexport.passes.fold_weights import FoldWeightQuantizationPass
-from tiexport.passes.gather_reshape import FoldIdentityGatherPass, ScalarGatherToSlicePass
+from tiexport.passes.gather_reshape import FoldIdentityGatherPass
 from tiexport.passes.identity import RemoveIdentityPass
 from tiexport.passes.ir_version import DowngradeIrVersionPass
 from tiexport.passes.merge_duplicates import MergeDuplicateQdqPass
@@ -36,6 +36,7 @@ from tiexport.passes.quantize_bias import QuantizeBiasPass
 from tiexport.passes.reduce_mean import ReplaceReduceMeanWithGlobalPoolPass
 from tiexport.passes.redundant_qdq import RemoveRedundantQdqPass
 from tiexport.passes.reshape_allowzero import ClearReshapeAllowzeroPass
+from tiexport.passes.scalar_gather import ScalarGatherToSlicePass
 from tiexport.passes.static_shapes import InferShapesPass, PinInputShapesPass
 from tiexport.passes.symmetric import EnforceSymmetricPass
 from tiexport.passes.weight_transpose import FoldWeightTransposePass
