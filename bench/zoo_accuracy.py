@@ -5,8 +5,10 @@ nothing about accuracy. Here each model is first trained briefly on scikit-learn
 upscaled to 64x64, 3 channels; 1500 training images, 297 held out; no download), then wrapped with ``PTCFxModule``,
 calibrated on 64 training images and exported with ``export(device=)`` (fix for the device, parity, validate).
 Reported on the 297 held-out images: float top-1 in torch, fake-quant top-1 in torch, top-1 of the fixed ONNX model
-in ONNX Runtime, and how often ONNX Runtime's prediction equals the fake-quant module's (the decision-level answer to
-"does ONNX Runtime compute what PyTorch computed"). Same venv as ``bench/zoo.py``::
+in ONNX Runtime with graph optimizations off (as tiexport's parity and TI's QDQ guidance run it) and on (ONNX
+Runtime then fuses Q/DQ into integer QLinear kernels, closer to an integer accelerator), and how often each one's
+prediction equals the fake-quant module's, image by image at batch 1 (the decision-level answer to "does ONNX Runtime
+compute what PyTorch computed"). Same venv as ``bench/zoo.py``::
 
     PYTHONPATH=. /work/venv_timm/bin/python bench/zoo_accuracy.py --steps 300
 """
@@ -86,18 +88,23 @@ def run_one(name: str, qconfig: str, steps: int, out: Path) -> dict[str, Any]:
         for x in calib:
             wrapper(x)
     wrapper.eval()
-    with torch.no_grad():
-        fq = wrapper(xte).argmax(1)
+    with torch.no_grad():  # one image at a time, as ONNX Runtime runs them (a batch sums in another order)
+        fq = torch.cat([wrapper(xte[i:i + 1]) for i in range(len(xte))]).argmax(1)
     row["fakequant_top1"] = float((fq == yte).float().mean())
     path = out / f"{name}_{qconfig}_trained.onnx"
     result = wrapper.export(xte[:1], path, device=device, parity_inputs=[(xte[i:i + 1].numpy(),) for i in range(4)])
     row["verdict"] = result.validation.devices[device].verdict
     row["parity"] = result.parity.mode if result.parity is not None else "-"
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name_in = sess.get_inputs()[0].name
-    preds = np.array([int(sess.run(None, {name_in: xte[i:i + 1].numpy()})[0].argmax()) for i in range(len(xte))])
-    row["onnx_top1"] = float((preds == yte.numpy()).mean())
-    row["onnx_agrees_with_fakequant"] = float((preds == fq.numpy()).mean())
+    for key, level in (("onnx", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                       ("onnx_int", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name_in = sess.get_inputs()[0].name
+        preds = np.array([int(sess.run(None, {name_in: xte[i:i + 1].numpy()})[0].argmax())
+                          for i in range(len(xte))])
+        row[f"{key}_top1"] = float((preds == yte.numpy()).mean())
+        row[f"{key}_agrees_with_fakequant"] = float((preds == fq.numpy()).mean())
     row["seconds"] = time.perf_counter() - t0
     return row
 
@@ -116,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         print("ROW " + json.dumps(run_one(args.one[0], args.one[1], args.steps, args.out)), flush=True)
         return 0
-    print("| model | qconfig -> device | float top-1 | fake-quant top-1 | ONNX Runtime top-1 | ORT = fake-quant | "
-          "verdict | parity | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | qconfig -> device | float top-1 | fake-quant top-1 | ORT top-1 | ORT = fake-quant | "
+          "ORT integer kernels top-1 | ORT int = fake-quant | verdict | parity | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         for qconfig in args.qconfigs.split(","):
             proc = subprocess.run([sys.executable, __file__, "--one", name, qconfig, "--steps", str(args.steps),
@@ -126,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
             if not rows:
                 tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]
-                print(f"| {name} | {qconfig} | FAIL: {tail} | | | | | | |", flush=True)
+                print(f"| {name} | {qconfig} | FAIL: {tail} | | | | | | | | |", flush=True)
                 continue
             r = rows[0]
             print(f"| {name} | {qconfig} -> {r['device']} | {100 * r['float_top1']:.1f} % | "
                   f"{100 * r['fakequant_top1']:.1f} % | {100 * r['onnx_top1']:.1f} % | "
-                  f"{100 * r['onnx_agrees_with_fakequant']:.1f} % | {r['verdict']} | {r['parity']} | "
+                  f"{100 * r['onnx_agrees_with_fakequant']:.1f} % | {100 * r['onnx_int_top1']:.1f} % | "
+                  f"{100 * r['onnx_int_agrees_with_fakequant']:.1f} % | {r['verdict']} | {r['parity']} | "
                   f"{r['seconds']:.0f} |", flush=True)
     return 0
 
