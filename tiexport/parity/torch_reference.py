@@ -341,10 +341,12 @@ def run_torch_parity(
         layer_acc = {(m.module, m.call): Accumulator(step(m.tensor), criterion, total) for m in matches}
         by_point = {(m.module, m.call): m for m in matches}
         skipped: set[Point] = set()
+        cand_outputs: list[dict[str, np.ndarray]] = []  # kept (outputs only, small) for the ORT-self measure
         for i, sample in enumerate(samples):
             limits.check()
             outs, events = (first_out, first_events) if i == 0 else ref.run(sample)
             cand_vals = cand_run.run(sample)
+            cand_outputs.append({n: cand_vals[n] for n in out_names})
             for name, acc, a in zip(out_names, out_acc, outs, strict=False):
                 b = cand_vals[name]
                 if a.shape != b.shape:
@@ -368,7 +370,8 @@ def run_torch_parity(
         if local and not all(m.passed for m in outputs.values()):
             if all_matches:
                 local_result = _local_parity(ref, cand_loaded, cand_ctx, all_matches, samples, first_out,
-                                             first_events, step, criterion, ort_optimizations, notes)
+                                             first_events, step, criterion, ort_optimizations, notes,
+                                             cand_outputs)
             else:
                 notes.append("no fake-quant point maps to the ONNX model: no layer-local comparison")
     layers = [LayerResult(m.tensor, m.node, m.op_type, layer_acc[(m.module, m.call)].result(), module=m.label)
@@ -384,13 +387,15 @@ def run_torch_parity(
 def _local_parity(ref: TorchReference, cand_loaded: LoadedModel, cand_ctx: ModelContext,
                   matches: Sequence[PointMatch], samples: Sequence[Mapping[str, np.ndarray]],
                   first_out: Sequence[np.ndarray], first_events: Sequence[tuple[Point, np.ndarray]],
-                  step: Any, criterion: Any, ort_optimizations: bool, notes: list[str]) -> LocalParity | None:
+                  step: Any, criterion: Any, ort_optimizations: bool, notes: list[str],
+                  cand_outputs: Sequence[Mapping[str, np.ndarray]]) -> LocalParity | None:
     """The candidate run with every mapped activation DequantizeLinear's consumers fed the reference's fake-quant
     output for that point, each layer compared with the reference; None (and a note) when it cannot run.
 
     Tensors read inside If/Loop/Scan bodies are not fed (the bodies keep the candidate's own values); the
     candidate's outputs are compared as computed from fed inputs too. Also measures how far ONNX Runtime's
-    optimized run is from its unoptimized one on the same inputs (:attr:`LocalParity.ort_self_lsb`).
+    optimized run is from its unoptimized one on the same inputs (:attr:`LocalParity.ort_self_lsb`): the end-to-end
+    pass already ran the candidate one way (``cand_outputs``, with ``ort_optimizations``), so only the other runs.
     """
     import onnx
 
@@ -453,7 +458,8 @@ def _local_parity(ref: TorchReference, cand_loaded: LoadedModel, cand_ctx: Model
     passed = (not mismatches and all(locally_passed(x.metrics) for x in layers)
               and all(locally_passed(m) for m in outputs.values()))
     return LocalParity(passed=passed, layers=layers, outputs=outputs, forced=len(forced), grid_mismatches=mismatches,
-                       ort_self_lsb=_ort_self_lsb(cand_loaded, samples, out_names, step) if passed else None)
+                       ort_self_lsb=(_ort_self_lsb(cand_loaded, samples, cand_outputs, not ort_optimizations, step)
+                                     if passed else None))
 
 
 Grid = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -521,20 +527,18 @@ def _grid_mismatches(ref: TorchReference, ctx: ModelContext, matches: Sequence[P
     return out
 
 
-def _ort_self_lsb(cand_loaded: LoadedModel, samples: Sequence[Mapping[str, np.ndarray]], out_names: Sequence[str],
-                  step: Any) -> float | None:
-    """Worst output difference in LSB between ONNX Runtime with and without graph optimizations (its QDQ fusions
-    run integer kernels), on the same candidate and inputs; None when either run fails or no output is quantized."""
+def _ort_self_lsb(cand_loaded: LoadedModel, samples: Sequence[Mapping[str, np.ndarray]],
+                  runs: Sequence[Mapping[str, np.ndarray]], optimizations: bool, step: Any) -> float | None:
+    """Worst output difference in LSB between ``runs`` (the candidate's outputs per sample) and ONNX Runtime run with
+    graph ``optimizations`` on or off, the other way (its QDQ fusions run integer kernels); None when the run fails
+    or no output is quantized."""
     try:
-        plain = OnnxRunner(cand_loaded, (), False)
-        runs = [plain.run(s) for s in samples]
-        del plain
-        fused = OnnxRunner(cand_loaded, (), True)
+        other = OnnxRunner(cand_loaded, (), optimizations)
         worst = 0.0
         seen = False
         for sample, a in zip(samples, runs, strict=True):
-            b = fused.run(sample)
-            for name in out_names:
+            b = other.run(sample)
+            for name in a:
                 st = step(name)
                 scale = st.broadcast(a[name].ndim) if st is not None else None
                 if scale is None or a[name].shape != b[name].shape:

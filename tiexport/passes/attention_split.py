@@ -61,7 +61,8 @@ class SplitQkvBeforeHeadsPass(Pass):
         splits = [n for n in graph.nodes if n.op in ("Split", "Slice") and (n.domain or "") in ("", "ai.onnx")]
         if not splits:
             return PassResult(graph, modified=False)
-        shapes: dict[str, tuple[int, ...]] | None = None
+        shapes: dict[str, tuple[int, ...]] = {}
+        inferred = False
         names = Names(graph)
         changes = 0
         seen: set[int] = set()
@@ -70,27 +71,37 @@ class SplitQkvBeforeHeadsPass(Pass):
             if data is None or id(data) in seen or node not in graph.nodes:
                 continue
             seen.add(id(data))
-            if shapes is None:
-                shapes = inferred_static_shapes(graph)
-            if self._rewrite(graph, data, shapes, names):
+            chain = self._match(data)
+            if chain is None:
+                continue
+            if not inferred:  # shape inference only once something has the pattern's structure
+                shapes, inferred = inferred_static_shapes(graph), True
+            if self._rewrite(graph, chain, shapes, names):
                 changes += 1
         return PassResult(graph, modified=changes > 0, changes=changes, numerics_changed=False)
 
-    def _rewrite(self, graph: gs.Graph, data: gs.Tensor, shapes: dict[str, tuple[int, ...]], names: Names) -> bool:
+    def _match(self, data: gs.Tensor) -> tuple[gs.Tensor, list[tuple[int, gs.Node]], list[gs.Node]] | None:
+        """(``data``, its parts with their Squeeze, the chain up to the Reshape) when the graph around ``data`` has
+        the pattern's structure (shapes are checked by :meth:`_rewrite`)."""
         parts = self._parts(data)
         if parts is None:
-            return False
+            return None
         chain: list[gs.Node] = []
-        t_out = _through_qdq(data, chain)
-        transpose = producer(t_out)
+        transpose = producer(_through_qdq(data, chain))
         if transpose is None or transpose.op != "Transpose" or list(transpose.attrs.get("perm", [])) != _HEADS_PERM:
-            return False
+            return None
         chain.append(transpose)
-        r_out = _through_qdq(transpose.inputs[0], chain)
-        reshape = producer(r_out)
+        reshape = producer(_through_qdq(transpose.inputs[0], chain))
         if reshape is None or reshape.op != "Reshape":
-            return False
+            return None
         chain.append(reshape)
+        return data, parts, chain
+
+    def _rewrite(self, graph: gs.Graph, match: tuple[gs.Tensor, list[tuple[int, gs.Node]], list[gs.Node]],
+                 shapes: dict[str, tuple[int, ...]], names: Names) -> bool:
+        data, parts, chain = match
+        reshape = chain[-1]
+        r_out = reshape.outputs[0]
         x = reshape.inputs[0]
         x_shape = _static(x.shape) or shapes.get(x.name)
         five = _static(r_out.shape) or shapes.get(r_out.name)
